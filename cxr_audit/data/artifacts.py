@@ -1,0 +1,142 @@
+"""Controlled artifacts: each inserts a shortcut into an image and returns its true mask.
+
+An artifact is a small class with ``name`` and ``apply(image, rng) -> (image, mask)`` on
+``(H, W)`` float images in [0, 1]; sizes are relative to the image so any resolution works.
+Register new ones in :data:`ARTIFACTS`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+class Artifact:
+    name = "artifact"
+
+    def apply(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+def _corner_box(h: int, w: int, bh: int, bw: int, rng: np.random.Generator, band: float = 0.12):
+    """Top-left (y, x) of a ``bh x bw`` box at a random position in a random corner band."""
+    corner = rng.integers(4)
+    my, mx = max(1, int(band * h) - bh), max(1, int(band * w) - bw)
+    y = int(rng.integers(1, my + 1)) if corner < 2 else h - bh - int(rng.integers(1, my + 1))
+    x = int(rng.integers(1, mx + 1)) if corner % 2 == 0 else w - bw - int(rng.integers(1, mx + 1))
+    return max(0, y), max(0, x)
+
+
+class TextStamp(Artifact):
+    """A burned-in hospital tag / laterality marker: bright text on a dark plate in a corner."""
+
+    name = "text"
+
+    def __init__(self, text: str = "L", rel_height: float = 0.12):
+        self.text = text
+        self.rel_height = rel_height
+
+    def apply(self, image, rng):
+        h, w = image.shape
+        bh = max(8, int(self.rel_height * h))
+        font = ImageFont.load_default(size=max(6, int(bh * 0.8)))
+        left, top, right, bottom = font.getbbox(self.text)
+        bw = min(w - 2, right - left + bh // 3)
+        plate = Image.new("L", (bw, bh), 10)
+        ImageDraw.Draw(plate).text(((bw - (right - left)) // 2 - left, (bh - (bottom - top)) // 2 - top),
+                                   self.text, fill=255, font=font)
+        y, x = _corner_box(h, w, bh, bw, rng)
+        out = image.copy()
+        out[y:y + bh, x:x + bw] = np.asarray(plate, np.float32) / 255.0
+        mask = np.zeros((h, w), bool)
+        mask[y:y + bh, x:x + bw] = True
+        return out, mask
+
+
+class RoundMarker(Artifact):
+    """A bright disc with a dark ring (ECG electrode / pacemaker-like) at a random chest position."""
+
+    name = "marker"
+
+    def __init__(self, rel_radius: float = 0.05):
+        self.rel_radius = rel_radius
+
+    def apply(self, image, rng):
+        h, w = image.shape
+        r = max(3.0, self.rel_radius * min(h, w))
+        cy, cx = rng.uniform(0.2 * h, 0.8 * h), rng.uniform(0.2 * w, 0.8 * w)
+        yy, xx = np.mgrid[0:h, 0:w]
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        out = image.copy()
+        out[d <= r] = 1.0
+        out[(d > 0.55 * r) & (d <= 0.75 * r)] = 0.35
+        return out, d <= r
+
+
+class Ruler(Artifact):
+    """A measuring strip along the left or right edge: a bright line with tick marks."""
+
+    name = "ruler"
+
+    def __init__(self, rel_width: float = 0.05):
+        self.rel_width = rel_width
+
+    def apply(self, image, rng):
+        h, w = image.shape
+        sw = max(3, int(self.rel_width * w))
+        x0 = int(rng.integers(1, max(2, w // 20))) if rng.random() < 0.5 else w - sw - int(rng.integers(1, max(2, w // 20)))
+        y0, y1 = int(rng.uniform(0.1, 0.3) * h), int(rng.uniform(0.7, 0.9) * h)
+        out = image.copy()
+        out[y0:y1, x0:x0 + sw] = 0.1
+        out[y0:y1, x0 + sw // 2] = 1.0
+        step = max(2, h // 32)
+        for y in range(y0, y1, step):
+            out[y, x0:x0 + sw] = 1.0
+        mask = np.zeros((h, w), bool)
+        mask[y0:y1, x0:x0 + sw] = True
+        return out, mask
+
+
+class Frame(Artifact):
+    """A bright collimation border around the image."""
+
+    name = "frame"
+
+    def __init__(self, rel_width: float = 0.04, value: float = 1.0):
+        self.rel_width = rel_width
+        self.value = value
+
+    def apply(self, image, rng):
+        h, w = image.shape
+        b = max(2, int(self.rel_width * min(h, w)))
+        mask = np.zeros((h, w), bool)
+        mask[:b], mask[-b:], mask[:, :b], mask[:, -b:] = True, True, True, True
+        out = image.copy()
+        out[mask] = self.value
+        return out, mask
+
+
+class Brightness(Artifact):
+    """A global exposure/contrast shift (scanner or processing difference); mask = whole image."""
+
+    name = "brightness"
+
+    def __init__(self, gain: float = 0.75, offset: float = 0.2):
+        self.gain, self.offset = gain, offset
+
+    def apply(self, image, rng):
+        out = np.clip(self.gain * image + self.offset, 0, 1).astype(np.float32)
+        return out, np.ones(image.shape, bool)
+
+
+ARTIFACTS: dict[str, type[Artifact]] = {
+    cls.name: cls for cls in (TextStamp, RoundMarker, Ruler, Frame, Brightness)
+}
+
+
+def get_artifact(name: str, **kwargs) -> Artifact:
+    from cxr_audit.errors import UsageError
+
+    if name not in ARTIFACTS:
+        raise UsageError(f"unknown artifact '{name}' (choose from: {', '.join(ARTIFACTS)})")
+    return ARTIFACTS[name](**kwargs)

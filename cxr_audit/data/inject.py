@@ -1,0 +1,101 @@
+"""Insert a controlled artifact into a dataset at a chosen prevalence per class or source.
+
+Only images that receive the artifact are rewritten (8-bit PNG); the new manifest points at the
+original files for the rest, so injecting into a large dataset costs little disk. Every row
+gets ``artifact`` (0/1) and injected rows an ``artifact_mask`` PNG: the ground truth that
+reveal/annotate/evaluate are measured against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cxr_audit.data.artifacts import get_artifact
+from cxr_audit.data.io import read_image, write_png
+from cxr_audit.data.manifest import Manifest, load_manifest, write_manifest
+from cxr_audit.errors import UsageError
+
+
+def parse_prevalence(spec: str) -> dict[str, float]:
+    """``"disease=0.5,healthy=0"`` -> dict; a bare number ``"0.3"`` -> ``{"*": 0.3}``."""
+    out: dict[str, float] = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        key, _, value = part.rpartition("=") if "=" in part else ("*", "", part)
+        try:
+            p = float(value)
+        except ValueError:
+            raise UsageError(f"prevalence '{part}' is not KEY=FRACTION") from None
+        if not 0.0 <= p <= 1.0:
+            raise UsageError(f"prevalence for '{key}' must be in [0, 1], got {p}")
+        out[key.strip()] = p
+    if not out:
+        raise UsageError("empty prevalence specification")
+    return out
+
+
+def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dict[str, float] | str,
+           by: str = "label", splits: list[str] | None = None, seed: int = 0,
+           on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``out_dir/manifest.csv`` with ``artifact`` inserted into a fraction of each group.
+
+    ``by="label"`` keys ``prevalence`` by class name, ``by="source"`` by source; key ``*`` is
+    every group. Exactly ``round(p * n_group)`` eligible rows (optionally only those in
+    ``splits``) get the artifact, chosen with ``seed``. Returns the new manifest path.
+    """
+    if isinstance(prevalence, str):
+        prevalence = parse_prevalence(prevalence)
+    if by not in ("label", "source"):
+        raise UsageError(f"--by must be 'label' or 'source', got '{by}'")
+    manifest = load_manifest(data)
+    art = get_artifact(artifact)
+    groups = _groups(manifest, by)
+    unknown = [k for k in prevalence if k != "*" and k not in groups]
+    if unknown:
+        raise UsageError(f"prevalence names unknown {by}(s) {unknown}; known: {sorted(groups)}")
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for key in sorted(groups):
+        members = [i for i in groups[key] if splits is None or manifest[i].split in splits]
+        p = prevalence.get(key, prevalence.get("*", 0.0))
+        k = int(round(p * len(members)))
+        chosen.update(int(i) for i in rng.permutation(members)[:k])
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    done = 0
+    for s in manifest.samples:
+        row = {"path": os.path.relpath(s.path, out), "label": "|".join(manifest.class_names[l] for l in s.labels),
+               "source": s.source, "split": s.split,
+               "mask": os.path.relpath(s.mask, out) if s.mask else None, **s.extra}
+        if s.index in chosen:
+            image, mask = art.apply(read_image(s.path), rng)
+            name = f"{s.index:06d}_{Path(s.path).stem}.png"
+            write_png(out / "images" / name, image)
+            write_png(out / "artifact_masks" / name, mask)
+            row.update(path=f"images/{name}", artifact=1, artifact_mask=f"artifact_masks/{name}")
+            done += 1
+            if on_progress:
+                on_progress(done, len(chosen))
+        else:
+            row.update(artifact=s.artifact or 0,
+                       artifact_mask=os.path.relpath(s.artifact_mask, out) if s.artifact_mask else None)
+        rows.append(row)
+    write_manifest(out / "manifest.csv", rows)
+    (out / "inject.json").write_text(json.dumps(
+        {"source_manifest": str(Path(data).resolve()), "artifact": artifact, "prevalence": prevalence,
+         "by": by, "splits": splits, "seed": seed, "injected": len(chosen)}, indent=2))
+    return out / "manifest.csv"
+
+
+def _groups(manifest: Manifest, by: str) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for s in manifest.samples:
+        key = manifest.class_names[s.label] if by == "label" else s.source
+        groups.setdefault(key, []).append(s.index)
+    return groups

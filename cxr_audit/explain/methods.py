@@ -1,0 +1,160 @@
+"""Attribution methods by name. Each is a small class that knows how to
+
+* install its backward rules on a model for the duration of a ``with method.rules():`` block,
+* turn the input gradient into a ``(N, H, W)`` heatmap, and
+* turn a layer's output and gradient into per-channel relevances ``(N, C)``.
+
+Add a method by writing one class and one line in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cxr_audit.data.dataset import Preprocessing
+from cxr_audit.errors import UsageError
+from cxr_audit.explain.capture import LayerCapture, sum_over_space
+from cxr_audit.explain.vit import vit_lrp_rules
+from cxr_audit.models.registry import family
+
+
+class AttributionMethod:
+    name = "base"
+    #: False when relevance must be read as gradient x activation (gradient-based methods).
+    relevance_is_gradient = False
+    #: Layers the method itself must capture (GradCAM's target layer).
+    needed_layers: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, arch: str, prep: Preprocessing):
+        self.model = model
+        self.arch = arch
+        self.prep = prep
+
+    def rules(self):
+        return nullcontext()
+
+    def input_heatmap(self, x: torch.Tensor, x_grad: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
+        """Relevance per pixel, summed over channels: ``(N, C, H, W)`` -> ``(N, H, W)``."""
+        return (x_grad * x).sum(1) if not self.relevance_is_gradient else x_grad.sum(1)
+
+    def layer_relevance(self, output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Per-channel relevance ``(N, C)``; sums to the layer's total relevance."""
+        return sum_over_space(grad if self.relevance_is_gradient else grad * output)
+
+
+class LRP(AttributionMethod):
+    """Layer-wise Relevance Propagation (Bach et al., 2015, PLoS ONE 10:e0130140) with zennit's
+    EpsilonPlusFlat composite (Montavon et al., 2019, "Layer-wise relevance propagation: an
+    overview") and BatchNorm-folding / explicit-residual canonizers for VGG and ResNet.
+    """
+
+    name = "lrp"
+    relevance_is_gradient = True
+
+    def composite(self):
+        from zennit.composites import EpsilonPlusFlat
+
+        return EpsilonPlusFlat(canonizers=self._canonizers())
+
+    def _canonizers(self):
+        from zennit.canonizers import SequentialMergeBatchNorm
+        from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+        fam = family(self.arch)
+        if fam == "resnet":
+            return [ResNetCanonizer()]
+        if fam == "vgg":
+            return [VGGCanonizer()]
+        return [SequentialMergeBatchNorm()]
+
+    @contextmanager
+    def rules(self):
+        with self.composite().context(self.model):
+            yield
+
+
+class LRPGammaBox(LRP):
+    """LRP with zennit's EpsilonGammaBox: ZBox on the input layer (bounded by the normalised
+    pixel range), Gamma(0.25) on convolutions, Epsilon on dense layers (Montavon et al., 2019)."""
+
+    name = "lrp-gammabox"
+
+    def composite(self):
+        from zennit.composites import EpsilonGammaBox
+
+        low = (0.0 - self.prep.mean) / self.prep.std
+        high = (1.0 - self.prep.mean) / self.prep.std
+        return EpsilonGammaBox(low=low, high=high, canonizers=self._canonizers())
+
+
+class ViTLRP(AttributionMethod):
+    """CP-LRP / AttnLRP-style relevance for Vision Transformers (see :mod:`cxr_audit.explain.vit`)."""
+
+    name = "lrp"
+
+    def rules(self):
+        return vit_lrp_rules(self.model)
+
+
+class GradientXInput(AttributionMethod):
+    """Gradient x input (Shrikumar et al., 2016, arXiv:1605.01713), for comparison."""
+
+    name = "gxi"
+
+
+class GradCAM(AttributionMethod):
+    """Grad-CAM (Selvaraju et al., 2017, ICCV) at ``cam_layer`` (default: the last conv block),
+    upsampled to the input size. Channel relevances are gradient x activation at each layer."""
+
+    name = "gradcam"
+    DEFAULT_LAYER = {"resnet": "layer4", "vgg": "features"}
+
+    def __init__(self, model, arch, prep, cam_layer: str | None = None):
+        super().__init__(model, arch, prep)
+        fam = family(arch)
+        if cam_layer is None and fam not in self.DEFAULT_LAYER:
+            raise UsageError(f"gradcam needs --cam-layer for architecture '{arch}'")
+        self.cam_layer = cam_layer or self.DEFAULT_LAYER[fam]
+        self.needed_layers = (self.cam_layer,)
+
+    def input_heatmap(self, x, x_grad, capture):
+        act, grad = capture.outputs[self.cam_layer], capture.grads[self.cam_layer]
+        if act.dim() != 4:
+            raise UsageError(f"gradcam layer '{self.cam_layer}' is not a convolutional feature map")
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * act).sum(1, keepdim=True))
+        return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+METHODS: dict[str, type[AttributionMethod]] = {
+    cls.name: cls for cls in (LRP, LRPGammaBox, GradientXInput, GradCAM)
+}
+
+
+def create_method(name: str, model: nn.Module, arch: str, prep: Preprocessing, **kwargs) -> AttributionMethod:
+    """Instantiate an attribution method; ``lrp*`` on a ViT selects the transformer rules."""
+    if name not in METHODS:
+        raise UsageError(f"unknown attribution method '{name}' (choose from: {', '.join(METHODS)})")
+    cls = METHODS[name]
+    if family(arch) == "vit" and issubclass(cls, LRP):
+        cls = ViTLRP
+    return cls(model, arch, prep, **kwargs)
+
+
+def default_layers(arch: str, model: nn.Module) -> list[str]:
+    """Early/middle/late layers whose concepts a scan records by default."""
+    fam = family(arch)
+    if fam == "resnet":
+        return ["layer2", "layer3", "layer4"]
+    if fam == "vgg":
+        relus = [n for n, m in model.features.named_children() if isinstance(m, nn.ReLU)]
+        picks = [relus[len(relus) // 2 - 1], relus[(3 * len(relus)) // 4 - 1], relus[-1]]
+        return [f"features.{n}" for n in dict.fromkeys(picks)]
+    if fam == "vit":
+        blocks = [n for n, _ in model.encoder.layers.named_children()]
+        return [f"encoder.layers.{blocks[len(blocks) // 2 - 1]}", f"encoder.layers.{blocks[-1]}"]
+    return []

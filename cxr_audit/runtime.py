@@ -1,0 +1,60 @@
+"""Device choice, seeding and the provenance every output file records."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from cxr_audit.errors import UsageError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA request without CUDA is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device '{device}' requested but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{device}'") from None
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    from cxr_audit import __version__
+
+    out = {"cxr_audit": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    for mod in ("torchvision", "zennit", "h5py", "numpy"):
+        try:
+            out[mod] = str(__import__(mod).__version__)
+        except (ImportError, AttributeError):
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                out[mod] = version(mod)
+            except PackageNotFoundError:
+                out[mod] = "absent"
+    return out
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,209 @@
+"""``scan``: model + data -> one HDF5 file with predictions, heatmaps, activations and concept
+relevances for every sample (schema: :mod:`cxr_audit.store.schema`).
+
+One forward and one modified backward pass per batch yield all of it; the LRP composite stays
+registered across batches and parameters are frozen, so no weight gradients are computed.
+A scan that is killed resumes where it stopped and gives the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from cxr_audit.data.dataset import CxrDataset, collate
+from cxr_audit.data.manifest import load_manifest
+from cxr_audit.errors import BadInputError, UsageError
+from cxr_audit.explain import LayerCapture, create_method, default_layers, explain_batch
+from cxr_audit.explain.capture import get_module
+from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of
+from cxr_audit.runtime import autocast, now, resolve_device, versions
+from cxr_audit.store.h5 import create_scan_file, open_scan
+
+TARGETS = ("pred", "true")
+
+
+@dataclass
+class ScanSummary:
+    path: Path
+    n: int
+    done: int
+    skipped: list[tuple[int, str]]
+    seconds: float
+    resumed_from: int
+
+
+def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[str] | None = None,
+         method: str = "lrp", targets: tuple[str, ...] = ("pred",), heatmap_size: int = 64,
+         batch_size: int = 16, split: str | None = None, init: str = "logit", device: str = "auto",
+         amp: bool = False, num_workers: int = 0, skip_bad: bool = False, overwrite: bool = False,
+         cam_layer: str | None = None, on_progress: Callable[..., None] | None = None) -> ScanSummary:
+    """Scan ``data`` (manifest CSV or ImageFolder) with checkpoint ``model`` into ``out`` (.h5).
+
+    ``targets``: which class each heatmap explains, ``pred`` (predicted) and/or ``true`` (label).
+    ``layers``: layers whose channel activations (spatial max/mean) and CRP relevances are stored
+    (default: early/middle/late layers of the architecture). ``heatmap_size``: stored heatmaps are
+    sum-pooled to this size. An existing ``out`` with the same options is resumed; with other
+    options it is an error unless ``overwrite``.
+    """
+    out = Path(out)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        raise UsageError(f"targets must be among {TARGETS}, got {list(targets)}")
+    net, config = load_checkpoint(model)
+    prep = preprocessing_of(config)
+    manifest = load_manifest(data, class_names=config["class_names"]).subset(split)
+    if "true" in targets and manifest.multilabel:
+        raise UsageError("target 'true' needs single-label data; use --target pred")
+    layers = list(layers) if layers else default_layers(config["arch"], net)
+    for layer in layers:
+        get_module(net, layer)
+    dev = resolve_device(device)
+    heatmap_size = min(heatmap_size, prep.size)
+    options = {"layers": layers, "method": method, "targets": list(targets), "heatmap_size": heatmap_size,
+               "split": split, "init": init, "cam_layer": cam_layer}
+    meta = {"arch": config["arch"], "checkpoint": str(Path(model).resolve()),
+            "checkpoint_sha256": file_sha256(model), "data": str(Path(data).resolve()),
+            "class_names": config["class_names"], "preprocessing": prep.to_dict(), "options": options,
+            "created": now(), "versions": versions(), **options}
+
+    net = net.to(dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    attribution = create_method(method, net, config["arch"], prep,
+                                **({"cam_layer": cam_layer} if method == "gradcam" else {}))
+    capture = LayerCapture(list(dict.fromkeys(layers + list(attribution.needed_layers))))
+
+    f = _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep, targets,
+                        heatmap_size, config, dev)
+    start = time.perf_counter()
+    try:
+        done = f["done"][:]
+        resumed_from = int(done.sum())
+        pending = np.flatnonzero(~done)
+        row_of = {int(idx): r for r, idx in enumerate(f["samples/index"][:])}
+        dataset = CxrDataset(manifest, prep, skip_bad=skip_bad, with_masks=False)
+        # dataset positions equal scan rows: the manifest subset is stored in order
+        loader = DataLoader(Subset(dataset, pending.tolist()), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=collate)
+        skipped: list[tuple[int, str]] = []
+        completed = resumed_from
+        if on_progress:
+            on_progress(completed, len(manifest))
+        with attribution.rules(), capture.attached(net):
+            for batch in loader:
+                for idx, message in batch["errors"]:
+                    _write_error(f, row_of[idx], message)
+                    skipped.append((idx, message))
+                if "image" in batch:
+                    rows = np.array([row_of[int(i)] for i in batch["index"]])
+                    x = batch["image"].to(dev)
+                    if dev.type == "cuda":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    wanted = {t: (None if t == "pred" else batch["label"]) for t in targets}
+                    with autocast(dev, amp):
+                        expl = explain_batch(attribution, capture, x, wanted, init=init)
+                    _write_rows(f, rows, expl, layers, heatmap_size)
+                completed += len(batch["errors"]) + (len(batch["index"]) if "index" in batch else 0)
+                if on_progress:
+                    on_progress(completed, len(manifest))
+        total_done = int(f["done"][:].sum())
+    finally:
+        f.close()
+    return ScanSummary(out, len(manifest), total_done, skipped, time.perf_counter() - start, resumed_from)
+
+
+def _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep, targets,
+                    heatmap_size, config, dev) -> h5py.File:
+    if out.exists() and not overwrite:
+        f = open_scan(out, "r+")
+        stored = json.loads(f["meta"].attrs["options"])
+        same = (stored == json.loads(json.dumps(options))
+                and f["meta"].attrs["checkpoint_sha256"] == meta["checkpoint_sha256"]
+                and f["samples/index"].shape[0] == len(manifest))
+        if not same:
+            f.close()
+            raise UsageError(f"{out} exists from a scan with other options or another model; "
+                             "pass --overwrite to replace it or choose another --out")
+        return f
+    out.parent.mkdir(parents=True, exist_ok=True)
+    channels = _layer_channels(net, capture, layers, prep, dev)
+    f = create_scan_file(out, len(manifest), meta, channels, config["num_classes"], list(targets),
+                         heatmap_size, manifest.multilabel)
+    f["samples/index"][:] = [s.index for s in manifest.samples]
+    f["samples/path"][:] = [str(s.path) for s in manifest.samples]
+    f["samples/source"][:] = [s.source for s in manifest.samples]
+    f["samples/split"][:] = [s.split for s in manifest.samples]
+    f["samples/artifact"][:] = [(-1 if s.artifact is None else s.artifact) for s in manifest.samples]
+    if manifest.multilabel:
+        hot = np.zeros((len(manifest), manifest.num_classes), np.uint8)
+        for r, s in enumerate(manifest.samples):
+            hot[r, list(s.labels)] = 1
+        f["samples/label"][:] = hot
+    else:
+        f["samples/label"][:] = [s.label for s in manifest.samples]
+    f.flush()
+    return f
+
+
+def _layer_channels(net, capture, layers, prep, dev) -> dict[str, int]:
+    """Channel count of each layer, from one dummy forward pass."""
+    with torch.no_grad(), capture.attached(net):
+        net(torch.zeros(1, prep.channels, prep.size, prep.size, device=dev))
+    shapes = {l: capture.outputs[l].shape for l in layers}
+    capture.reset()
+    return {l: int(s[1] if len(s) == 4 else s[-1]) for l, s in shapes.items()}
+
+
+def _write_rows(f: h5py.File, rows: np.ndarray, expl, layers: list[str], heatmap_size: int) -> None:
+    """Write one batch (rows ascending), then mark it done: a crash in between loses only this batch."""
+    sl = _as_slice(rows)
+    try:
+        f["outputs/logits"][sl] = expl.logits.cpu().numpy()
+        f["outputs/pred"][sl] = expl.logits.argmax(1).cpu().numpy()
+        for t, heat in expl.heatmaps.items():
+            if not torch.isfinite(heat).all():
+                raise BadInputError(f"non-finite relevance for samples {f['samples/index'][sl].tolist()} "
+                                    f"(target {t}); the model produces NaN/Inf outputs")
+            f[f"heatmaps/{t}"][sl] = _pool(heat, heatmap_size).cpu().numpy().astype(np.float16)
+            f[f"targets/{t}"][sl] = expl.targets[t].cpu().numpy()
+        for layer in layers:
+            f[f"activations/{layer}/max"][sl] = expl.act_max[layer].cpu().numpy()
+            f[f"activations/{layer}/mean"][sl] = expl.act_mean[layer].cpu().numpy()
+            f[f"relevances/{layer}"][sl] = expl.relevances[layer].cpu().numpy()
+        f.flush()
+        f["done"][sl] = True
+        f.flush()
+    except OSError as exc:
+        raise BadInputError(f"cannot write to {f.filename} ({exc}); rows already marked done are kept — "
+                            "free space and rerun the same command to resume") from None
+
+
+def _write_error(f: h5py.File, row: int, message: str) -> None:
+    f["samples/error"][row] = message
+    f["done"][row] = True
+
+
+def _as_slice(rows: np.ndarray):
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def _pool(heat: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum-pool ``(N, H, W)`` to ``(N, size, size)`` so stored heatmaps keep their total relevance."""
+    h, w = heat.shape[-2:]
+    if (h, w) == (size, size):
+        return heat
+    return F.adaptive_avg_pool2d(heat[:, None], size)[:, 0] * (h * w / (size * size))

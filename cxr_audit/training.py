@@ -1,0 +1,122 @@
+"""``train``: a plain supervised classifier (AdamW, cosine schedule, CPU or CUDA with bf16 AMP).
+
+Enough for a user or the demo to get a model to audit; checkpoints are weights-only dicts
+(:func:`cxr_audit.models.registry.save_checkpoint`) that record the options that made them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
+from cxr_audit.data.manifest import Manifest, load_manifest
+from cxr_audit.errors import UsageError
+from cxr_audit.models.registry import build_model, save_checkpoint
+from cxr_audit.runtime import autocast, now, resolve_device, seed_everything, versions
+
+
+@dataclass
+class TrainSummary:
+    checkpoint: Path
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: int = 128, channels: int = 1,
+          epochs: int = 5, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+          train_split: str = "train", val_split: str = "val", device: str = "auto", amp: bool = True,
+          num_workers: int = 0, on_progress: Callable[..., None] | None = None) -> TrainSummary:
+    """Train ``arch`` from scratch on ``data`` and save the checkpoint to ``out``.
+
+    When the manifest has a ``split`` column, ``train_split`` rows train and ``val_split`` rows
+    are evaluated after every epoch; otherwise all rows train. Reproducible from ``seed`` on CPU.
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
+    generator = seed_everything(seed)
+    manifest = load_manifest(data)
+    if manifest.num_classes < 2:
+        raise UsageError(f"{data} has a single class ({manifest.class_names}); a classifier needs two or more")
+    train_set, val_set = _splits(manifest, train_split, val_split)
+    prep = Preprocessing(size=size, channels=channels)
+    dev = resolve_device(device)
+    model = build_model(arch, manifest.num_classes, channels, size).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, shuffle=True,
+                        generator=generator, num_workers=num_workers, collate_fn=collate, drop_last=False)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+    loss_fn = nn.BCEWithLogitsLoss() if manifest.multilabel else nn.CrossEntropyLoss()
+    history: list[dict] = []
+    start, step = time.perf_counter(), 0
+    for epoch in range(epochs):
+        model.train()
+        total_loss, seen = 0.0, 0
+        for batch in loader:
+            x, y = batch["image"].to(dev), batch["label"].to(dev)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(dev, amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y.float() if manifest.multilabel else y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total_loss += loss.item() * len(x)
+            seen += len(x)
+            step += 1
+            if on_progress:
+                on_progress(step, steps, f"epoch {epoch + 1}/{epochs} loss {total_loss / seen:.3f}")
+        record = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1)}
+        if val_set is not None:
+            record["val_accuracy"] = accuracy(model, val_set, prep, dev, batch_size)
+        history.append(record)
+    options = {"arch": arch, "size": size, "channels": channels, "epochs": epochs, "batch_size": batch_size,
+               "lr": lr, "weight_decay": weight_decay, "seed": seed, "data": str(Path(data).resolve()),
+               "train_split": train_split, "val_split": val_split, "amp": amp}
+    path = save_checkpoint(out, model, arch, manifest.class_names, prep,
+                           extra={"options": options, "history": history, "created": now(), "versions": versions()})
+    return TrainSummary(path, history, time.perf_counter() - start)
+
+
+def _splits(manifest: Manifest, train_split: str, val_split: str) -> tuple[Manifest, Manifest | None]:
+    splits = {s.split for s in manifest.samples}
+    if splits == {""}:
+        return manifest, None
+    train_set = manifest.subset(train_split)
+    return train_set, (manifest.subset(val_split) if val_split in splits else None)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, manifest: Manifest, prep: Preprocessing, device: torch.device,
+            batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, K)`` and labels for every sample of ``manifest``, in order."""
+    model.eval()
+    loader = DataLoader(CxrDataset(manifest, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
+    logits, labels = [], []
+    for batch in loader:
+        logits.append(model(batch["image"].to(device)).float().cpu())
+        labels.append(batch["label"])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy(model: nn.Module, manifest: Manifest, prep: Preprocessing, device: torch.device,
+             batch_size: int = 64) -> float:
+    logits, labels = predict(model, manifest, prep, device, batch_size)
+    if manifest.multilabel:
+        return float(((logits > 0).float() == labels).float().mean())
+    return float((logits.argmax(1) == labels).float().mean())
