@@ -32,7 +32,7 @@ class TextStamp(Artifact):
 
     name = "text"
 
-    def __init__(self, text: str = "L", rel_height: float = 0.12):
+    def __init__(self, text: str = "L", rel_height: float = 0.2):
         self.text = text
         self.rel_height = rel_height
 

@@ -28,8 +28,9 @@ class Phantom:
     label: int
 
 
-def make_phantom(size: int, diseased: bool, rng: np.random.Generator) -> Phantom:
-    """One phantom of ``size x size`` pixels; ``diseased`` adds 1–3 lung opacities."""
+def make_phantom(size: int, diseased: bool, rng: np.random.Generator, disease_strength: float = 0.15) -> Phantom:
+    """One phantom of ``size x size`` pixels; ``diseased`` adds 1–3 lung opacities of peak
+    brightness ``disease_strength`` (lower = harder to learn, so shortcuts win more easily)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # normalised coordinates
     cx = 0.5 + rng.normal(0, 0.02)
     cy = 0.52 + rng.normal(0, 0.02)
@@ -60,7 +61,7 @@ def make_phantom(size: int, diseased: bool, rng: np.random.Generator) -> Phantom
             k = rng.integers(len(ys))
             r = rng.uniform(0.04, 0.08)
             blob = np.exp(-(((xx - xs[k] / size) ** 2 + (yy - ys[k] / size) ** 2) / (2 * r ** 2)))
-            img = img + 0.28 * blob * lung_mask
+            img = img + disease_strength * blob * lung_mask
     texture = gaussian_filter(rng.normal(0, 1, (size, size)), sigma=size / 40)
     img = img + 0.03 * texture / (texture.std() + 1e-8) + rng.normal(0, 0.015, (size, size))
     img = gaussian_filter(img, sigma=0.6)
@@ -68,7 +69,8 @@ def make_phantom(size: int, diseased: bool, rng: np.random.Generator) -> Phantom
 
 
 def generate_phantoms(out_dir: str | Path, n: int = 400, size: int = 128, seed: int = 0,
-                      sources: int = 1, split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+                      sources: int = 1, disease_strength: float = 0.15,
+                      split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
                       on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``n`` phantoms (balanced classes), lung masks and ``manifest.csv`` under ``out_dir``.
 
@@ -80,7 +82,7 @@ def generate_phantoms(out_dir: str | Path, n: int = 400, size: int = 128, seed: 
     rows = []
     for i in range(n):
         label = i % 2
-        ph = make_phantom(size, bool(label), rng)
+        ph = make_phantom(size, bool(label), rng, disease_strength)
         name = f"phantom_{i:05d}.png"
         write_png(out / "images" / name, ph.image)
         write_png(out / "masks" / name, ph.lung_mask)

@@ -1,0 +1,80 @@
+"""Shared CLI plumbing: one-line errors, rich progress bars, config files."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tomllib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cxr_audit.errors import CxrAuditError, UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly_errors(func: Callable) -> Callable:
+    """Turn library input errors into one red line and an exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CxrAuditError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: finished rows are saved; rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[..., None]]:
+    """Yield an ``on_progress(done, total, status="")`` callback that drives a rich bar."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        task = bar.add_task(description, total=None, status="")
+
+        def update(done: int, total: int, status: str = "") -> None:
+            bar.update(task, completed=done, total=total, status=status)
+
+        yield update
+
+
+def load_config(path: Path) -> dict:
+    """Read a TOML or YAML config: ``{command: {option: value}}`` (top-level keys are commands)."""
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            data = tomllib.loads(path.read_text())
+    except Exception as exc:
+        raise UsageError(f"cannot parse config {path}: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError(f"config {path} must map command names to tables of options, e.g. [scan]")
+    return {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in data.items()}
+
+
+def split_csv(values: list[str] | None) -> list[str] | None:
+    """Accept both ``--layer a --layer b`` and ``--layer a,b``."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    sys.exit(code)

@@ -1,0 +1,49 @@
+"""The ``cxr-audit`` command line: thin typer commands over the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cxr_audit import __version__
+from cxr_audit.cli import data_commands, demo, scan, train
+from cxr_audit.cli._common import friendly_errors, load_config
+
+app = typer.Typer(
+    name="cxr-audit",
+    help="Audit chest X-ray classifiers for shortcut learning and remove it.\n\n"
+         "Typical loop: train (or bring a checkpoint) → scan → reveal → annotate → unlearn → evaluate → gate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxr-audit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+@friendly_errors
+def main(ctx: typer.Context,
+         config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                               help="TOML/YAML file with a table per command ([scan], [train] ...); "
+                                                    "flags on the command line override it."),
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    if config is not None:
+        ctx.default_map = load_config(config)
+
+
+app.command("phantom")(data_commands.phantom)
+app.command("inject")(data_commands.inject)
+app.command("train")(train.train)
+app.command("scan")(scan.scan)
+app.command("demo")(demo.demo)
+
+if __name__ == "__main__":
+    app()

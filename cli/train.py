@@ -1,0 +1,37 @@
+"""``cxr-audit train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cxr_audit.cli._common import console, friendly_errors, progress_bar
+from cxr_audit.models.registry import ARCHITECTURES
+from cxr_audit.training import train as train_lib
+
+
+@friendly_errors
+def train(data: Path = typer.Argument(..., help="Manifest CSV (with optional split column) or ImageFolder."),
+          out: Path = typer.Option(..., "--out", "-o", help="Checkpoint file to write (.pt)."),
+          arch: str = typer.Option("resnet18", "--arch", help=f"{', '.join(ARCHITECTURES)} or module:factory."),
+          size: int = typer.Option(128, "--size", help="Input side in pixels."),
+          channels: int = typer.Option(1, "--channels", help="Input channels (1 = grayscale)."),
+          epochs: int = typer.Option(5, "--epochs"),
+          batch_size: int = typer.Option(32, "--batch-size"),
+          lr: float = typer.Option(1e-3, "--lr"),
+          seed: int = typer.Option(0, "--seed"),
+          device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+          amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
+          workers: int = typer.Option(0, "--workers", help="DataLoader worker processes.")) -> None:
+    """Train a classifier from scratch (no hub weights); the checkpoint records every option."""
+    with progress_bar(f"train {arch}") as update:
+        summary = train_lib(data, out, arch, size=size, channels=channels, epochs=epochs, batch_size=batch_size,
+                            lr=lr, seed=seed, device=device, amp=amp, num_workers=workers, on_progress=update)
+    table = Table("epoch", "train loss", "val accuracy")
+    for rec in summary.history:
+        table.add_row(str(rec["epoch"]), f"{rec['train_loss']:.4f}",
+                      f"{rec['val_accuracy']:.3f}" if "val_accuracy" in rec else "-")
+    console.print(table)
+    console.print(f"checkpoint: [bold]{summary.checkpoint}[/] ({summary.seconds:.1f} s)")
