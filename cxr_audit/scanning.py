@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError, UsageError
-from cxr_audit.explain import LayerCapture, create_method, default_layers, explain_batch
+from cxr_audit.explain import create_method, default_layers, explain_batch
 from cxr_audit.explain.capture import get_module
 from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of
 from cxr_audit.runtime import autocast, now, resolve_device, versions
@@ -83,7 +83,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
         p.requires_grad_(False)
     attribution = create_method(method, net, config["arch"], prep,
                                 **({"cam_layer": cam_layer} if method == "gradcam" else {}))
-    capture = LayerCapture(list(dict.fromkeys(layers + list(attribution.needed_layers))))
+    capture = attribution.capture(layers)
 
     f = _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep, targets,
                         heatmap_size, config, dev)

@@ -37,6 +37,10 @@ class AttributionMethod:
     def rules(self):
         return nullcontext()
 
+    def capture(self, layers: list[str]) -> LayerCapture:
+        """A :class:`LayerCapture` for ``layers`` plus any layer this method itself reads."""
+        return LayerCapture(list(dict.fromkeys(list(layers) + list(self.needed_layers))))
+
     def input_heatmap(self, x: torch.Tensor, x_grad: torch.Tensor, capture: LayerCapture) -> torch.Tensor:
         """Relevance per pixel, summed over channels: ``(N, C, H, W)`` -> ``(N, H, W)``."""
         return (x_grad * x).sum(1) if not self.relevance_is_gradient else x_grad.sum(1)

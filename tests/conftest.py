@@ -1,0 +1,36 @@
+"""Shared fixtures: small phantom data with a planted shortcut and a tiny model that learns it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-two-source"
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    from cxr_audit.data.phantom import generate_phantoms
+
+    return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=160, size=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def poisoned(phantoms, tmp_path_factory) -> Path:
+    """Text stamp in 90 % of *disease* train/val images; test split clean."""
+    from cxr_audit.data.inject import inject
+
+    return inject(phantoms, tmp_path_factory.mktemp("poisoned"), "text", {"disease": 0.9},
+                  splits=["train", "val"], seed=1)
+
+
+@pytest.fixture(scope="session")
+def shortcut_model(poisoned, tmp_path_factory) -> Path:
+    from cxr_audit.training import train
+
+    out = tmp_path_factory.mktemp("model") / "resnet18.pt"
+    return train(poisoned, out, "resnet18", size=64, epochs=6, batch_size=16, seed=0, device="cpu").checkpoint

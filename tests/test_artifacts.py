@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from cxr_audit.data.artifacts import ARTIFACTS, get_artifact
+from cxr_audit.data.inject import inject, parse_prevalence
+from cxr_audit.data.manifest import load_manifest
+from cxr_audit.data.io import read_image, read_mask
+from cxr_audit.data.phantom import make_phantom
+from cxr_audit.errors import UsageError
+
+
+@pytest.mark.parametrize("name", sorted(ARTIFACTS))
+def test_artifact_changes_pixels_only_inside_its_mask(name):
+    rng = np.random.default_rng(0)
+    image = make_phantom(96, False, rng).image
+    out, mask = get_artifact(name).apply(image, rng)
+    assert out.shape == image.shape and mask.shape == image.shape and mask.dtype == bool
+    assert mask.any()
+    changed = np.abs(out - image) > 1e-6
+    assert changed[mask].mean() > 0.3  # the artifact is visible inside its mask
+    assert not changed[~mask].any()  # and nothing changes outside it
+
+
+def test_phantom_has_lungs_and_disease_brightens_them():
+    rng = np.random.default_rng(0)
+    healthy = [make_phantom(64, False, rng) for _ in range(10)]
+    sick = [make_phantom(64, True, rng) for _ in range(10)]
+    assert all(0.05 < p.lung_mask.mean() < 0.4 for p in healthy + sick)
+    lung_mean = lambda ps: np.mean([p.image[p.lung_mask].mean() for p in ps])
+    assert lung_mean(sick) > lung_mean(healthy) + 0.01
+
+
+def test_parse_prevalence():
+    assert parse_prevalence("disease=0.5, healthy=0") == {"disease": 0.5, "healthy": 0.0}
+    assert parse_prevalence("0.3") == {"*": 0.3}
+    with pytest.raises(UsageError):
+        parse_prevalence("disease=1.5")
+    with pytest.raises(UsageError):
+        parse_prevalence("disease=lots")
+
+
+def test_inject_exact_prevalence_per_class_and_split(phantoms, tmp_path):
+    out = inject(phantoms, tmp_path / "inj", "marker", "disease=0.5", splits=["train"], seed=3)
+    m = load_manifest(out)
+    disease = m.class_names.index("disease")
+    train_disease = [s for s in m.samples if s.split == "train" and s.label == disease]
+    hit = [s for s in m.samples if s.artifact == 1]
+    assert len(hit) == round(0.5 * len(train_disease))
+    assert all(s.split == "train" and s.label == disease for s in hit)
+    for s in hit[:3]:
+        mask = read_mask(s.artifact_mask)
+        assert mask.shape == read_image(s.path).shape and mask.any()
+    # clean rows still point to the original images (nothing copied)
+    clean = next(s for s in m.samples if s.artifact == 0)
+    assert clean.path.resolve().parent == phantoms.parent.resolve() / "images"
+
+
+def test_inject_rejects_unknown_group(phantoms, tmp_path):
+    with pytest.raises(UsageError, match="unknown label"):
+        inject(phantoms, tmp_path / "x", "text", "zebra=0.5")
+    with pytest.raises(UsageError, match="unknown artifact"):
+        inject(phantoms, tmp_path / "x", "sticker", "0.5")

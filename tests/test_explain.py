@@ -1,0 +1,123 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from cxr_audit.data.dataset import Preprocessing
+from cxr_audit.explain import conditional_heatmaps, create_method, default_layers, explain_batch
+from cxr_audit.explain.core import layer_attribution
+from cxr_audit.explain.vit import DetachedSoftmaxAttention
+from cxr_audit.models.registry import build_model
+
+PREP = Preprocessing(size=64)
+
+
+def _bias_free(arch):
+    """A model whose only relevance sink is epsilon: biases and BN shifts zeroed (BN scale kept)."""
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 1, 64).eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            nn.init.zeros_(m.bias)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _explain(model, arch, x, method="lrp", layers=None):
+    attribution = create_method(method, model, arch, PREP)
+    capture = attribution.capture(layers or default_layers(arch, model))
+    with attribution.rules(), capture.attached(model):
+        return explain_batch(attribution, capture, x, {"pred": None}), attribution, capture
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+def test_lrp_conserves_relevance_at_input_and_every_layer(arch):
+    model = _bias_free(arch)
+    x = torch.randn(3, 1, 64, 64)
+    expl, _, _ = _explain(model, arch, x)
+    target_logit = expl.logits.gather(1, expl.targets["pred"][:, None])[:, 0]
+    assert (target_logit.abs() > 1e-3).all()
+    torch.testing.assert_close(expl.heatmaps["pred"].sum((1, 2)), target_logit, rtol=0.05, atol=1e-4)
+    for layer, rel in expl.relevances.items():
+        torch.testing.assert_close(rel.sum(1), target_logit, rtol=0.05, atol=1e-4)
+    # relevance is spread over the image, not a constant
+    assert expl.heatmaps["pred"].std() > 0
+
+
+def test_lrp_rules_leave_model_unchanged_and_outputs_equal():
+    model = build_model("resnet18", 2, 1, 64).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 1, 64, 64)
+    before = model(x)
+    expl, _, _ = _explain(model, "resnet18", x)
+    torch.testing.assert_close(expl.logits, before, atol=1e-3, rtol=1e-3)  # BN folding rounds a little
+    torch.testing.assert_close(model(x), before)  # canonizers undone
+
+
+def test_crp_channel_relevances_and_conditional_heatmaps():
+    arch = "vgg11"
+    model = _bias_free(arch)
+    layer = default_layers(arch, model)[1]
+    x = torch.randn(2, 1, 64, 64)
+    expl, attribution, capture = _explain(model, arch, x, layers=[layer])
+    rel = expl.relevances[layer]  # (N, C)
+    full = expl.heatmaps["pred"]
+    top = rel.abs().argsort(dim=1, descending=True)[:, :5]
+    mask = torch.zeros_like(rel).scatter_(1, top, 1.0)
+    with attribution.rules(), capture.attached(model):
+        cond = conditional_heatmaps(attribution, capture, x, layer, mask)
+        rest = conditional_heatmaps(attribution, capture, x, layer, 1 - mask)
+    # a concept's conditional heatmap carries exactly that concept's relevance ...
+    torch.testing.assert_close(cond.sum((1, 2)), (rel * mask).sum(1), rtol=0.05, atol=1e-4)
+    # ... and concepts partition the full explanation
+    torch.testing.assert_close(cond + rest, full, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(cond, full)
+
+
+def test_layer_attribution_starts_at_the_layer():
+    arch = "resnet18"
+    model = _bias_free(arch)
+    x = torch.randn(2, 1, 64, 64)
+    attribution = create_method("lrp", model, arch, PREP)
+    capture = attribution.capture(["layer2"])
+    direction = torch.randn(128)
+    with attribution.rules(), capture.attached(model):
+        heat = layer_attribution(attribution, capture, x, "layer2",
+                                 lambda a: a.clamp(min=0) * direction[None, :, None, None])
+        start = (capture.outputs["layer2"].detach().clamp(min=0) * direction[None, :, None, None]).sum((1, 2, 3))
+    torch.testing.assert_close(heat.sum((1, 2)), start, rtol=0.05, atol=1e-4)
+
+
+def test_vit_relevance_is_finite_nonconstant_and_rules_are_per_instance():
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", 2, 1, 64).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    other = build_model("vit_tiny", 2, 1, 64).eval()
+    x = torch.randn(2, 1, 64, 64)
+    before = model(x)
+    expl, _, _ = _explain(model, "vit_tiny", x)
+    heat = expl.heatmaps["pred"]
+    assert torch.isfinite(heat).all() and heat.std() > 0
+    torch.testing.assert_close(expl.logits, before, atol=1e-4, rtol=1e-4)  # rules change backward only
+    assert all(torch.isfinite(r).all() and r.abs().sum() > 0 for r in expl.relevances.values())
+    # relevance is conserved from block to block (linearised blocks + residuals)
+    first, last = expl.relevances.values()
+    torch.testing.assert_close(first.sum(1), last.sum(1), rtol=0.05, atol=1e-4)
+    # rules were swapped on this instance only, and undone afterwards
+    assert not any(isinstance(m, DetachedSoftmaxAttention) for m in model.modules())
+    assert not any(isinstance(m, DetachedSoftmaxAttention) for m in other.modules())
+
+
+def test_gradcam_and_gradient_x_input():
+    model = _bias_free("resnet18")
+    x = torch.randn(2, 1, 64, 64)
+    cam, _, _ = _explain(model, "resnet18", x, method="gradcam", layers=["layer3"])
+    assert cam.heatmaps["pred"].shape == (2, 64, 64) and (cam.heatmaps["pred"] >= 0).all()
+    gxi, _, _ = _explain(model, "resnet18", x, method="gxi", layers=["layer3"])
+    assert gxi.heatmaps["pred"].shape == (2, 64, 64) and gxi.relevances["layer3"].shape == (2, 256)
