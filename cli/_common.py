@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,13 +26,20 @@ def friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except CxrAuditError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished rows are saved; rerun the same command to resume")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _one_line(exc: Exception) -> str:
+    """The message itself; errors re-raised from DataLoader workers carry the worker's traceback."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.split("Error: ", 1)[1] if last.startswith("cxr_audit.errors.") else last
 
 
 @contextmanager
@@ -73,8 +79,3 @@ def split_csv(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
-
-
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    sys.exit(code)

@@ -1,0 +1,80 @@
+"""The command line: end to end through typer, and one-line errors with non-zero exit codes."""
+
+import h5py
+import pytest
+from typer.testing import CliRunner
+
+from cxr_audit.cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("phantom", "inject", "train", "scan", "demo"):
+        assert command in result.output
+
+
+def test_phantom_inject_train_scan_end_to_end(tmp_path):
+    assert run("phantom", "--out", tmp_path / "ph", "--n", 24, "--size", 32).exit_code == 0
+    r = run("inject", tmp_path / "ph" / "manifest.csv", "--out", tmp_path / "inj", "--artifact", "frame",
+            "--prevalence", "disease=1", "--split", "train")
+    assert r.exit_code == 0, r.output
+    r = run("train", tmp_path / "inj" / "manifest.csv", "--out", tmp_path / "m.pt", "--arch", "vgg11",
+            "--size", 32, "--epochs", 1, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = run("scan", tmp_path / "inj" / "manifest.csv", "--model", tmp_path / "m.pt", "--out", tmp_path / "s.h5",
+            "--target", "pred,true", "--heatmap-size", 16, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "scanned 24/24" in r.output
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["done"][:].all() and "heatmaps/true" in f
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    (tmp_path / "c.toml").write_text('[phantom]\nn = 6\nsize = 40\n')
+    r = run("--config", tmp_path / "c.toml", "phantom", "--out", tmp_path / "p", "--size", 32)
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "p" / "manifest.csv").read_text().splitlines()
+    assert len(lines) == 7
+    from PIL import Image
+    assert Image.open(tmp_path / "p" / "images" / "phantom_00000.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["scan", "nowhere.csv", "--model", "m.pt", "--out", "s.h5"], 1, "checkpoint not found"),
+    (["train", "nowhere.csv", "--out", "m.pt"], 1, "manifest not found"),
+    (["inject", "nowhere.csv", "--out", "x", "--prevalence", "2"], 2, "must be in [0, 1]"),
+    (["--config", "missing.toml", "phantom", "--out", "x"], 2, "config file not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    result = run(*args)
+    assert result.exit_code == code
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_corrupt_image_and_wrong_checkpoint_via_cli(tmp_path, shortcut_model, poisoned):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "m.csv").write_text("path,label\nbad.png,disease\n")
+    r = run("scan", tmp_path / "m.csv", "--model", shortcut_model, "--out", tmp_path / "s.h5", "--device", "cpu")
+    assert r.exit_code == 1 and "bad.png" in r.output and "Traceback" not in r.output
+    (tmp_path / "fake.pt").write_bytes(b"not a checkpoint")
+    r = run("scan", poisoned, "--model", tmp_path / "fake.pt", "--out", tmp_path / "t.h5")
+    assert r.exit_code == 1 and "cannot load checkpoint" in r.output
+
+
+def test_errors_from_dataloader_workers_stay_one_line(tmp_path, shortcut_model):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "m.csv").write_text("path,label\nbad.png,disease\n")
+    r = run("scan", tmp_path / "m.csv", "--model", shortcut_model, "--out", tmp_path / "s.h5", "--device", "cpu",
+            "--workers", 1)
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("error: cannot read image")
+    assert "Traceback" not in r.output and "worker" not in r.output
