@@ -62,7 +62,16 @@ class LRP(AttributionMethod):
     def composite(self):
         from zennit.composites import EpsilonPlusFlat
 
-        return EpsilonPlusFlat(canonizers=self._canonizers())
+        return EpsilonPlusFlat(layer_map=self._fast_conv_rule(), canonizers=self._canonizers())
+
+    def _fast_conv_rule(self):
+        """In VGG/ResNet every convolution after the first (Flat) one reads a ReLU/pooling output,
+        so ZPlus's negative-input term is identically zero; skipping it halves the backward cost."""
+        from zennit.types import Convolution
+
+        from cxr_audit.explain.rules import NonNegativeInputZPlus
+
+        return [(Convolution, NonNegativeInputZPlus())] if family(self.arch) in ("resnet", "vgg") else []
 
     def _canonizers(self):
         from zennit.canonizers import SequentialMergeBatchNorm

@@ -1,0 +1,139 @@
+"""Scan throughput: forward-only vs `cxr_audit.scan` vs a naive one-image-at-a-time LRP loop.
+
+Each mode runs in its own subprocess so peak memory (max RSS on CPU, max allocated on CUDA) is
+per mode. All three are measured in the same run, on the same machine, so the ratios are fair.
+
+    .venv/bin/python benchmarks/scan_throughput.py [--archs resnet50 vgg16] [--size 128] [--n 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _forward_only(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:
+    import torch
+
+    from cxr_audit.models.registry import load_checkpoint
+
+    torch.set_num_threads(threads)
+    model, config = load_checkpoint(ckpt)
+    model = model.to(device)
+    size = config["preprocessing"]["size"]
+    x = torch.randn(batch, 1, size, size, device=device)
+    with torch.no_grad():
+        model(x)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n // batch):
+            model(x)
+        _sync(device)
+    queue.put(((n // batch) * batch / (time.perf_counter() - start), _peak_mb(device)))
+
+
+def _our_scan(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:
+    import torch
+
+    from cxr_audit.scanning import scan
+
+    torch.set_num_threads(threads)
+    out = Path(tempfile.mkdtemp()) / "bench.h5"
+    summary = scan(ckpt, data, out, batch_size=batch, device=device, overwrite=True)
+    queue.put((summary.done / summary.seconds, _peak_mb(device)))
+
+
+def _naive_loop(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:
+    """What a research script typically does: per image, build the attributor and run LRP."""
+    import torch
+    from zennit.attribution import Gradient
+
+    from cxr_audit.data.dataset import CxrDataset
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.explain import create_method
+    from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+
+    torch.set_num_threads(threads)
+    model, config = load_checkpoint(ckpt)
+    model = model.to(device)
+    prep = preprocessing_of(config)
+    dataset = CxrDataset(load_manifest(data, config["class_names"]), prep, with_masks=False)
+    composite = create_method("lrp", model, config["arch"], prep).composite()
+    count = min(n, 16)
+    start = time.perf_counter()
+    for i in range(count):
+        x = dataset[i]["image"][None].to(device)
+        with Gradient(model, composite) as attributor:
+            out, relevance = attributor(x, lambda y: torch.eye(y.shape[1], device=y.device)[y.argmax(1)] * y)
+    _sync(device)
+    queue.put((count / (time.perf_counter() - start), _peak_mb(device)))
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(fn, *args) -> tuple[float, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=fn, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["resnet50", "vgg16"])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--n", type=int, default=48, help="images per mode (naive loop uses at most 16)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    from cxr_audit.data.dataset import Preprocessing
+    from cxr_audit.data.phantom import generate_phantoms
+    from cxr_audit.models.registry import build_model, save_checkpoint
+
+    work = Path(tempfile.mkdtemp())
+    data = str(generate_phantoms(work / "data", n=args.n, size=args.size))
+    rows = []
+    for arch in args.archs:
+        ckpt = str(save_checkpoint(work / f"{arch}.pt", build_model(arch, 2, 1, args.size), arch,
+                                   ["disease", "healthy"], Preprocessing(size=args.size)))
+        common = (ckpt, data, args.n, args.batch_size, args.device, args.threads)
+        fwd = _measure(_forward_only, *common)
+        ours = _measure(_our_scan, *common)
+        naive = _measure(_naive_loop, *common)
+        rows.append((arch, fwd, ours, naive))
+
+    print(f"\nscan throughput, {args.size}px, batch {args.batch_size}, device {args.device}, "
+          f"{args.threads} threads (images/s; peak MiB)")
+    header = f"{'arch':10} {'forward':>9} {'scan':>9} {'naive':>9} {'scan cost vs fwd':>17} " \
+             f"{'scan speed-up vs naive':>23} {'peak fwd/scan/naive MiB':>24}"
+    print(header)
+    print("-" * len(header))
+    for arch, fwd, ours, naive in rows:
+        print(f"{arch:10} {fwd[0]:9.2f} {ours[0]:9.2f} {naive[0]:9.2f} {fwd[0] / ours[0]:16.2f}x "
+              f"{ours[0] / naive[0]:22.2f}x {fwd[1]:8.0f}/{ours[1]:.0f}/{naive[1]:.0f}")
+
+
+if __name__ == "__main__":
+    main()
