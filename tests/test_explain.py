@@ -121,3 +121,20 @@ def test_gradcam_and_gradient_x_input():
     assert cam.heatmaps["pred"].shape == (2, 64, 64) and (cam.heatmaps["pred"] >= 0).all()
     gxi, _, _ = _explain(model, "resnet18", x, method="gxi", layers=["layer3"])
     assert gxi.heatmaps["pred"].shape == (2, 64, 64) and gxi.relevances["layer3"].shape == (2, 256)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+def test_fast_zplus_rule_equals_zennit_composite(arch):
+    from zennit.composites import EpsilonPlusFlat
+
+    torch.manual_seed(1)
+    model = build_model(arch, 2, 1, 64).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 1, 64, 64)
+    fast, attribution, _ = _explain(model, arch, x)
+    attribution.composite = lambda: EpsilonPlusFlat(canonizers=attribution._canonizers())
+    capture = attribution.capture(default_layers(arch, model))
+    with attribution.rules(), capture.attached(model):
+        reference = explain_batch(attribution, capture, x, {"pred": None})
+    torch.testing.assert_close(fast.heatmaps["pred"], reference.heatmaps["pred"], rtol=1e-4, atol=1e-7)

@@ -1,0 +1,33 @@
+"""CUDA paths (run with `-m gpu` on a machine with a GPU)."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from cxr_audit.scanning import scan
+from cxr_audit.training import train
+
+pytestmark = pytest.mark.gpu
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (selected with -m gpu)")
+
+
+@requires_cuda
+def test_cuda_scan_matches_cpu_scan(shortcut_model, poisoned, tmp_path):
+    cpu = scan(shortcut_model, poisoned, tmp_path / "cpu.h5", device="cpu").path
+    gpu = scan(shortcut_model, poisoned, tmp_path / "gpu.h5", device="cuda").path
+    with h5py.File(cpu) as a, h5py.File(gpu) as b:
+        np.testing.assert_allclose(a["outputs/logits"][:], b["outputs/logits"][:], atol=2e-2, rtol=2e-2)
+        ha, hb = a["heatmaps/pred"][:].astype(np.float32), b["heatmaps/pred"][:].astype(np.float32)
+        corr = [np.corrcoef(x.ravel(), y.ravel())[0, 1] for x, y in zip(ha, hb)]
+        assert np.median(corr) > 0.95
+
+
+@requires_cuda
+def test_cuda_amp_training_and_amp_scan(poisoned, tmp_path):
+    summary = train(poisoned, tmp_path / "m.pt", "resnet18", size=64, epochs=2, device="cuda", amp=True)
+    assert np.isfinite(summary.final["train_loss"])
+    s = scan(summary.checkpoint, poisoned, tmp_path / "amp.h5", device="cuda", amp=True)
+    with h5py.File(s.path) as f:
+        assert f["done"][:].all() and np.isfinite(f["heatmaps/pred"][:].astype(np.float32)).all()
