@@ -1,4 +1,4 @@
-import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,6 +11,8 @@ from cxr_audit.models.registry import save_checkpoint, build_model
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.scanning import scan
 from cxr_audit.store import open_scan, read_meta, validate
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-two-source"
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +128,23 @@ def test_open_scan_rejects_foreign_files(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(BadInputError, match="corrupt or not HDF5"):
         open_scan(tmp_path / "junk.h5")
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/covid-two-source not present")
+def test_scan_reads_real_two_hospital_images(tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(open(SHARED_DATA / "manifest.csv")))
+    pick = [r for r in rows if r["source"] == "hannover"][:4] + [r for r in rows if r["source"] == "nih"][:4]
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in pick:
+            writer.writerow({**r, "path": str(SHARED_DATA / r["path"])})
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", 2, 1, 64), "resnet18", ["covid", "normal"],
+                           Preprocessing(size=64))
+    summary = scan(ckpt, tmp_path / "m.csv", tmp_path / "real.h5", device="cpu")
+    assert summary.done == 8
+    with h5py.File(summary.path) as f:
+        assert set(f["samples/source"].asstr()[:]) == {"hannover", "nih"}
+        assert np.isfinite(f["heatmaps/pred"][:].astype(np.float32)).all()
