@@ -101,7 +101,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
         completed = resumed_from
         if on_progress:
             on_progress(completed, len(manifest))
-        with attribution.rules(), capture.attached(net):
+        with attribution.rules(), capture.attached(attribution.model):
             for batch in loader:
                 for idx, message in batch["errors"]:
                     _write_error(f, row_of[idx], message)

@@ -30,7 +30,7 @@ def _bias_free(arch):
 def _explain(model, arch, x, method="lrp", layers=None):
     attribution = create_method(method, model, arch, PREP)
     capture = attribution.capture(layers or default_layers(arch, model))
-    with attribution.rules(), capture.attached(model):
+    with attribution.rules(), capture.attached(attribution.model):
         return explain_batch(attribution, capture, x, {"pred": None}), attribution, capture
 
 
@@ -69,7 +69,7 @@ def test_crp_channel_relevances_and_conditional_heatmaps():
     full = expl.heatmaps["pred"]
     top = rel.abs().argsort(dim=1, descending=True)[:, :5]
     mask = torch.zeros_like(rel).scatter_(1, top, 1.0)
-    with attribution.rules(), capture.attached(model):
+    with attribution.rules(), capture.attached(attribution.model):
         cond = conditional_heatmaps(attribution, capture, x, layer, mask)
         rest = conditional_heatmaps(attribution, capture, x, layer, 1 - mask)
     # a concept's conditional heatmap carries exactly that concept's relevance ...
@@ -86,7 +86,7 @@ def test_layer_attribution_starts_at_the_layer():
     attribution = create_method("lrp", model, arch, PREP)
     capture = attribution.capture(["layer2"])
     direction = torch.randn(128)
-    with attribution.rules(), capture.attached(model):
+    with attribution.rules(), capture.attached(attribution.model):
         heat = layer_attribution(attribution, capture, x, "layer2",
                                  lambda a: a.clamp(min=0) * direction[None, :, None, None])
         start = (capture.outputs["layer2"].detach().clamp(min=0) * direction[None, :, None, None]).sum((1, 2, 3))
@@ -124,17 +124,36 @@ def test_gradcam_and_gradient_x_input():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
-def test_fast_zplus_rule_equals_zennit_composite(arch):
+def test_fast_lrp_and_fast_zplus_rule_equal_zennit_epsilon_plus_flat(arch):
+    """`lrp` (modified-gradient LRP) and `lrp-zennit` (with the one-term z+ rule) must both give
+    exactly what zennit's stock EpsilonPlusFlat composite with canonizers gives."""
     from zennit.composites import EpsilonPlusFlat
 
     torch.manual_seed(1)
     model = build_model(arch, 2, 1, 64).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so folding matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.normal_(0, 0.1)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(2, 1, 64, 64)
-    fast, attribution, _ = _explain(model, arch, x)
-    attribution.composite = lambda: EpsilonPlusFlat(canonizers=attribution._canonizers())
-    capture = attribution.capture(default_layers(arch, model))
-    with attribution.rules(), capture.attached(model):
-        reference = explain_batch(attribution, capture, x, {"pred": None})
-    torch.testing.assert_close(fast.heatmaps["pred"], reference.heatmaps["pred"], rtol=1e-4, atol=1e-7)
+    layers = default_layers(arch, model)
+    fast, fast_method, _ = _explain(model, arch, x)
+    assert type(fast_method).__name__ == "FastLRP"
+    hooked, _, _ = _explain(model, arch, x, method="lrp-zennit")
+    stock = create_method("lrp-zennit", model, arch, PREP)
+    stock.composite = lambda: EpsilonPlusFlat(canonizers=stock._canonizers())
+    capture = stock.capture(layers)
+    with stock.rules(), capture.attached(stock.model):
+        reference = explain_batch(stock, capture, x, {"pred": None})
+    scale = reference.heatmaps["pred"].abs().max()
+    for result in (fast, hooked):
+        torch.testing.assert_close(result.heatmaps["pred"] / scale, reference.heatmaps["pred"] / scale,
+                                   rtol=1e-3, atol=1e-4)
+        for layer in layers:
+            ref = reference.relevances[layer]
+            torch.testing.assert_close(result.relevances[layer] / ref.abs().max(), ref / ref.abs().max(),
+                                       rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(fast.heatmaps["pred"], torch.zeros_like(fast.heatmaps["pred"]))

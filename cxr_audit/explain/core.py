@@ -43,11 +43,12 @@ def explain_batch(method: AttributionMethod, capture: LayerCapture, x: torch.Ten
     recorded for the first target.
     """
     capture.reset()
-    x = x.detach().requires_grad_(True)
+    x = method.prepare_input(x)
     logits = method.model(x)
     if isinstance(logits, tuple):
         logits = logits[0]
     logits = logits.float()
+    leaf = method.gradient_leaf(x)
     result = BatchExplanation(logits=logits.detach(), heatmaps={}, targets={})
     for layer in capture.layers:
         result.act_max[layer], result.act_mean[layer] = channel_stats(capture.outputs[layer])
@@ -55,8 +56,8 @@ def explain_batch(method: AttributionMethod, capture: LayerCapture, x: torch.Ten
     for i, name in enumerate(names):
         tgt = targets[name] if targets[name] is not None else logits.argmax(1)
         tgt = tgt.to(logits.device)
-        (x_grad,) = torch.autograd.grad(logits, x, grad_outputs=initial_relevance(logits, tgt, init),
-                                        retain_graph=i < len(names) - 1)
+        start = method.start_gradient(logits.detach(), initial_relevance(logits, tgt, init))
+        (x_grad,) = torch.autograd.grad(logits, leaf, grad_outputs=start, retain_graph=i < len(names) - 1)
         result.heatmaps[name] = method.input_heatmap(x, x_grad, capture).detach().float()
         result.targets[name] = tgt.detach()
         if i == 0:
@@ -74,10 +75,11 @@ def conditional_heatmaps(method: AttributionMethod, capture: LayerCapture, x: to
     Must run inside ``method.rules()`` and ``capture.attached(model)`` with ``layer`` captured."""
     capture.reset()
     capture.channel_mask[layer] = channel_mask
-    x = x.detach().requires_grad_(True)
+    x = method.prepare_input(x)
     logits = method.model(x).float()
     tgt = logits.argmax(1) if targets is None else targets.to(logits.device)
-    (x_grad,) = torch.autograd.grad(logits, x, grad_outputs=initial_relevance(logits, tgt, init))
+    start = method.start_gradient(logits.detach(), initial_relevance(logits, tgt, init))
+    (x_grad,) = torch.autograd.grad(logits, method.gradient_leaf(x), grad_outputs=start)
     heat = method.input_heatmap(x, x_grad, capture).detach()
     capture.channel_mask.pop(layer, None)
     return heat
@@ -89,8 +91,10 @@ def layer_attribution(method: AttributionMethod, capture: LayerCapture, x: torch
     ``start_relevance(activation)`` (same shape as the activation), e.g. ``ReLU(a) * v`` for the
     pixel masks of a concept direction (Pahde et al., 2025). Must run inside both contexts."""
     capture.reset()
-    x = x.detach().requires_grad_(True)
+    x = method.prepare_input(x)
     method.model(x)
     act = capture.outputs[layer]
-    (x_grad,) = torch.autograd.grad(act, x, grad_outputs=start_relevance(act.detach()).to(act))
+    start = start_relevance(act.detach()).to(act)
+    (x_grad,) = torch.autograd.grad(act, method.gradient_leaf(x),
+                                    grad_outputs=method.start_gradient(act.detach(), start))
     return method.input_heatmap(x, x_grad, capture).detach()

@@ -37,6 +37,21 @@ class AttributionMethod:
     def rules(self):
         return nullcontext()
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor fed to :attr:`model`; by default a leaf that requires grad."""
+        return x.detach().requires_grad_(True)
+
+    def gradient_leaf(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the backward pass differentiates with respect to (after the forward)."""
+        return x
+
+    def start_gradient(self, activation: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        """Gradient to inject at a layer so that the layer's relevance equals ``relevance``."""
+        if self.relevance_is_gradient:
+            return relevance
+        safe = torch.where(activation == 0, torch.ones_like(activation), activation)
+        return torch.where(activation == 0, torch.zeros_like(relevance), relevance / safe)
+
     def capture(self, layers: list[str]) -> LayerCapture:
         """A :class:`LayerCapture` for ``layers`` plus any layer this method itself reads."""
         return LayerCapture(list(dict.fromkeys(list(layers) + list(self.needed_layers))))
@@ -54,9 +69,12 @@ class LRP(AttributionMethod):
     """Layer-wise Relevance Propagation (Bach et al., 2015, PLoS ONE 10:e0130140) with zennit's
     EpsilonPlusFlat composite (Montavon et al., 2019, "Layer-wise relevance propagation: an
     overview") and BatchNorm-folding / explicit-residual canonizers for VGG and ResNet.
+
+    This is the reference implementation (and the one used for custom architectures);
+    ``lrp`` on VGG/ResNet uses :class:`FastLRP`, which is tested to give the same relevance.
     """
 
-    name = "lrp"
+    name = "lrp-zennit"
     relevance_is_gradient = True
 
     def composite(self):
@@ -88,6 +106,29 @@ class LRP(AttributionMethod):
     def rules(self):
         with self.composite().context(self.model):
             yield
+
+
+class FastLRP(AttributionMethod):
+    """EpsilonPlusFlat LRP for VGG/ResNet as a modified gradient on a BatchNorm-folded copy of the
+    model (see :mod:`cxr_audit.explain.fast_lrp`): same relevance as :class:`LRP`, without
+    per-layer hooks, and the backward pass stops at the first layer."""
+
+    name = "lrp"
+
+    def __init__(self, model, arch, prep):
+        from cxr_audit.explain.fast_lrp import lrp_model
+
+        super().__init__(model, arch, prep)
+        self.model, self.first_layer = lrp_model(model)
+
+    def prepare_input(self, x):
+        return x.detach()
+
+    def gradient_leaf(self, x):
+        return self.first_layer.output
+
+    def input_heatmap(self, x, x_grad, capture):
+        return self.first_layer.pixel_relevance(x_grad)
 
 
 class LRPGammaBox(LRP):
@@ -144,7 +185,7 @@ class GradCAM(AttributionMethod):
 
 
 METHODS: dict[str, type[AttributionMethod]] = {
-    cls.name: cls for cls in (LRP, LRPGammaBox, GradientXInput, GradCAM)
+    cls.name: cls for cls in (FastLRP, LRP, LRPGammaBox, GradientXInput, GradCAM)
 }
 
 
@@ -153,8 +194,11 @@ def create_method(name: str, model: nn.Module, arch: str, prep: Preprocessing, *
     if name not in METHODS:
         raise UsageError(f"unknown attribution method '{name}' (choose from: {', '.join(METHODS)})")
     cls = METHODS[name]
-    if family(arch) == "vit" and issubclass(cls, LRP):
+    fam = family(arch)
+    if fam == "vit" and (issubclass(cls, LRP) or cls is FastLRP):
         cls = ViTLRP
+    elif cls is FastLRP and fam not in ("resnet", "vgg"):
+        cls = LRP  # unknown architectures: zennit's composite without assumptions on layer order
     return cls(model, arch, prep, **kwargs)
 
 
