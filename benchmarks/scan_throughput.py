@@ -56,9 +56,11 @@ def _our_scan(ckpt: str, data: str, n: int, batch: int, device: str, threads: in
 
 
 def _naive_loop(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:
-    """What a research script typically does: per image, build the attributor and run LRP."""
+    """What a research script typically does: per image, zennit's stock EpsilonPlusFlat with
+    canonizers through a fresh `Gradient` attributor (heatmap only, no activations/relevances)."""
     import torch
     from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
 
     from cxr_audit.data.dataset import CxrDataset
     from cxr_audit.data.manifest import load_manifest
@@ -70,7 +72,8 @@ def _naive_loop(ckpt: str, data: str, n: int, batch: int, device: str, threads: 
     model = model.to(device)
     prep = preprocessing_of(config)
     dataset = CxrDataset(load_manifest(data, config["class_names"]), prep, with_masks=False)
-    composite = create_method("lrp", model, config["arch"], prep).composite()
+    canonizers = create_method("lrp-zennit", model, config["arch"], prep)._canonizers()
+    composite = EpsilonPlusFlat(canonizers=canonizers)
     count = min(n, 16)
     start = time.perf_counter()
     for i in range(count):
