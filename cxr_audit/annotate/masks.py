@@ -1,0 +1,55 @@
+"""Pixel masks from a concept direction (Pahde et al., 2025, "Ensuring Medical AI Safety:
+Interpretability-Driven Detection and Mitigation of Spurious Model Behavior and Associated Data",
+arXiv:2501.13818): LRP from a layer down to the input with initial relevance ``ReLU(a) ⊙ v``
+(``v`` broadcast over space), positive part, Gaussian blur, then Otsu (or a quantile) per image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.ndimage import binary_dilation, gaussian_filter
+
+from cxr_audit.explain.core import layer_attribution
+
+
+def concept_heatmaps(method, capture, x: torch.Tensor, layer: str, direction: torch.Tensor) -> torch.Tensor:
+    """``(N, H, W)`` relevance of the concept ``direction (C,)`` at ``layer``, clamped at 0.
+    Must run inside ``method.rules()`` and ``capture.attached(method.model)``."""
+
+    def start(act: torch.Tensor) -> torch.Tensor:
+        v = direction.to(act)
+        v = v[None, :, None, None] if act.dim() == 4 else v[None, None, :]
+        return act.clamp(min=0) * v
+
+    return layer_attribution(method, capture, x, layer, start).clamp(min=0)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
+    """Otsu's threshold (Otsu, 1979) of a 1-D sample: maximises the between-class variance."""
+    values = np.asarray(values, np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return hi
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mean0 = m0 / np.maximum(w0, 1)
+    mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return float(edges[1:][np.argmax(between[:-1])]) if len(between) > 1 else lo
+
+
+def binarise(heatmap: np.ndarray, blur_sigma: float, threshold: str = "otsu", quantile: float = 0.95,
+             dilate: int = 0) -> np.ndarray:
+    """``(H, W)`` non-negative concept heatmap -> bool mask (blur, Otsu or quantile, dilation)."""
+    smooth = gaussian_filter(heatmap.astype(np.float64), sigma=blur_sigma) if blur_sigma > 0 else heatmap
+    if smooth.max() <= 0:
+        return np.zeros(heatmap.shape, bool)
+    cut = otsu_threshold(smooth) if threshold == "otsu" else float(np.quantile(smooth, quantile))
+    mask = smooth > cut
+    if dilate > 0:
+        mask = binary_dilation(mask, iterations=dilate)
+    return mask

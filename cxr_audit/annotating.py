@@ -1,0 +1,289 @@
+"""``annotate``: turn a few examples (or a concept, or a column) into sample labels and pixel
+masks for the whole dataset — the semi-automated annotation of Pahde et al. (2025,
+arXiv:2501.13818) with signal CAVs (Pahde et al., 2023).
+
+1. Fit a CAV on the scan's max-pooled activations at ``layer`` from positives (seeds, a concept's
+   top samples, or the ``artifact`` column) against a random sample of other rows.
+2. Score every sample (``activation_max · v``), threshold (Otsu on the scores by default), and
+   optionally refine: refit on the labelled set and rescore.
+3. Masks: fit a CAV at the (earlier) ``mask_layer`` on those labels and back-propagate
+   ``ReLU(a) ⊙ v`` with LRP to the pixels; blur, Otsu, dilate.
+4. Quality, where ground truth exists: retrieval AUROC/AP on rows never used to fit the first
+   CAV; mask IoU and pointing game against the manifest's ``artifact_mask``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+
+from cxr_audit.annotate.cav import make_cav
+from cxr_audit.annotate.masks import binarise, concept_heatmaps, otsu_threshold
+from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
+from cxr_audit.data.dataset import CxrDataset, collate
+from cxr_audit.data.io import read_image, read_mask, write_png
+from cxr_audit.data.manifest import load_manifest, write_manifest
+from cxr_audit.errors import BadInputError, UsageError
+from cxr_audit.explain import create_method
+from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+from cxr_audit.runtime import now, resolve_device, versions
+from cxr_audit.store.h5 import open_scan, read_meta
+
+
+@dataclass
+class AnnotationResult:
+    path: Path
+    layer: str
+    threshold: float
+    n_labelled: int
+    quality: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+
+def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None = None,
+             negatives: list[int] | None = None, from_column: str | None = None, concept: str | None = None,
+             layer: str | None = None, method: str = "signal", n_negatives: int = 50,
+             threshold: str | float = "auto", refine: int = 0, masks: bool = True,
+             masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "otsu",
+             blur: float | None = None, dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None,
+             data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
+             on_progress: Callable[..., None] | None = None) -> AnnotationResult:
+    """Label artifact samples and paint their masks; writes ``out`` (HDF5) and, with
+    ``masks_dir``, one PNG per labelled sample plus ``annotated.csv`` and ``contact_sheet.png``.
+
+    Exactly one of ``seeds`` (manifest row ids, 2–5 positives suffice), ``concept``
+    (``[LAYER:]CHANNEL``: its top-relevance samples are the positives) or ``from_column``
+    (``artifact``) selects the positives.
+    """
+    if sum(x is not None for x in (seeds, concept, from_column)) != 1:
+        raise UsageError("give exactly one of --seeds, --concept or --from-column")
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+        layers = list(meta["layers"])
+        layer = layer or layers[len(layers) // 2]
+        mask_layer = mask_layer or layers[0]
+        for name in (layer, mask_layer):
+            if name not in layers:
+                raise UsageError(f"layer '{name}' is not in the scan (scanned: {', '.join(layers)})")
+        index = f["samples/index"][:]
+        done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
+        acts = f[f"activations/{layer}/max"][:]
+        mask_acts = f[f"activations/{mask_layer}/max"][:]
+        artifact = f["samples/artifact"][:]
+        relevances = f[f"relevances/{layer}"][:] if concept is not None else None
+    row_of = {int(i): r for r, i in enumerate(index)}
+    usable = np.flatnonzero(done)
+
+    pos = _positives(seeds, concept, from_column, row_of, artifact, relevances, layers, layer, usable)
+    if from_column is not None:
+        neg = np.intersect1d(np.flatnonzero(artifact == 0), usable)
+    elif negatives:
+        neg = _rows(negatives, row_of, "negative")
+    else:
+        pool = np.setdiff1d(usable, pos)
+        neg = rng.choice(pool, size=min(n_negatives, len(pool)), replace=False)
+    if len(pos) < 2 or len(neg) < 2:
+        raise UsageError(f"need at least 2 positive and 2 negative samples (got {len(pos)} and {len(neg)})")
+    fit_rows = np.union1d(pos, neg)
+
+    cav = make_cav(method).fit(acts[fit_rows], np.isin(fit_rows, pos).astype(int))
+    scores = cav.score(acts)
+    held_out = np.setdiff1d(usable, fit_rows)
+    thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
+    labels = _label(scores, thr, pos, neg if from_column is None else np.zeros(0, int), usable)
+    for _ in range(refine):
+        unl = np.setdiff1d(usable, np.flatnonzero(labels))
+        refit_neg = rng.choice(unl, size=min(max(n_negatives, int(labels.sum())), len(unl)), replace=False)
+        rows = np.union1d(np.flatnonzero(labels), refit_neg)
+        cav = make_cav(method).fit(acts[rows], labels[rows].astype(int))
+        scores = cav.score(acts)
+        thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
+        labels = _label(scores, thr, pos, neg if from_column is None else np.zeros(0, int), usable)
+
+    quality: dict = {}
+    known = held_out[artifact[held_out] >= 0]
+    if len(known):
+        quality["retrieval_held_out"] = retrieval_quality(scores[known], artifact[known] == 1)
+        quality["label_accuracy_held_out"] = float((labels[known] == (artifact[known] == 1)).mean())
+    result = AnnotationResult(out, layer, thr, int(labels.sum()), quality)
+
+    mask_rows = np.flatnonzero(labels)[:max_masks]
+    mask_stack = None
+    if masks and len(mask_rows):
+        mask_cav = make_cav(method).fit(mask_acts[usable], labels[usable].astype(int))
+        mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_cav.direction_, model, data,
+                                          device, batch_size, blur, mask_threshold, dilate, on_progress)
+        quality.update(mask_quality)
+    options = {"layer": layer, "mask_layer": mask_layer, "method": method, "seeds": seeds, "negatives": negatives,
+               "from_column": from_column, "concept": concept, "n_negatives": n_negatives,
+               "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold, "blur": blur,
+               "dilate": dilate, "seed": seed}
+    _write_h5(out, meta, scan_path, options, index, scores, labels, thr, cav.direction_, fit_rows, mask_rows,
+              mask_stack, quality)
+    if masks_dir is not None and mask_stack is not None:
+        result.files.update(_write_mask_files(Path(masks_dir), meta, index, labels, mask_rows, mask_stack, scores))
+    result.files["annotations"] = out
+    return result
+
+
+def _rows(ids, row_of, what) -> np.ndarray:
+    missing = [i for i in ids if int(i) not in row_of]
+    if missing:
+        raise UsageError(f"{what} sample id(s) {missing} are not in the scan")
+    return np.array(sorted({row_of[int(i)] for i in ids}), dtype=int)
+
+
+def _positives(seeds, concept, from_column, row_of, artifact, relevances, layers, layer, usable) -> np.ndarray:
+    if seeds is not None:
+        return _rows(seeds, row_of, "seed")
+    if from_column is not None:
+        if from_column != "artifact":
+            raise UsageError("--from-column supports 'artifact' (the manifest's 0/1 artifact column)")
+        if (artifact[usable] < 0).all():
+            raise UsageError("the scanned manifest has no 'artifact' column")
+        return np.intersect1d(np.flatnonzero(artifact == 1), usable)
+    name, _, channel = concept.rpartition(":")
+    if name and name != layer:
+        raise UsageError(f"--concept {concept}: pass --layer {name} to use a concept of that layer")
+    try:
+        c = int(channel)
+    except ValueError:
+        raise UsageError(f"--concept must be [LAYER:]CHANNEL, got '{concept}'") from None
+    if not 0 <= c < relevances.shape[1]:
+        raise UsageError(f"--concept channel {c} out of range (layer {layer} has {relevances.shape[1]})")
+    k = max(5, len(usable) // 50)
+    return usable[np.argsort(-relevances[usable, c])[:k]]
+
+
+def _label(scores, thr, pos, neg, usable) -> np.ndarray:
+    labels = np.zeros(len(scores), bool)
+    labels[usable] = scores[usable] > thr
+    labels[pos] = True
+    labels[neg] = False
+    return labels
+
+
+def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,
+           on_progress):
+    ckpt = Path(model or meta["checkpoint"])
+    data = Path(data or meta["data"])
+    if not ckpt.is_file():
+        raise BadInputError(f"masks need the scanned model; {ckpt} is missing (pass --model)")
+    if not data.exists():
+        raise BadInputError(f"masks need the scanned data; {data} is missing (pass --data)")
+    net, config = load_checkpoint(ckpt)
+    prep = preprocessing_of(config)
+    manifest = load_manifest(data, class_names=config["class_names"])
+    dev = resolve_device(device)
+    net = net.to(dev)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    attribution = create_method("lrp", net, config["arch"], prep)
+    capture = attribution.capture([layer])
+    dataset = CxrDataset(manifest, prep)
+    sigma = blur if blur is not None else 1.5 * prep.size / 64
+    v = torch.from_numpy(direction)
+    masks = np.zeros((len(rows), prep.size, prep.size), bool)
+    ious, hits = [], []
+    with attribution.rules(), capture.attached(attribution.model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = collate([dataset[int(index[r])] for r in chunk])
+            heat = concept_heatmaps(attribution, capture, batch["image"].to(dev), layer, v).cpu().numpy()
+            for j, h in enumerate(heat):
+                masks[start + j] = binarise(h, sigma, mask_threshold, dilate=dilate)
+                if "artifact_mask" in batch and batch.get("artifact") is not None and int(batch["artifact"][j]) == 1:
+                    truth = batch["artifact_mask"][j, 0].numpy() > 0.5
+                    ious.append(iou(masks[start + j], truth))
+                    hits.append(pointing_hit(h, truth))
+            if on_progress:
+                on_progress(min(start + batch_size, len(rows)), len(rows), "masks")
+    quality = {}
+    if ious:
+        quality["mask_iou"] = float(np.nanmean(ious))
+        quality["pointing_game"] = float(np.mean(hits))
+        quality["masks_with_truth"] = len(ious)
+    return masks, quality
+
+
+def _write_h5(out, meta, scan_path, options, index, scores, labels, thr, direction, fit_rows, mask_rows, masks,
+              quality) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        g = f.create_group("meta")
+        g.attrs.update({"scan": str(Path(scan_path).resolve()), "checkpoint": meta["checkpoint"], "data": meta["data"],
+                        "arch": meta["arch"], "layer": options["layer"], "method": options["method"],
+                        "threshold": thr, "options": json.dumps(options), "quality": json.dumps(quality),
+                        "created": now(), "versions": json.dumps(versions()), "schema": "cxr-audit-annotations/1"})
+        f["samples/index"] = index
+        f["scores"] = scores.astype(np.float32)
+        f["labels"] = labels
+        f["fit_rows"] = fit_rows
+        f[f"cav/{options['layer']}"] = direction
+        if masks is not None:
+            f.create_dataset("masks", data=masks.astype(np.uint8), chunks=(1,) + masks.shape[1:], compression="lzf")
+            f["mask_rows"] = mask_rows
+    os.replace(tmp, out)
+
+
+def _write_mask_files(masks_dir, meta, index, labels, mask_rows, masks, scores) -> dict:
+    """PNG per mask at the original image size, an annotated manifest and a contact sheet."""
+    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    mask_path = {}
+    for r, m in zip(mask_rows, masks):
+        sample = manifest[int(index[r])]
+        width, height = Image.open(sample.path).size if sample.path.suffix.lower() not in (".dcm", ".dicom") \
+            else read_image(sample.path).shape[::-1]
+        png = masks_dir / f"{int(index[r]):06d}.png"
+        Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST).save(png)
+        mask_path[int(index[r])] = png
+    rows = []
+    label_of = {int(i): bool(l) for i, l in zip(index, labels)}
+    for s in manifest.samples:
+        rows.append({"path": os.path.relpath(s.path, masks_dir), "label": "|".join(manifest.class_names[l] for l in s.labels),
+                     "source": s.source, "split": s.split, "mask": os.path.relpath(s.mask, masks_dir) if s.mask else None,
+                     "artifact": int(label_of.get(s.index, False)),
+                     "artifact_mask": mask_path[s.index].name if s.index in mask_path else None, **s.extra})
+    write_manifest(masks_dir / "annotated.csv", rows)
+    sheet = _contact_sheet(masks_dir / "contact_sheet.png", manifest, index, mask_rows, masks, scores, meta)
+    return {"masks": masks_dir, "manifest": masks_dir / "annotated.csv", "contact_sheet": sheet}
+
+
+def _contact_sheet(path, manifest, index, mask_rows, masks, scores, meta, n: int = 16) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxr_audit.data.dataset import Preprocessing
+
+    prep = Preprocessing(**meta["preprocessing"])
+    order = np.argsort(-scores[mask_rows])[:n]
+    cols = min(8, len(order))
+    fig, axes = plt.subplots((len(order) + cols - 1) // cols, cols, figsize=(1.6 * cols, 1.8 * ((len(order) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, k in zip(axes.ravel(), order):
+        r = mask_rows[k]
+        img = prep.image_to_tensor(read_image(manifest[int(index[r])].path))[0].numpy()
+        ax.imshow(img, cmap="gray")
+        ax.imshow(np.ma.masked_where(~masks[k], masks[k]), cmap="autumn", alpha=0.45)
+        ax.set_title(f"#{index[r]}  {scores[r]:.2f}", fontsize=7)
+    fig.suptitle("annotated samples (highest CAV score) with their masks", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
