@@ -42,7 +42,7 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
              masks_dir: Optional[Path] = typer.Option(None, "--masks", help="Folder for mask PNGs, annotated.csv, contact sheet."),
              no_masks: bool = typer.Option(False, "--no-masks", help="Only label samples; skip pixel masks."),
              mask_threshold: str = typer.Option("otsu", "--mask-threshold", help="'otsu' or 'quantile' (top 5 %)."),
-             blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px)."),
+             blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 0.75 per 64 px of input)."),
              dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
              model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),
              data: Optional[Path] = typer.Option(None, "--data", help="Manifest (default: the scanned one)."),

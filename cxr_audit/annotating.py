@@ -174,7 +174,7 @@ def _label(scores, thr, pos, neg, usable) -> np.ndarray:
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,
-           on_progress):
+           on_progress, first_rule="upsample"):
     ckpt = Path(model or meta["checkpoint"])
     data = Path(data or meta["data"])
     if not ckpt.is_file():
@@ -189,9 +189,11 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
     for p in net.parameters():
         p.requires_grad_(False)
     attribution = create_method("lrp", net, config["arch"], prep)
+    if hasattr(attribution, "first_rule"):
+        attribution.first_rule = first_rule
     capture = attribution.capture([layer])
     dataset = CxrDataset(manifest, prep)
-    sigma = blur if blur is not None else 1.5 * prep.size / 64
+    sigma = blur if blur is not None else 0.75 * prep.size / 64
     v = torch.from_numpy(direction)
     masks = np.zeros((len(rows), prep.size, prep.size), bool)
     ious, hits = [], []

@@ -89,10 +89,20 @@ class FlatInputConv(nn.Module):
         self.output = z
         return z
 
-    def pixel_relevance(self, grad: torch.Tensor) -> torch.Tensor:
-        """``(N, C_out, h, w)`` gradient at the output -> ``(N, H, W)`` flat-rule relevance."""
+    def pixel_relevance(self, grad: torch.Tensor, rule: str = "flat") -> torch.Tensor:
+        """``(N, C_out, h, w)`` gradient at the output -> ``(N, H, W)`` pixel relevance.
+
+        ``rule="flat"`` spreads each position's relevance uniformly over its receptive field (the
+        Flat rule); ``"upsample"`` sums it over channels and resizes bilinearly to the input, which
+        keeps small or thin structures (a 2-px frame) sharper than a 7x7 flat spread, at the
+        cost of exact conservation — used for masks, not for heatmaps.
+        """
         c = self.conv
         relevance = self.output.detach() * grad
+        if rule == "upsample":
+            up = F.interpolate(relevance.sum(1, keepdim=True), size=self.input_shape[-2:], mode="bilinear",
+                               align_corners=False)
+            return up[:, 0] * (relevance.shape[-2] * relevance.shape[-1]) / (up.shape[-2] * up.shape[-1])
         ones_w = torch.ones(c.out_channels, c.in_channels // c.groups, *c.kernel_size,
                             device=grad.device, dtype=grad.dtype)
         ones_x = torch.ones(self.input_shape, device=grad.device, dtype=grad.dtype)

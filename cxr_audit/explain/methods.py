@@ -127,8 +127,11 @@ class FastLRP(AttributionMethod):
     def gradient_leaf(self, x):
         return self.first_layer.output
 
+    #: how relevance at the first layer reaches the pixels: "flat" (LRP) or "upsample" (sharper masks)
+    first_rule = "flat"
+
     def input_heatmap(self, x, x_grad, capture):
-        return self.first_layer.pixel_relevance(x_grad)
+        return self.first_layer.pixel_relevance(x_grad, self.first_rule)
 
 
 class LRPGammaBox(LRP):
