@@ -7,7 +7,7 @@ arXiv:2501.13818) with signal CAVs (Pahde et al., 2023).
 2. Score every sample (``activation_max · v``), threshold (Otsu on the scores by default), and
    optionally refine: refit on the labelled set and rescore.
 3. Masks: fit a CAV at the (earlier) ``mask_layer`` on those labels and back-propagate
-   ``ReLU(a) ⊙ v`` with LRP to the pixels; blur, Otsu, dilate.
+   ``ReLU(a) ⊙ v`` with LRP to the pixels; blur, threshold (half the peak by default), dilate.
 4. Quality, where ground truth exists: retrieval AUROC/AP on rows never used to fit the first
    CAV; mask IoU and pointing game against the manifest's ``artifact_mask``.
 """
@@ -52,7 +52,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              negatives: list[int] | None = None, from_column: str | None = None, concept: str | None = None,
              layer: str | None = None, method: str = "signal", n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
-             masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "otsu",
+             masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
              blur: float | None = None, dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None,
              data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
@@ -193,7 +193,7 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
         attribution.first_rule = first_rule
     capture = attribution.capture([layer])
     dataset = CxrDataset(manifest, prep)
-    sigma = blur if blur is not None else 0.75 * prep.size / 64
+    sigma = blur if blur is not None else 1.5 * prep.size / 64
     v = torch.from_numpy(direction)
     masks = np.zeros((len(rows), prep.size, prep.size), bool)
     ious, hits = [], []

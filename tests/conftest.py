@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-t
 def phantoms(tmp_path_factory) -> Path:
     from cxr_audit.data.phantom import generate_phantoms
 
-    return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=160, size=64, seed=1)
+    return generate_phantoms(tmp_path_factory.mktemp("phantoms"), n=240, size=64, seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -33,4 +33,4 @@ def shortcut_model(poisoned, tmp_path_factory) -> Path:
     from cxr_audit.training import train
 
     out = tmp_path_factory.mktemp("model") / "resnet18.pt"
-    return train(poisoned, out, "resnet18", size=64, epochs=6, batch_size=16, seed=0, device="cpu").checkpoint
+    return train(poisoned, out, "resnet18", size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint

@@ -26,7 +26,7 @@ def test_scan_file_follows_the_schema(full_scan, poisoned):
         validate(f)
         meta = read_meta(f)
         n = f["samples/index"].shape[0]
-        assert n == 160 and f["done"][:].all()
+        assert n == 240 and f["done"][:].all()
         assert meta["arch"] == "resnet18" and meta["layers"] == ["layer2", "layer3", "layer4"]
         assert len(meta["checkpoint_sha256"]) == 64 and "torch" in meta["versions"]
         assert f["heatmaps/pred"].shape == (n, 64, 64) and f["heatmaps/pred"].dtype == np.float16
@@ -63,7 +63,7 @@ def test_resume_equals_uninterrupted(shortcut_model, poisoned, full_scan, tmp_pa
     with h5py.File(out) as f:
         assert f["done"][:].sum() == 32
     summary = scan(shortcut_model, poisoned, out, batch_size=16, targets=("pred", "true"), device="cpu")
-    assert summary.resumed_from == 32 and summary.done == 160
+    assert summary.resumed_from == 32 and summary.done == 240
     with h5py.File(out) as a, h5py.File(full_scan) as b:
         for name in ("outputs/logits", "heatmaps/pred", "heatmaps/true", "relevances/layer2",
                      "activations/layer4/mean", "done"):
@@ -79,7 +79,7 @@ def test_existing_file_with_other_options_is_not_overwritten(shortcut_model, poi
         assert f["done"][:].all()  # untouched
     # a scan with identical options and all rows done does no work
     summary = scan(shortcut_model, poisoned, out, batch_size=16, targets=("pred", "true"), device="cpu")
-    assert summary.resumed_from == 160
+    assert summary.resumed_from == 240
 
 
 def test_split_layers_and_method_options(shortcut_model, poisoned, tmp_path):
@@ -87,7 +87,7 @@ def test_split_layers_and_method_options(shortcut_model, poisoned, tmp_path):
              heatmap_size=16, device="cpu")
     with h5py.File(s.path) as f:
         idx = f["samples/index"][:]
-        assert len(idx) == s.n < 160 and np.all(np.diff(idx) > 0)
+        assert len(idx) == s.n < 240 and np.all(np.diff(idx) > 0)
         assert f["heatmaps/pred"].shape[1:] == (16, 16) and "relevances/layer1" in f
     with pytest.raises(UsageError, match="no layer 'layer9'"):
         scan(shortcut_model, poisoned, tmp_path / "u.h5", layers=["layer9"], device="cpu")

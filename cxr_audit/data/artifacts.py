@@ -28,7 +28,8 @@ def _corner_box(h: int, w: int, bh: int, bw: int, rng: np.random.Generator, band
 
 
 class TextStamp(Artifact):
-    """A burned-in hospital tag / laterality marker: bright text on a dark plate in a corner."""
+    """A burned-in hospital tag / laterality marker: bright text in a corner band.
+    The mask is the bounding box of the glyphs plus one pixel."""
 
     name = "text"
 
@@ -42,14 +43,16 @@ class TextStamp(Artifact):
         font = ImageFont.load_default(size=max(6, int(bh * 0.8)))
         left, top, right, bottom = font.getbbox(self.text)
         bw = min(w - 2, right - left + bh // 3)
-        plate = Image.new("L", (bw, bh), 10)
+        plate = Image.new("L", (bw, bh), 0)
         ImageDraw.Draw(plate).text(((bw - (right - left)) // 2 - left, (bh - (bottom - top)) // 2 - top),
                                    self.text, fill=255, font=font)
         y, x = _corner_box(h, w, bh, bw, rng)
         out = image.copy()
-        out[y:y + bh, x:x + bw] = np.asarray(plate, np.float32) / 255.0
+        glyphs = np.asarray(plate, np.float32) / 255.0
+        out[y:y + bh, x:x + bw] = np.maximum(out[y:y + bh, x:x + bw], glyphs)
+        ys, xs = np.nonzero(glyphs > 0.5)
         mask = np.zeros((h, w), bool)
-        mask[y:y + bh, x:x + bw] = True
+        mask[max(0, y + ys.min() - 1):y + ys.max() + 2, max(0, x + xs.min() - 1):x + xs.max() + 2] = True
         return out, mask
 
 
