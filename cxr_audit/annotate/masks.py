@@ -45,8 +45,12 @@ def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
     m0 = np.cumsum(hist * centres)
     mean0 = m0 / np.maximum(w0, 1)
     mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mean0 - mean1) ** 2
-    return float(edges[1:][np.argmax(between[:-1])]) if len(between) > 1 else lo
+    between = (w0 * w1 * (mean0 - mean1) ** 2)[:-1]
+    if len(between) == 0:
+        return lo
+    # any cut inside an empty gap is optimal: take the middle of the plateau of maxima
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(edges[1:][int(round(best.mean()))])
 
 
 MASK_THRESHOLDS = ("peak", "otsu", "quantile")

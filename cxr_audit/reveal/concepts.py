@@ -1,0 +1,113 @@
+"""Concept (channel) suspicion: which concepts the model uses for a *subset* of one class.
+
+A concept a model uses for the real signal is on for (nearly) every sample of its class; a
+shortcut concept is on for the samples that carry the artifact and off for the rest of the same
+class. So, per class and channel, we look at the distribution of the channel's max-pooled
+activation over that class's samples and measure how cleanly it splits in two (Otsu's
+between-class variance over total variance, eta in [0, 1]; Otsu, 1979), weighted by how much of
+the class's relevance the channel carries:
+
+    suspicion(c, k) = eta_k(c) * minority(c, k) * importance_k(c)
+    importance_k(c) = mean positive relevance of c on class k / max over all classes and channels
+
+``minority`` = 4 p (1 - p) with p the fraction of the class above the split (1 for a 50/50
+split, 0 when everything is on one side). The members of a concept are the class samples above
+the split. The concept-space view of Pahde et al. (2025) is added as ``outlier``: local outlier
+factor of the channel in the space of cosine similarities of relevance profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cxr_audit.annotate.masks import otsu_threshold
+
+
+@dataclass
+class ConceptFinding:
+    layer: str
+    channel: int
+    class_index: int
+    suspicion: float
+    contrast: float
+    eta: float
+    minority: float
+    importance: float
+    outlier: float
+    members: list[int] = field(default_factory=list)  # scan rows above the split
+    source_association: dict = field(default_factory=dict)
+
+
+GAUSSIAN_ETA = 2 / np.pi  # share of variance the best two-way split explains for a normal distribution
+
+
+def split_quality(values: np.ndarray) -> tuple[float, float, float]:
+    """``(eta, contrast, threshold)`` of the best two-way split of ``values`` (see module doc)."""
+    values = np.asarray(values, np.float64)
+    var = values.var()
+    if var <= 1e-12:
+        return 0.0, 0.0, float(values.max()) if len(values) else 0.0
+    cut = otsu_threshold(values)
+    lo, hi = values[values <= cut], values[values > cut]
+    if len(lo) == 0 or len(hi) == 0:
+        return 0.0, 0.0, cut
+    w0, w1 = len(lo) / len(values), len(hi) / len(values)
+    raw = w0 * w1 * (lo.mean() - hi.mean()) ** 2 / var
+    eta = max(0.0, (raw - GAUSSIAN_ETA) / (1 - GAUSSIAN_ETA))
+    contrast = float(np.clip(1 - lo.mean() / hi.mean(), 0, 1)) if hi.mean() > 0 else 0.0
+    return float(eta), contrast, cut
+
+
+def concept_outliers(relevance: np.ndarray, n_neighbors: int = 20) -> np.ndarray:
+    """LOF score per channel (higher = more outlying) from cosine similarity of relevance profiles."""
+    from sklearn.neighbors import LocalOutlierFactor
+
+    profiles = relevance.T.astype(np.float64)  # (C, N)
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    profiles = profiles / np.maximum(norms, 1e-12)
+    if len(profiles) <= 3:
+        return np.zeros(len(profiles))
+    lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, len(profiles) - 1), metric="cosine")
+    lof.fit(profiles)
+    return -lof.negative_outlier_factor_
+
+
+def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, classes: np.ndarray,
+                  sources: np.ndarray | None = None, top: int = 20) -> list[ConceptFinding]:
+    """Rank the channels of one layer by suspicion (see module docstring); ``activations`` and
+    ``relevance`` are ``(N, C)``, ``classes (N,)`` the explained class of each row."""
+    outlier = concept_outliers(relevance)
+    # importance is relative to the most relevant (class, channel) pair, so that a class whose
+    # channels carry only noise-level relevance cannot produce high scores
+    global_max = max(np.clip(relevance[classes == k], 0, None).mean(0).max() for k in np.unique(classes))
+    findings: list[ConceptFinding] = []
+    for k in np.unique(classes):
+        rows = np.flatnonzero(classes == k)
+        if len(rows) < 8:
+            continue
+        pos_rel = np.clip(relevance[rows], 0, None).mean(0)
+        importance = pos_rel / max(global_max, 1e-12)
+        for c in np.argsort(-importance)[: max(top * 3, 30)]:
+            eta, contrast, cut = split_quality(activations[rows, c])
+            above = rows[activations[rows, c] > cut]
+            p = len(above) / len(rows)
+            minority = 4 * p * (1 - p)
+            findings.append(ConceptFinding(layer, int(c), int(k), float(contrast * minority * importance[c]),
+                                           contrast, eta, minority, float(importance[c]), float(outlier[c]),
+                                           above.tolist(),
+                                           _source_association(above, rows, sources)))
+    findings.sort(key=lambda f: -f.suspicion)
+    return findings[:top]
+
+
+def _source_association(members: np.ndarray, rows: np.ndarray, sources: np.ndarray | None) -> dict:
+    """Share of each source among a concept's members vs among the whole class."""
+    if sources is None or len(set(sources[rows])) < 2:
+        return {}
+    out = {}
+    for s in sorted(set(sources[rows])):
+        out[str(s)] = {"members": float(np.mean(sources[members] == s)) if len(members) else 0.0,
+                       "class": float(np.mean(sources[rows] == s))}
+    return out

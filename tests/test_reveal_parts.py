@@ -1,0 +1,71 @@
+"""Building blocks of `reveal` (the command itself is not built yet; see issue #3 notes)."""
+
+import numpy as np
+
+from cxr_audit.reveal.concepts import concept_outliers, rank_concepts, split_quality
+from cxr_audit.reveal.spray import prepare_heatmaps, spray
+
+
+def _blob_heatmaps(n, centre, rng, size=32):
+    yy, xx = np.mgrid[0:size, 0:size]
+    maps = []
+    for _ in range(n):
+        cy, cx = np.array(centre) + rng.normal(0, 1.0, 2)
+        maps.append(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0) + 0.02 * rng.random((size, size)))
+    return np.array(maps, np.float32)
+
+
+def test_spray_finds_the_explanation_strategies_and_their_number():
+    rng = np.random.default_rng(0)
+    heat = np.concatenate([_blob_heatmaps(40, (8, 8), rng), _blob_heatmaps(15, (24, 24), rng),
+                           _blob_heatmaps(25, (8, 24), rng)])
+    truth = np.repeat([0, 1, 2], [40, 15, 25])
+    result = spray(prepare_heatmaps(heat), max_k=6)
+    assert result.k == 3
+    # each found cluster is one strategy
+    for c in range(3):
+        members = truth[result.labels == c]
+        assert len(set(members)) == 1
+    assert result.embedding.shape == (80, 2)
+
+
+def test_prepare_heatmaps_normalises_positive_mass():
+    heat = np.random.default_rng(0).normal(size=(3, 64, 64)).astype(np.float32)
+    flat = prepare_heatmaps(heat, size=16)
+    assert flat.shape == (3, 256) and np.allclose(flat.sum(1), 1.0) and (flat >= 0).all()
+
+
+def test_split_quality_prefers_two_groups_over_one():
+    rng = np.random.default_rng(0)
+    bimodal = np.r_[rng.normal(0, 0.1, 60), rng.normal(3, 0.1, 40)]
+    unimodal = rng.normal(1, 0.5, 100)
+    eta_b, contrast_b, cut = split_quality(bimodal)
+    eta_u, _, _ = split_quality(unimodal)
+    assert eta_b > 0.9 and eta_u < 0.2 and 0.5 < cut < 2.5
+    assert contrast_b > 0.9  # the low group is (nearly) off
+    assert split_quality(np.ones(10))[0] == 0.0
+
+
+def test_rank_concepts_flags_a_subset_concept_above_a_class_concept():
+    rng = np.random.default_rng(1)
+    n = 200
+    classes = np.repeat([0, 1], n // 2)
+    artifact = (classes == 0) & (rng.random(n) < 0.5)
+    acts = rng.normal(0, 0.1, (n, 6)).clip(0)
+    acts[:, 0] += 2.0 * (classes == 0)  # the real class feature: on for the whole class
+    acts[:, 1] += 2.0 * artifact  # the shortcut: on for half of class 0 only
+    relevance = acts.copy()
+    findings = rank_concepts("layer", acts, relevance, classes, top=3)
+    assert findings[0].channel == 1 and findings[0].class_index == 0
+    members = np.zeros(n, bool)
+    members[findings[0].members] = True
+    assert (members == artifact).mean() > 0.95
+
+
+def test_concept_outliers_single_out_an_odd_profile():
+    rng = np.random.default_rng(0)
+    base = rng.random(100)
+    rel = np.stack([base + 0.05 * rng.random(100) for _ in range(30)], 1)
+    rel[:, 7] = rng.random(100) * (rng.random(100) < 0.2)
+    scores = concept_outliers(rel, n_neighbors=10)
+    assert int(np.argmax(scores)) == 7
