@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cxr_audit import __version__
-from cxr_audit.cli import annotate, data_commands, demo, scan, train
+from cxr_audit.cli import annotate, data_commands, demo, reveal, scan, train
 from cxr_audit.cli._common import friendly_errors, load_config
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ app.command("phantom")(data_commands.phantom)
 app.command("inject")(data_commands.inject)
 app.command("train")(train.train)
 app.command("scan")(scan.scan)
+app.command("reveal")(reveal.reveal)
 app.command("annotate")(annotate.annotate)
 app.command("demo")(demo.demo)
 

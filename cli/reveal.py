@@ -1,0 +1,32 @@
+"""``cxr-audit reveal``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cxr_audit.cli._common import console, friendly_errors, progress_bar
+from cxr_audit.revealing import reveal as reveal_lib
+
+
+@friendly_errors
+def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan`."),
+           out: Path = typer.Option(..., "--out", "-o", help="Folder for reveal.json and report.html."),
+           target: str = typer.Option("pred", "--target", help="Which stored heatmaps/relevances to analyse."),
+           top: int = typer.Option(10, "--top", help="Concepts to keep."),
+           max_k: int = typer.Option(8, "--max-k", help="Largest number of SpRAy clusters per class.")) -> None:
+    """Rank suspicious concepts and explanation clusters; write reveal.json and an HTML report."""
+    with progress_bar("reveal") as update:
+        result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, on_progress=update)
+    names = result["class_names"]
+    table = Table("concept", "layer:channel", "class", "suspicion", "members", title="most suspicious concepts")
+    for c in result["concepts"][:5]:
+        table.add_row(str(c["id"]), f"{c['layer']}:{c['channel']}", names[c["class_index"]], f"{c['suspicion']:.3f}",
+                      str(len(c["members"])))
+    console.print(table)
+    console.print(f"annotate the top concept: cxr-audit annotate {scan} --concept "
+                  f"{result['concepts'][0]['layer']}:{result['concepts'][0]['channel']} "
+                  f"--layer {result['concepts'][0]['layer']} --out ann.h5" if result["concepts"] else "no concepts found")
+    console.print(f"report: [bold]{Path(out) / 'report.html'}[/]")

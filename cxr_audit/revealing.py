@@ -1,0 +1,139 @@
+"""``reveal``: rank the concepts and explanation clusters a model relies on for a subset of a class,
+and write ``reveal.json`` plus an offline HTML report (see :mod:`cxr_audit.reveal`)."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cxr_audit.report.figures import heatmap_grid
+from cxr_audit.reveal.concepts import rank_concepts
+from cxr_audit.reveal.spray import prepare_heatmaps, spray
+from cxr_audit.runtime import now, versions
+from cxr_audit.store.h5 import open_scan, read_meta
+
+
+def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,
+           max_k: int = 8, gallery: int = 8, on_progress: Callable[..., None] | None = None) -> dict:
+    """Analyse a scan; returns the ``reveal.json`` content (also written to ``out_dir``).
+
+    Concepts are ranked by suspicion over all scanned layers (:mod:`cxr_audit.reveal.concepts`);
+    SpRAy clusters (per explained class) are ranked by how much their mean heatmap differs from
+    the rest of the class, times how small they are.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+        done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
+        rows = np.flatnonzero(done)
+        index = f["samples/index"][:]
+        classes = f[f"targets/{target}"][:]
+        sources = f["samples/source"].asstr()[:]
+        labels = f["samples/label"][:]
+        heat = f[f"heatmaps/{target}"][:][rows].astype(np.float32)
+        layer_data = {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]}
+    names = meta["class_names"]
+    concepts = []
+    for i, (layer, (acts, rel)) in enumerate(layer_data.items()):
+        for finding in rank_concepts(layer, acts, rel, classes[rows], sources[rows], top=top):
+            record = asdict(finding)
+            record["members"] = [int(index[rows[m]]) for m in finding.members]
+            record["scores"] = {"activation_max": [float(v) for v in acts[:, finding.channel]]}
+            concepts.append(record)
+        if on_progress:
+            on_progress(i + 1, len(layer_data) + 1, "concepts")
+    concepts.sort(key=lambda c: -c["suspicion"])
+    concepts = concepts[:top]
+    for rank, c in enumerate(concepts):
+        c["id"] = rank
+    clusters = _clusters(heat, classes[rows], rows, index, max_k)
+    if on_progress:
+        on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
+    result = {"scan": str(Path(scan_path).resolve()), "target": target, "class_names": names,
+              "sample_ids": [int(index[r]) for r in rows], "concepts": concepts, "clusters": clusters,
+              "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
+              "versions": versions()}
+    (out / "reveal.json").write_text(json.dumps(result, indent=1))
+    _report(out, scan_path, result, index, gallery)
+    return result
+
+
+def _clusters(heat, classes, rows, index, max_k) -> list[dict]:
+    found = []
+    for k in np.unique(classes):
+        members = np.flatnonzero(classes == k)
+        if len(members) < 6:
+            continue
+        features = prepare_heatmaps(heat[members])
+        result = spray(features, max_k=max_k)
+        for c in range(result.k):
+            inside = members[result.labels == c]
+            rest = members[result.labels != c]
+            if len(rest) == 0:
+                continue
+            distinct = 0.5 * np.abs(features[result.labels == c].mean(0) - features[result.labels != c].mean(0)).sum()
+            share = len(inside) / len(members)
+            found.append({"class_index": int(k), "size": int(len(inside)), "share_of_class": float(share),
+                          "distinctness": float(distinct), "suspicion": float(distinct * 4 * share * (1 - share)),
+                          "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k)})
+    found.sort(key=lambda c: -c["suspicion"])
+    for rank, c in enumerate(found):
+        c["id"] = rank
+    return found
+
+
+def _prevalence(labels, sources, names) -> dict:
+    """Label prevalence per source (Gautam et al., 2022 warn when it differs across sources)."""
+    if labels.ndim != 1 or len(set(sources)) < 2:
+        return {}
+    table = {str(s): {names[k]: float(np.mean(labels[sources == s] == k)) for k in range(len(names))}
+             for s in sorted(set(sources))}
+    spread = max(max(v[n] for v in table.values()) - min(v[n] for v in table.values()) for n in names)
+    return {"per_source": table, "max_difference": float(spread), "warning": bool(spread > 0.2)}
+
+
+def _report(out: Path, scan_path, result: dict, index, gallery: int) -> None:
+    """One folder, opens offline: report.html + PNG galleries (top items only)."""
+    row_of = {int(i): r for r, i in enumerate(index)}
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>cxr-audit reveal</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}</style></head><body>",
+             f"<h1>Reveal: {html.escape(str(scan_path))}</h1>"]
+    prev = result["prevalence"]
+    if prev.get("warning"):
+        parts.append(f"<p><b>Warning:</b> label prevalence differs across sources by up to "
+                     f"{prev['max_difference']:.0%}: the model can learn the source instead of the disease.</p>")
+    parts.append("<h2>Most suspicious concepts</h2><table><tr><th>id</th><th>layer:channel</th><th>class</th>"
+                 "<th>suspicion</th><th>contrast</th><th>minority</th><th>importance</th><th>members</th></tr>")
+    names = result["class_names"]
+    for c in result["concepts"]:
+        parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['layer'])}:{c['channel']}</td>"
+                     f"<td>{html.escape(names[c['class_index']])}</td><td>{c['suspicion']:.3f}</td>"
+                     f"<td>{c['contrast']:.2f}</td><td>{c['minority']:.2f}</td><td>{c['importance']:.2f}</td>"
+                     f"<td>{len(c['members'])}</td></tr>")
+    parts.append("</table>")
+    for c in result["concepts"][:3]:
+        order = np.argsort(-np.array(c["scores"]["activation_max"]))[:gallery]
+        ids = [result["sample_ids"][o] for o in order]
+        png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"concept_{c['id']}.png", target=result["target"],
+                           title=f"concept {c['id']} ({c['layer']}:{c['channel']}): top-activating samples")
+        parts.append(f"<h3>Concept {c['id']}</h3><img src='{png.name}'>")
+    parts.append("<h2>Explanation clusters (SpRAy)</h2><table><tr><th>id</th><th>class</th><th>size</th>"
+                 "<th>share of class</th><th>distinctness</th><th>suspicion</th></tr>")
+    for c in result["clusters"]:
+        parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(names[c['class_index']])}</td><td>{c['size']}</td>"
+                     f"<td>{c['share_of_class']:.2f}</td><td>{c['distinctness']:.2f}</td><td>{c['suspicion']:.3f}</td></tr>")
+    parts.append("</table>")
+    for c in result["clusters"][:3]:
+        ids = c["members"][:gallery]
+        png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"cluster_{c['id']}.png", target=result["target"],
+                           title=f"cluster {c['id']} ({names[c['class_index']]}, {c['size']} samples)")
+        parts.append(f"<h3>Cluster {c['id']}</h3><img src='{png.name}'>")
+    parts.append("</body></html>")
+    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")

@@ -1,0 +1,59 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from cxr_audit.cli.main import app
+from cxr_audit.revealing import reveal
+from cxr_audit.scanning import scan
+
+
+@pytest.fixture(scope="module")
+def shortcut_scan(shortcut_model, poisoned, tmp_path_factory):
+    return scan(shortcut_model, poisoned, tmp_path_factory.mktemp("rev") / "s.h5", device="cpu").path
+
+
+@pytest.fixture(scope="module")
+def clean_scan(phantoms, tmp_path_factory):
+    from cxr_audit.training import train
+
+    out = tmp_path_factory.mktemp("clean")
+    ckpt = train(phantoms, out / "m.pt", "resnet18", size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint
+    return scan(ckpt, phantoms, out / "s.h5", device="cpu").path
+
+
+def _artifact(scan_path, ids):
+    with h5py.File(scan_path) as f:
+        lookup = dict(zip(f["samples/index"][:].tolist(), f["samples/artifact"][:].tolist()))
+    return np.array([lookup[i] for i in ids]) == 1
+
+
+def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
+    result = reveal(shortcut_scan, tmp_path / "r")
+    truth = _artifact(shortcut_scan, result["sample_ids"])
+    aurocs = [roc_auc_score(truth, c["scores"]["activation_max"]) for c in result["concepts"][:3]]
+    assert max(aurocs) >= 0.9, aurocs
+    saved = json.loads((tmp_path / "r" / "reveal.json").read_text())
+    assert saved["concepts"][0]["id"] == 0 and saved["clusters"]
+    html = (tmp_path / "r" / "report.html").read_text()
+    for img in ("concept_0.png", "cluster_0.png"):
+        assert img in html and (tmp_path / "r" / img).stat().st_size > 1000
+
+
+def test_suspicion_is_lower_without_a_shortcut(shortcut_scan, clean_scan, tmp_path):
+    with_shortcut = reveal(shortcut_scan, tmp_path / "a")["concepts"][0]["suspicion"]
+    without = reveal(clean_scan, tmp_path / "b")["concepts"][0]["suspicion"]
+    assert without < with_shortcut
+
+
+def test_cli_reveal_and_wrong_file(shortcut_scan, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["reveal", str(shortcut_scan), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert "cxr-audit annotate" in r.output
+    (tmp_path / "x.h5").write_bytes(b"nope")
+    r = runner.invoke(app, ["reveal", str(tmp_path / "x.h5"), "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 1 and "corrupt or not HDF5" in r.output
