@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from cxr_audit.annotating import annotate
+from cxr_audit.revealing import reveal
 from cxr_audit.data.inject import inject
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.data.phantom import generate_phantoms
@@ -34,7 +36,7 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
              on_progress: Callable[..., None] | None = None) -> DemoResult:
     """Phantoms → artifact in ``prevalence`` of the *disease* training/validation images → train →
     artifact-inserted test (artifact pasted on every *healthy* test image) → scan → heatmap figure
-    → annotate from 5 artifact examples (labels + masks + contact sheet)."""
+    → reveal (ranked concepts, HTML report) → annotate from 5 artifact examples (labels, masks)."""
     out = Path(out)
     say = on_stage or (lambda _: None)
     result = DemoResult(out)
@@ -72,6 +74,13 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
         scan_path, rows.tolist(), out / "heatmaps.png",
         title=f"{arch} trained with a '{artifact}' shortcut: LRP heatmaps of artifact images")
     result.files["model"] = summary.checkpoint
+
+    say("revealing: ranking concepts the model uses for a subset of a class")
+    found = reveal(scan_path, out / "reveal")
+    truth = np.isin(found["sample_ids"], _manifest_ids(scan_path, share["rows"]))
+    best = max(roc_auc_score(truth, c["scores"]["activation_max"]) for c in found["concepts"][:3])
+    result.metrics["artifact retrieval AUROC (best of top-3 revealed concepts)"] = best
+    result.files["reveal report"] = out / "reveal" / "report.html"
 
     say("annotating: CAV from 5 artifact examples labels the rest and paints masks")
     seeds = share["rows"][:5]
