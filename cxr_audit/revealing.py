@@ -52,7 +52,9 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts = concepts[:top]
     for rank, c in enumerate(concepts):
         c["id"] = rank
-    clusters = _clusters(heat, classes[rows], rows, index, max_k)
+    clusters, per_class = _clusters(heat, classes[rows], rows, index, max_k)
+    _export_virelay(out / "reveal.virelay.h5", per_class, names)
+    _scatter(out / "embedding.png", per_class, names, sources, labels, index)
     if on_progress:
         on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
     result = {"scan": str(Path(scan_path).resolve()), "target": target, "class_names": names,
@@ -64,14 +66,18 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     return result
 
 
-def _clusters(heat, classes, rows, index, max_k) -> list[dict]:
-    found = []
+def _clusters(heat, classes, rows, index, max_k) -> tuple[list[dict], dict]:
+    from sklearn.manifold import TSNE
+
+    found, per_class = [], {}
     for k in np.unique(classes):
         members = np.flatnonzero(classes == k)
         if len(members) < 6:
             continue
         features = prepare_heatmaps(heat[members])
         result = spray(features, max_k=max_k)
+        tsne = TSNE(2, perplexity=max(2.0, min(30.0, len(members) / 4)), init="pca", random_state=0).fit_transform(features)
+        per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "tsne": tsne.astype(np.float32)}
         for c in range(result.k):
             inside = members[result.labels == c]
             rest = members[result.labels != c]
@@ -85,7 +91,50 @@ def _clusters(heat, classes, rows, index, max_k) -> list[dict]:
     found.sort(key=lambda c: -c["suspicion"])
     for rank, c in enumerate(found):
         c["id"] = rank
-    return found
+    return found, per_class
+
+
+def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:
+    """Embeddings and clusterings in ViRelAy's analysis-database layout:
+    ``/<category>/index``, ``/<category>/embedding/{spectral,tsne}``, ``/<category>/cluster/<name>``."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for k, data in per_class.items():
+            g = f.create_group(names[k])
+            g["index"] = np.asarray(data["ids"], dtype=np.uint32)
+            spectral = g.create_dataset("embedding/spectral", data=data["spray"].embedding.astype(np.float32))
+            spectral.attrs["eigenvalue"] = data["spray"].eigenvalues.astype(np.float32)
+            g["embedding/tsne"] = data["tsne"]
+            g[f"cluster/spray-k{data['spray'].k}"] = data["spray"].labels.astype(np.uint32)
+
+
+def _scatter(path: Path, per_class: dict, names, sources, labels, index) -> None:
+    """t-SNE of each class's heatmaps, coloured by SpRAy cluster and by source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not per_class:
+        return
+    row_of = {int(i): r for r, i in enumerate(index)}
+    fig, axes = plt.subplots(len(per_class), 2, figsize=(7, 3.2 * len(per_class)), squeeze=False)
+    for ax_row, (k, data) in zip(axes, per_class.items()):
+        xy = data["tsne"]
+        ax_row[0].scatter(xy[:, 0], xy[:, 1], c=data["spray"].labels, cmap="tab10", s=8)
+        ax_row[0].set_title(f"{names[k]}: SpRAy clusters", fontsize=8)
+        src = np.array([sources[row_of[int(i)]] for i in data["ids"]])
+        for s in sorted(set(src)):
+            ax_row[1].scatter(xy[src == s, 0], xy[src == s, 1], s=8, label=s or "(none)")
+        ax_row[1].set_title(f"{names[k]}: source", fontsize=8)
+        ax_row[1].legend(fontsize=6)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _prevalence(labels, sources, names) -> dict:
@@ -124,6 +173,8 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int) -> None:
         png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"concept_{c['id']}.png", target=result["target"],
                            title=f"concept {c['id']} ({c['layer']}:{c['channel']}): top-activating samples")
         parts.append(f"<h3>Concept {c['id']}</h3><img src='{png.name}'>")
+    if (out / "embedding.png").exists():
+        parts.append("<h2>Heatmap embedding (t-SNE)</h2><img src='embedding.png'>")
     parts.append("<h2>Explanation clusters (SpRAy)</h2><table><tr><th>id</th><th>class</th><th>size</th>"
                  "<th>share of class</th><th>distinctness</th><th>suspicion</th></tr>")
     for c in result["clusters"]:

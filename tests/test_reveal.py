@@ -39,7 +39,14 @@ def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
     saved = json.loads((tmp_path / "r" / "reveal.json").read_text())
     assert saved["concepts"][0]["id"] == 0 and saved["clusters"]
     html = (tmp_path / "r" / "report.html").read_text()
-    for img in ("concept_0.png", "cluster_0.png"):
+    with h5py.File(tmp_path / "r" / "reveal.virelay.h5") as f:  # ViRelAy analysis layout
+        for category in f:
+            n = f[category]["index"].shape[0]
+            assert f[category]["embedding/spectral"].shape == (n, 2)
+            assert f[category]["embedding/tsne"].shape == (n, 2)
+            (clustering,) = f[category]["cluster"].values()
+            assert clustering.shape == (n,)
+    for img in ("concept_0.png", "cluster_0.png", "embedding.png"):
         assert img in html and (tmp_path / "r" / img).stat().st_size > 1000
 
 
