@@ -32,6 +32,8 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                                                            help="Negative sample ids (default: a random sample of the rest)."),
              concept: Optional[str] = typer.Option(None, "--concept",
                                                    help="[LAYER:]CHANNEL; its top-relevance samples are the positives."),
+             cluster: Optional[int] = typer.Option(None, "--cluster", help="A SpRAy cluster id from reveal.json (needs --reveal)."),
+             reveal_json: Optional[Path] = typer.Option(None, "--reveal", help="reveal.json written by `cxr-audit reveal`."),
              from_column: Optional[str] = typer.Option(None, "--from-column", help="Use the manifest's 'artifact' column."),
              layer: Optional[str] = typer.Option(None, "--layer", help="Layer for the labelling CAV (default: middle scanned layer)."),
              mask_layer: Optional[str] = typer.Option(None, "--mask-layer",
@@ -53,6 +55,7 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
     thr = threshold if threshold == "auto" else _float(threshold)
     with progress_bar("annotate") as update:
         result = annotate_lib(scan, out, seeds=_ids(seeds), negatives=_ids(negatives), concept=concept,
+                              cluster=cluster, reveal_json=reveal_json,
                               from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
                               mask_threshold=mask_threshold, blur=blur, dilate=dilate, model=model, data=data,

@@ -50,6 +50,7 @@ class AnnotationResult:
 
 def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None = None,
              negatives: list[int] | None = None, from_column: str | None = None, concept: str | None = None,
+             cluster: int | None = None, reveal_json: str | Path | None = None,
              layer: str | None = None, method: str = "signal", n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
@@ -60,11 +61,14 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     ``masks_dir``, one PNG per labelled sample plus ``annotated.csv`` and ``contact_sheet.png``.
 
     Exactly one of ``seeds`` (manifest row ids, 2–5 positives suffice), ``concept``
-    (``[LAYER:]CHANNEL``: its top-relevance samples are the positives) or ``from_column``
-    (``artifact``) selects the positives.
+    (``[LAYER:]CHANNEL``: its top-relevance samples are the positives), ``cluster`` (a SpRAy
+    cluster id from ``reveal_json``: its members are the seeds) or ``from_column`` (``artifact``)
+    selects the positives.
     """
-    if sum(x is not None for x in (seeds, concept, from_column)) != 1:
-        raise UsageError("give exactly one of --seeds, --concept or --from-column")
+    if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
+        raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
+    if cluster is not None:
+        seeds = _cluster_members(cluster, reveal_json)
     out = Path(out)
     rng = np.random.default_rng(seed)
     with open_scan(scan_path) as f:
@@ -125,7 +129,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
                                           device, batch_size, blur, mask_threshold, dilate, on_progress)
         quality.update(mask_quality)
     options = {"layer": layer, "mask_layer": mask_layer, "method": method, "seeds": seeds, "negatives": negatives,
-               "from_column": from_column, "concept": concept, "n_negatives": n_negatives,
+               "from_column": from_column, "concept": concept, "cluster": cluster, "n_negatives": n_negatives,
                "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold, "blur": blur,
                "dilate": dilate, "seed": seed}
     _write_h5(out, meta, scan_path, options, index, scores, labels, thr, cav.direction_, fit_rows, mask_rows,
@@ -134,6 +138,15 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         result.files.update(_write_mask_files(Path(masks_dir), meta, index, labels, mask_rows, mask_stack, scores))
     result.files["annotations"] = out
     return result
+
+
+def _cluster_members(cluster: int, reveal_json: str | Path | None) -> list[int]:
+    if reveal_json is None or not Path(reveal_json).is_file():
+        raise UsageError("--cluster needs --reveal pointing at the reveal.json written by `cxr-audit reveal`")
+    clusters = {c["id"]: c for c in json.loads(Path(reveal_json).read_text()).get("clusters", [])}
+    if cluster not in clusters:
+        raise UsageError(f"cluster {cluster} is not in {reveal_json} (ids: {sorted(clusters)})")
+    return clusters[cluster]["members"]
 
 
 def _rows(ids, row_of, what) -> np.ndarray:

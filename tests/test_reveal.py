@@ -64,3 +64,18 @@ def test_cli_reveal_and_wrong_file(shortcut_scan, tmp_path):
     (tmp_path / "x.h5").write_bytes(b"nope")
     r = runner.invoke(app, ["reveal", str(tmp_path / "x.h5"), "--out", str(tmp_path / "r2")])
     assert r.exit_code == 1 and "corrupt or not HDF5" in r.output
+
+
+def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
+    from cxr_audit.annotating import annotate
+    from cxr_audit.errors import UsageError
+
+    result = reveal(shortcut_scan, tmp_path / "r")
+    # the most suspicious cluster of the artifact class is (mostly) artifact samples
+    top = result["clusters"][0]
+    assert _artifact(shortcut_scan, top["members"]).mean() > 0.8
+    ann = annotate(shortcut_scan, tmp_path / "a.h5", cluster=top["id"], reveal_json=tmp_path / "r" / "reveal.json",
+                   masks=False)
+    assert ann.quality["retrieval_held_out"]["auroc"] > 0.9
+    with pytest.raises(UsageError, match="needs --reveal"):
+        annotate(shortcut_scan, tmp_path / "b.h5", cluster=0)
