@@ -16,10 +16,14 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
            out: Path = typer.Option(..., "--out", "-o", help="Folder for reveal.json and report.html."),
            target: str = typer.Option("pred", "--target", help="Which stored heatmaps/relevances to analyse."),
            top: int = typer.Option(10, "--top", help="Concepts to keep."),
-           max_k: int = typer.Option(8, "--max-k", help="Largest number of SpRAy clusters per class.")) -> None:
+           max_k: int = typer.Option(8, "--max-k", help="Largest number of SpRAy clusters per class."),
+           references: bool = typer.Option(True, "--references/--no-references",
+                                           help="CRP conditional heatmaps and crops per top concept (needs the scanned model)."),
+           device: str = typer.Option("cpu", "--device")) -> None:
     """Rank suspicious concepts and explanation clusters; write reveal.json and an HTML report."""
     with progress_bar("reveal") as update:
-        result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, on_progress=update)
+        result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, references=references, device=device,
+                            on_progress=update)
     names = result["class_names"]
     table = Table("concept", "layer:channel", "class", "suspicion", "members", title="most suspicious concepts")
     for c in result["concepts"][:5]:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from cxr_audit.report.figures import heatmap_grid
+from cxr_audit.report.figures import concept_reference, heatmap_grid
 from cxr_audit.reveal.concepts import rank_concepts
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.runtime import now, versions
@@ -19,12 +19,14 @@ from cxr_audit.store.h5 import open_scan, read_meta
 
 
 def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,
-           max_k: int = 8, gallery: int = 8, on_progress: Callable[..., None] | None = None) -> dict:
+           max_k: int = 8, gallery: int = 8, references: bool = True, device: str = "cpu",
+           on_progress: Callable[..., None] | None = None) -> dict:
     """Analyse a scan; returns the ``reveal.json`` content (also written to ``out_dir``).
 
     Concepts are ranked by suspicion over all scanned layers (:mod:`cxr_audit.reveal.concepts`);
     SpRAy clusters (per explained class) are ranked by how much their mean heatmap differs from
-    the rest of the class, times how small they are.
+    the rest of the class, times how small they are. With ``references`` (needs the scanned model
+    and data), the report shows each top concept's CRP conditional heatmaps and crops.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
               "versions": versions()}
     (out / "reveal.json").write_text(json.dumps(result, indent=1))
-    _report(out, scan_path, result, index, gallery)
+    _report(out, scan_path, result, index, gallery, references, device)
     return result
 
 
@@ -147,7 +149,7 @@ def _prevalence(labels, sources, names) -> dict:
     return {"per_source": table, "max_difference": float(spread), "warning": bool(spread > 0.2)}
 
 
-def _report(out: Path, scan_path, result: dict, index, gallery: int) -> None:
+def _report(out: Path, scan_path, result: dict, index, gallery: int, references: bool, device: str) -> None:
     """One folder, opens offline: report.html + PNG galleries (top items only)."""
     row_of = {int(i): r for r, i in enumerate(index)}
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>cxr-audit reveal</title>",
@@ -173,6 +175,11 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int) -> None:
         png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"concept_{c['id']}.png", target=result["target"],
                            title=f"concept {c['id']} ({c['layer']}:{c['channel']}): top-activating samples")
         parts.append(f"<h3>Concept {c['id']}</h3><img src='{png.name}'>")
+        if references:
+            ref = concept_reference(scan_path, c["layer"], c["channel"], ids, out / f"concept_{c['id']}_crp.png",
+                                    title=f"concept {c['id']}: conditional heatmaps (this channel only) and crops",
+                                    device=device)
+            parts.append(f"<img src='{ref.name}'>")
     if (out / "embedding.png").exists():
         parts.append("<h2>Heatmap embedding (t-SNE)</h2><img src='embedding.png'>")
     parts.append("<h2>Explanation clusters (SpRAy)</h2><table><tr><th>id</th><th>class</th><th>size</th>"

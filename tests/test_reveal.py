@@ -46,7 +46,7 @@ def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
             assert f[category]["embedding/tsne"].shape == (n, 2)
             (clustering,) = f[category]["cluster"].values()
             assert clustering.shape == (n,)
-    for img in ("concept_0.png", "cluster_0.png", "embedding.png"):
+    for img in ("concept_0.png", "concept_0_crp.png", "cluster_0.png", "embedding.png"):
         assert img in html and (tmp_path / "r" / img).stat().st_size > 1000
 
 

@@ -46,3 +46,61 @@ def heatmap_grid(scan_path: str | Path, rows: list[int], out_png: str | Path, ta
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list[int], out_png: str | Path,
+                      title: str = "", device: str = "cpu") -> Path:
+    """Reference images of one concept (relevance maximisation, Achtibat et al., 2023): for each
+    sample id, the image, the CRP conditional heatmap (relevance flowing through ``channel`` of
+    ``layer`` only) and a crop of the image around that heatmap's peak. Needs the scanned model
+    and data (found through the scan's metadata)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from cxr_audit.data.dataset import CxrDataset, collate
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.explain import conditional_heatmaps, create_method
+    from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+    from cxr_audit.runtime import resolve_device
+
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+    net, config = load_checkpoint(meta["checkpoint"])
+    prep = preprocessing_of(config)
+    dev = resolve_device(device)
+    net = net.to(dev)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    manifest = load_manifest(meta["data"], class_names=config["class_names"])
+    batch = collate([CxrDataset(manifest, prep, with_masks=False)[i] for i in ids])
+    attribution = create_method("lrp", net, config["arch"], prep)
+    capture = attribution.capture([layer])
+    with attribution.rules(), capture.attached(attribution.model):
+        with torch.no_grad():
+            attribution.model(attribution.prepare_input(batch["image"][:1].to(dev)))
+        mask = torch.zeros(capture.outputs[layer].shape[1])
+        mask[channel] = 1.0
+        heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, mask).cpu().numpy()
+    images = batch["image"][:, 0].numpy()
+    fig, axes = plt.subplots(3, len(ids), figsize=(1.7 * len(ids), 5.4), squeeze=False)
+    side = prep.size // 3
+    for j, (img, h) in enumerate(zip(images, heat)):
+        axes[0, j].imshow(img, cmap="gray")
+        axes[0, j].set_title(f"#{ids[j]}", fontsize=7)
+        vmax = float(np.abs(h).max()) or 1.0
+        axes[1, j].imshow(h, cmap="bwr", vmin=-vmax, vmax=vmax)
+        y, x = np.unravel_index(int(np.argmax(h)), h.shape)
+        y0, x0 = int(np.clip(y - side // 2, 0, prep.size - side)), int(np.clip(x - side // 2, 0, prep.size - side))
+        axes[2, j].imshow(img[y0:y0 + side, x0:x0 + side], cmap="gray")
+        for ax in axes[:, j]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
