@@ -33,7 +33,7 @@ from cxr_audit.data.io import read_image, read_mask, write_png
 from cxr_audit.data.manifest import load_manifest, write_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method
-from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+from cxr_audit.models.registry import load_frozen, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.store.h5 import open_scan, read_meta
 
@@ -194,13 +194,10 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
         raise BadInputError(f"masks need the scanned model; {ckpt} is missing (pass --model)")
     if not data.exists():
         raise BadInputError(f"masks need the scanned data; {data} is missing (pass --data)")
-    net, config = load_checkpoint(ckpt)
+    dev = resolve_device(device)
+    net, config = load_frozen(ckpt, dev)
     prep = preprocessing_of(config)
     manifest = load_manifest(data, class_names=config["class_names"])
-    dev = resolve_device(device)
-    net = net.to(dev)
-    for p in net.parameters():
-        p.requires_grad_(False)
     attribution = create_method("lrp", net, config["arch"], prep)
     if hasattr(attribution, "first_rule"):
         attribution.first_rule = first_rule

@@ -25,7 +25,7 @@ from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method, default_layers, explain_batch
 from cxr_audit.explain.capture import get_module
-from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of
+from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import autocast, now, resolve_device, versions
 from cxr_audit.store.h5 import create_scan_file, open_scan
 
@@ -59,7 +59,8 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise UsageError(f"targets must be among {TARGETS}, got {list(targets)}")
-    net, config = load_checkpoint(model)
+    dev = resolve_device(device)
+    net, config = load_frozen(model, dev)
     prep = preprocessing_of(config)
     manifest = load_manifest(data, class_names=config["class_names"]).subset(split)
     if "true" in targets and manifest.multilabel:
@@ -67,7 +68,6 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     layers = list(layers) if layers else default_layers(config["arch"], net)
     for layer in layers:
         get_module(net, layer)
-    dev = resolve_device(device)
     heatmap_size = min(heatmap_size, prep.size)
     options = {"layers": layers, "method": method, "targets": list(targets), "heatmap_size": heatmap_size,
                "split": split, "init": init, "cam_layer": cam_layer}
@@ -76,11 +76,8 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
             "class_names": config["class_names"], "preprocessing": prep.to_dict(), "options": options,
             "created": now(), "versions": versions(), **options}
 
-    net = net.to(dev)
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    for p in net.parameters():
-        p.requires_grad_(False)
     attribution = create_method(method, net, config["arch"], prep,
                                 **({"cam_layer": cam_layer} if method == "gradcam" else {}))
     capture = attribution.capture(layers)

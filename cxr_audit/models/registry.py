@@ -160,6 +160,16 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
     return model.eval(), config
 
 
+def load_frozen(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """Load a checkpoint for explanation: eval mode, on ``device``, parameters frozen (no weight
+    gradients are computed in explanation passes)."""
+    model, config = load_checkpoint(path)
+    model = model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, config
+
+
 def preprocessing_of(config: dict) -> Preprocessing:
     return Preprocessing(**config["preprocessing"])
 

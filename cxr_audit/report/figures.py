@@ -63,17 +63,14 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
     from cxr_audit.data.dataset import CxrDataset, collate
     from cxr_audit.data.manifest import load_manifest
     from cxr_audit.explain import conditional_heatmaps, create_method
-    from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+    from cxr_audit.models.registry import load_frozen, preprocessing_of
     from cxr_audit.runtime import resolve_device
 
     with open_scan(scan_path) as f:
         meta = read_meta(f)
-    net, config = load_checkpoint(meta["checkpoint"])
-    prep = preprocessing_of(config)
     dev = resolve_device(device)
-    net = net.to(dev)
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net, config = load_frozen(meta["checkpoint"], dev)
+    prep = preprocessing_of(config)
     manifest = load_manifest(meta["data"], class_names=config["class_names"])
     batch = collate([CxrDataset(manifest, prep, with_masks=False)[i] for i in ids])
     attribution = create_method("lrp", net, config["arch"], prep)
