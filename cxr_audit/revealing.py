@@ -69,8 +69,6 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
 
 
 def _clusters(heat, classes, rows, index, max_k) -> tuple[list[dict], dict]:
-    from sklearn.manifold import TSNE
-
     found, per_class = [], {}
     for k in np.unique(classes):
         members = np.flatnonzero(classes == k)
@@ -78,8 +76,7 @@ def _clusters(heat, classes, rows, index, max_k) -> tuple[list[dict], dict]:
             continue
         features = prepare_heatmaps(heat[members])
         result = spray(features, max_k=max_k)
-        tsne = TSNE(2, perplexity=max(2.0, min(30.0, len(members) / 4)), init="pca", random_state=0).fit_transform(features)
-        per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "tsne": tsne.astype(np.float32)}
+        per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "tsne": _tsne(features)}
         for c in range(result.k):
             inside = members[result.labels == c]
             rest = members[result.labels != c]
@@ -94,6 +91,18 @@ def _clusters(heat, classes, rows, index, max_k) -> tuple[list[dict], dict]:
     for rank, c in enumerate(found):
         c["id"] = rank
     return found, per_class
+
+
+def _tsne(features: np.ndarray) -> np.ndarray:
+    """2-D t-SNE of ``(N, D)`` features; all-equal features (e.g. a class whose heatmaps are all
+    zero) give zeros: sklearn's PCA initialisation turns them into NaN, which crashes the
+    Barnes-Hut tree in native code instead of raising."""
+    from sklearn.manifold import TSNE
+
+    if len(features) < 4 or len(np.unique(features.round(12), axis=0)) < 4:
+        return np.zeros((len(features), 2), np.float32)
+    perplexity = max(2.0, min(30.0, (len(features) - 1) / 3))
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(features).astype(np.float32)
 
 
 def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:

@@ -79,3 +79,16 @@ def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
     assert ann.quality["retrieval_held_out"]["auroc"] > 0.9
     with pytest.raises(UsageError, match="needs --reveal"):
         annotate(shortcut_scan, tmp_path / "b.h5", cluster=0)
+
+
+def test_degenerate_heatmaps_do_not_crash(tmp_path):
+    """A class whose heatmaps are all zero (or identical) must not crash t-SNE/SpRAy."""
+    from cxr_audit.revealing import _clusters
+
+    heat = np.zeros((30, 16, 16), np.float32)
+    heat[15:, 2, 2] = 1.0  # class 1: identical non-zero maps
+    classes = np.repeat([0, 1], 15)
+    rows = np.arange(30)
+    found, per_class = _clusters(heat, classes, rows, rows, max_k=4)
+    for data in per_class.values():
+        assert np.isfinite(data["tsne"]).all() and data["tsne"].shape == (15, 2)
