@@ -280,6 +280,7 @@ def _contact_sheet(path, manifest, index, mask_rows, masks, scores, meta, n: int
     import matplotlib.pyplot as plt
 
     from cxr_audit.data.dataset import Preprocessing
+    from cxr_audit.report.figures import save_figure
 
     prep = Preprocessing(**meta["preprocessing"])
     order = np.argsort(-scores[mask_rows])[:n]
@@ -294,8 +295,4 @@ def _contact_sheet(path, manifest, index, mask_rows, masks, scores, meta, n: int
         ax.imshow(img, cmap="gray")
         ax.imshow(np.ma.masked_where(~masks[k], masks[k]), cmap="autumn", alpha=0.45)
         ax.set_title(f"#{index[r]}  {scores[r]:.2f}", fontsize=7)
-    fig.suptitle("annotated samples (highest CAV score) with their masks", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, "annotated samples (highest CAV score) with their masks", dpi=100)

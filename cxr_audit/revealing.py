@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from cxr_audit.report.figures import concept_reference, heatmap_grid
+from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import rank_concepts
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.runtime import now, versions
@@ -143,9 +143,7 @@ def _scatter(path: Path, per_class: dict, names, sources, labels, index) -> None
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _prevalence(labels, sources, names) -> dict:

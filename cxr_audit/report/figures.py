@@ -11,6 +11,26 @@ from cxr_audit.data.io import read_image
 from cxr_audit.store.h5 import open_scan, read_meta
 
 
+def show_heatmap(ax, heatmap: np.ndarray) -> None:
+    """Draw a signed heatmap: red = for the explained class, blue = against, scaled to its max |R|."""
+    vmax = float(np.abs(heatmap).max()) or 1.0
+    ax.imshow(heatmap, cmap="bwr", vmin=-vmax, vmax=vmax)
+
+
+def save_figure(fig, out_png: str | Path, title: str = "", dpi: int = 110) -> Path:
+    """Title (optional), tight layout, write PNG (creating folders), close; returns the path."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return out_png
+
+
 def heatmap_grid(scan_path: str | Path, rows: list[int], out_png: str | Path, target: str = "pred",
                  title: str = "") -> Path:
     """Save a 2 x len(rows) grid: input image (top) and its LRP heatmap (bottom, red = for the
@@ -34,18 +54,10 @@ def heatmap_grid(scan_path: str | Path, rows: list[int], out_png: str | Path, ta
         img = prep.image_to_tensor(read_image(path))[0].numpy()
         axes[0, j].imshow(img, cmap="gray")
         axes[0, j].set_title(f"#{index[j]} → {names[pred[j]]}", fontsize=7)
-        vmax = float(np.abs(h).max()) or 1.0
-        axes[1, j].imshow(h, cmap="bwr", vmin=-vmax, vmax=vmax)
+        show_heatmap(axes[1, j], h)
         for ax in axes[:, j]:
             ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, title)
 
 
 def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list[int], out_png: str | Path,
@@ -68,6 +80,7 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
 
     with open_scan(scan_path) as f:
         meta = read_meta(f)
+        channels = f[f"relevances/{layer}"].shape[1]
     dev = resolve_device(device)
     net, config = load_frozen(meta["checkpoint"], dev)
     prep = preprocessing_of(config)
@@ -75,11 +88,9 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
     batch = collate([CxrDataset(manifest, prep, with_masks=False)[i] for i in ids])
     attribution = create_method("lrp", net, config["arch"], prep)
     capture = attribution.capture([layer])
+    mask = torch.zeros(channels)
+    mask[channel] = 1.0
     with attribution.rules(), capture.attached(attribution.model):
-        with torch.no_grad():
-            attribution.model(attribution.prepare_input(batch["image"][:1].to(dev)))
-        mask = torch.zeros(capture.outputs[layer].shape[1])
-        mask[channel] = 1.0
         heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, mask).cpu().numpy()
     images = batch["image"][:, 0].numpy()
     fig, axes = plt.subplots(3, len(ids), figsize=(1.7 * len(ids), 5.4), squeeze=False)
@@ -87,17 +98,10 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
     for j, (img, h) in enumerate(zip(images, heat)):
         axes[0, j].imshow(img, cmap="gray")
         axes[0, j].set_title(f"#{ids[j]}", fontsize=7)
-        vmax = float(np.abs(h).max()) or 1.0
-        axes[1, j].imshow(h, cmap="bwr", vmin=-vmax, vmax=vmax)
+        show_heatmap(axes[1, j], h)
         y, x = np.unravel_index(int(np.argmax(h)), h.shape)
         y0, x0 = int(np.clip(y - side // 2, 0, prep.size - side)), int(np.clip(x - side // 2, 0, prep.size - side))
         axes[2, j].imshow(img[y0:y0 + side, x0:x0 + side], cmap="gray")
         for ax in axes[:, j]:
             ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, title)
