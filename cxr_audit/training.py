@@ -6,7 +6,6 @@ Enough for a user or the demo to get a model to audit; checkpoints are weights-o
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,8 @@ from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.models.registry import build_model, save_checkpoint
-from cxr_audit.runtime import autocast, now, resolve_device, seed_everything, versions
+from cxr_audit.runtime import now, resolve_device, seed_everything, versions
+from cxr_audit.unlearn.engine import fit
 
 
 @dataclass
@@ -40,11 +40,12 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     """Train ``arch`` from scratch on ``data`` and save the checkpoint to ``out``.
 
     When the manifest has a ``split`` column, ``train_split`` rows train and ``val_split`` rows
-    are evaluated after every epoch; otherwise all rows train. Reproducible from ``seed`` on CPU.
+    are evaluated after every epoch (the best epoch's weights are kept); otherwise all rows
+    train. Reproducible from ``seed`` on CPU.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
-    generator = seed_everything(seed)
+    seed_everything(seed)
     manifest = load_manifest(data)
     if manifest.num_classes < 2:
         raise UsageError(f"{data} has a single class ({manifest.class_names}); a classifier needs two or more")
@@ -52,45 +53,18 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     prep = Preprocessing(size=size, channels=channels)
     dev = resolve_device(device)
     model = build_model(arch, manifest.num_classes, channels, size).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, shuffle=True,
-                        generator=generator, num_workers=num_workers, collate_fn=collate, drop_last=False)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * len(loader)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-    loss_fn = nn.BCEWithLogitsLoss() if manifest.multilabel else nn.CrossEntropyLoss()
-    history: list[dict] = []
-    start, step = time.perf_counter(), 0
-    for epoch in range(epochs):
-        model.train()
-        total_loss, seen = 0.0, 0
-        for batch in loader:
-            x, y = batch["image"].to(dev), batch["label"].to(dev)
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(dev, amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y.float() if manifest.multilabel else y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total_loss += loss.item() * len(x)
-            seen += len(x)
-            step += 1
-            if on_progress:
-                on_progress(step, steps, f"epoch {epoch + 1}/{epochs} loss {total_loss / seen:.3f}")
-        record = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1)}
-        if val_set is not None:
-            record["val_accuracy"] = accuracy(model, val_set, prep, dev, batch_size)
-        history.append(record)
+    val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
+    result = fit(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, seed=seed, amp=amp, val_score=val_score, num_workers=num_workers,
+                 on_progress=on_progress)
+    history = [{"epoch": r["epoch"], "train_loss": r["train_loss"],
+                **({"val_accuracy": r["val_score"]} if "val_score" in r else {})} for r in result.history]
     options = {"arch": arch, "size": size, "channels": channels, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "weight_decay": weight_decay, "seed": seed, "data": str(Path(data).resolve()),
                "train_split": train_split, "val_split": val_split, "amp": amp}
     path = save_checkpoint(out, model, arch, manifest.class_names, prep,
                            extra={"options": options, "history": history, "created": now(), "versions": versions()})
-    return TrainSummary(path, history, time.perf_counter() - start)
+    return TrainSummary(path, history, result.seconds)
 
 
 def _splits(manifest: Manifest, train_split: str, val_split: str) -> tuple[Manifest, Manifest | None]:

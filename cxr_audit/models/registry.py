@@ -157,6 +157,12 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise BadInputError(f"weights in {path} do not fit architecture '{config['arch']}': {first}") from None
+    projection = payload.get("extra", {}).get("projection")
+    if projection:  # a P-ClArC model: the saved projection is part of the model
+        from cxr_audit.models.projection import install_projection
+
+        install_projection(model, projection["layer"], torch.tensor(projection["direction"]), projection["reference"])
+        config = {**config, "projection": projection}
     return model.eval(), config
 
 

@@ -1,0 +1,76 @@
+"""``cxr-audit unlearn``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
+from cxr_audit.errors import UsageError
+from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
+from cxr_audit.unlearning import unlearn as unlearn_lib
+
+
+@friendly_errors
+def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to fine-tune."),
+            data: Path = typer.Option(..., "--data", "-d",
+                                      help="Manifest CSV (train/val splits; artifact/artifact_mask/mask columns as "
+                                           "the method needs, e.g. the annotated.csv of `annotate --masks`)."),
+            out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write."),
+            method: str = typer.Option("rrclarc", "--method",
+                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. See docs/mitigations.md."),
+            annotations: Optional[Path] = typer.Option(None, "--annotations", "-a",
+                                                       help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels)."),
+            layer: Optional[str] = typer.Option(None, "--layer", help="CAV layer (default: the annotation's)."),
+            cav_method: str = typer.Option("ridge", "--cav-method",
+                                           help="CAV refitted for ClArC: ridge, svm, logistic, signal, annotation."),
+            cav_scope: str = typer.Option("all", "--cav-scope", help="Fit the CAV on all samples or the artifact's class."),
+            lambda_: Optional[float] = typer.Option(None, "--lambda",
+                                                    help="Penalty strength; omitted: chosen by a sweep on the validation split."),
+            lambdas: Optional[list[str]] = typer.Option(None, "--lambdas", help="Sweep grid, e.g. 1e3,1e5,1e7."),
+            balance: str = typer.Option("none", "--balance", help=f"Group balancing: {', '.join(BALANCE_MODES)}."),
+            freeze: str = typer.Option("auto", "--freeze",
+                                       help="auto (up to the CAV layer for RR-/A-ClArC), none, or a layer name."),
+            output: Optional[str] = typer.Option(None, "--output",
+                                                 help="What RR-ClArC/RRR differentiate: random, target, max, logprob."),
+            cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Grad-CAM layer for eXBL."),
+            epochs: int = typer.Option(5, "--epochs"),
+            sweep_epochs: int = typer.Option(1, "--sweep-epochs", help="Epochs per λ candidate."),
+            batch_size: int = typer.Option(32, "--batch-size"),
+            lr: float = typer.Option(1e-3, "--lr"),
+            patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping patience (epochs)."),
+            seed: int = typer.Option(0, "--seed"),
+            device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+            amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
+            workers: int = typer.Option(0, "--workers", help="DataLoader worker processes.")) -> None:
+    """Fine-tune a checkpoint so it stops using a shortcut. Multi-GPU: launch with torchrun."""
+    grid = None
+    if lambdas:
+        try:
+            grid = [float(v) for v in split_csv(lambdas)]
+        except ValueError:
+            raise UsageError(f"--lambdas must be numbers, got {lambdas}") from None
+    with progress_bar(f"unlearn ({method})") as update:
+        result = unlearn_lib(model, data, out, method, annotations=annotations, layer=layer, cav_method=cav_method,
+                             cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
+                             output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
+                             batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
+                             num_workers=workers, on_progress=update,
+                             on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
+    if result.sweep:
+        table = Table("λ", "objective", "val loss", title="λ sweep")
+        for row in result.sweep:
+            mark = " ←" if row["lambda"] == result.lambda_ else ""
+            table.add_row(f"{row['lambda']:g}{mark}", f"{row['objective']:.3f}", f"{row['val_loss']:.3f}")
+        console.print(table)
+    if result.history:
+        table = Table("epoch", "train loss", "penalty", "val objective")
+        for rec in result.history:
+            table.add_row(str(rec["epoch"]), f"{rec['train_loss']:.4f}", f"{rec['penalty']:.4g}",
+                          f"{rec['val_score']:.3f}" if "val_score" in rec else "-")
+        console.print(table)
+    chosen = f", λ={result.lambda_:g}" if result.lambda_ else ""
+    console.print(f"checkpoint: [bold]{result.checkpoint}[/] ({method}{chosen})")

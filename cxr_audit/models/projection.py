@@ -1,0 +1,58 @@
+"""Shift a layer's activations along a concept direction (ClArC, Anders et al., 2022,
+"Finding and removing Clever Hans", Information Fusion 77).
+
+For activation ``a (N, C, H, W)`` (or tokens ``(N, T, C)``) and unit direction ``v (C,)``:
+``a' = a + ((r - v·maxpool(a)) / v·v) v`` at every position, with ``r`` a reference value.
+P-ClArC uses the clean-sample mean as ``r`` at inference (the projection is saved in the
+checkpoint and re-installed by :func:`cxr_audit.models.registry.load_checkpoint`); A-ClArC uses
+the artifact-sample mean on clean samples while fine-tuning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def pooled_max(a: torch.Tensor) -> torch.Tensor:
+    """``(N, C)``: spatial max of ``(N, C, H, W)``, token max of ``(N, T, C)``; ``(N, C)`` as is."""
+    if a.dim() == 4:
+        return a.amax(dim=(2, 3))
+    if a.dim() == 3:
+        return a.amax(dim=1)
+    return a
+
+
+def _broadcast(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` or ``(C,)`` shaped like the channel axis of ``a``."""
+    if a.dim() == 4:
+        return v[..., None, None]
+    if a.dim() == 3:
+        return v.unsqueeze(-2)
+    return v
+
+
+def shift_along(a: torch.Tensor, v: torch.Tensor, reference: float, select: torch.Tensor | None = None) -> torch.Tensor:
+    """ClArC shift of ``a`` so that ``v·maxpool(a)`` becomes ``reference``; rows where ``select``
+    ``(N,)`` is False are left unchanged."""
+    v = v.to(a)
+    delta = (reference - pooled_max(a) @ v) / (v @ v)  # (N,)
+    if select is not None:
+        delta = delta * select.to(a)
+    return a + _broadcast(delta[:, None] * v, a)
+
+
+class ConceptProjection:
+    """A forward hook that applies :func:`shift_along` to every sample (P-ClArC)."""
+
+    def __init__(self, direction: torch.Tensor, reference: float):
+        self.direction = torch.as_tensor(direction, dtype=torch.float32)
+        self.reference = float(reference)
+
+    def __call__(self, _module, _inputs, output):
+        return shift_along(output, self.direction, self.reference)
+
+
+def install_projection(model: nn.Module, layer: str, direction, reference: float):
+    """Register a :class:`ConceptProjection` on ``model.<layer>``; returns the hook handle."""
+    return model.get_submodule(layer).register_forward_hook(ConceptProjection(torch.as_tensor(direction), reference))

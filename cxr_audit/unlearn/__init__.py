@@ -1,0 +1,34 @@
+"""Mitigations for ``cxr-audit unlearn``: one class per method, registered by name.
+
+Adding a method is one new file with a :class:`~cxr_audit.unlearn.base.Mitigation` subclass and
+one line in :data:`MITIGATIONS`. Group balancing (``--balance``) composes with every method.
+"""
+
+from cxr_audit.errors import UsageError
+from cxr_audit.unlearn.balance import BALANCE_MODES, GroupBalance
+from cxr_audit.unlearn.base import Context, Mitigation
+from cxr_audit.unlearn.clarc import AClArC, PClArC
+from cxr_audit.unlearn.exbl import EXBL
+from cxr_audit.unlearn.isnet import ISNet
+from cxr_audit.unlearn.rrclarc import RRClArC
+from cxr_audit.unlearn.rrr import RRR
+
+
+class Balance(Mitigation):
+    """Plain fine-tuning whose only change is group balancing (``--balance reweight`` unless set)."""
+
+    name = "balance"
+
+
+MITIGATIONS: dict[str, type[Mitigation]] = {
+    cls.name: cls for cls in (Mitigation, RRR, RRClArC, PClArC, AClArC, ISNet, EXBL, Balance)
+}
+
+
+def get_mitigation(name: str, **options) -> Mitigation:
+    if name not in MITIGATIONS:
+        raise UsageError(f"unknown --method '{name}' (choose from {', '.join(MITIGATIONS)})")
+    return MITIGATIONS[name](**options)
+
+
+__all__ = ["BALANCE_MODES", "Context", "GroupBalance", "MITIGATIONS", "Mitigation", "get_mitigation"]

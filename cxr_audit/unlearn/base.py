@@ -1,0 +1,119 @@
+"""What a mitigation is: a training-loss term plus what it needs to compute it.
+
+A :class:`Mitigation` gets a batch and the model and returns the logits and a penalty; the
+engine adds ``lambda_ * penalty`` to the (optionally group-balanced) cross-entropy. Methods that
+act on activations instead of the loss (A-ClArC) install forward hooks in :meth:`prepare`;
+P-ClArC changes the model only at inference and trains nothing.
+
+Shapes: ``x (N, C, H, W)``, ``logits (N, K)``, masks ``(N, 1, H, W)`` in [0, 1], CAV ``(C_l,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from cxr_audit.errors import UsageError
+
+
+@dataclass
+class Context:
+    """Everything a mitigation may need, gathered once by :func:`cxr_audit.unlearning.unlearn`.
+
+    ``artifact`` maps manifest row index -> 0/1 (from annotations or the manifest column);
+    ``cav`` is a unit direction at ``layer``; ``cav_scores`` are the annotation's projections
+    ``v · maxpool(a)`` per manifest index (used for ClArC's reference values).
+    """
+
+    num_classes: int
+    layer: str | None = None
+    cav: torch.Tensor | None = None
+    artifact: dict[int, int] = field(default_factory=dict)
+    cav_scores: dict[int, float] = field(default_factory=dict)
+    has_artifact_masks: bool = False
+    has_foreground_masks: bool = False
+    options: dict = field(default_factory=dict)
+
+
+class Mitigation:
+    """Base class: plain cross-entropy, no penalty.
+
+    Subclasses set ``name``, ``needs`` (any of ``"cav"``, ``"artifact_mask"``, ``"mask"``,
+    ``"artifact_labels"``), ``default_lambdas`` (the sweep grid; empty = no strength to tune),
+    and override :meth:`penalty`.
+    """
+
+    name = "none"
+    needs: tuple[str, ...] = ()
+    default_lambdas: tuple[float, ...] = ()
+    trains: bool = True  # False: the method edits the model without training (P-ClArC)
+    freeze_by_default: bool = False  # freeze up to the CAV layer unless told otherwise
+
+    def __init__(self, **options):
+        self.options = options
+
+    def check(self, context: Context) -> None:
+        """Raise :class:`UsageError` naming what is missing, before any training starts."""
+        missing = {
+            "cav": context.cav is None,
+            "artifact_mask": not context.has_artifact_masks,
+            "mask": not context.has_foreground_masks,
+            "artifact_labels": not context.artifact,
+        }
+        hints = {
+            "cav": "a concept direction: pass --annotations ANN.h5 from `cxr-audit annotate`",
+            "artifact_mask": "artifact masks: an `artifact_mask` column (from `inject`, or the annotated.csv "
+                             "that `cxr-audit annotate --masks DIR` writes)",
+            "mask": "foreground (lung) masks: a `mask` column in the manifest",
+            "artifact_labels": "artifact labels: an `artifact` column or --annotations ANN.h5",
+        }
+        for need in self.needs:
+            if missing[need]:
+                raise UsageError(f"--method {self.name} needs {hints[need]}")
+
+    def prepare(self, model: nn.Module, context: Context, loader) -> None:
+        """Calibrate on the initial model (e.g. ISNet's foreground band) and install hooks."""
+        self.context = context
+
+    def forward(self, model: nn.Module, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits (N, K), penalty scalar or None)`` for one training batch."""
+        return model(x), None
+
+    def finish(self, model: nn.Module) -> dict:
+        """Remove training hooks; return what the checkpoint must record to rebuild the model
+        (e.g. P-ClArC's projection), or ``{}``."""
+        return {}
+
+
+def require_grad_output(module: nn.Module, store: dict, key: str = "act"):
+    """Forward hook keeping ``module``'s output in ``store[key]`` as a graph node we can
+    differentiate with respect to, even when everything before it is frozen."""
+
+    def hook(_module, _inputs, output):
+        if not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+        store[key] = output
+        return output
+
+    return module.register_forward_hook(hook)
+
+
+def target_logits(logits: torch.Tensor, y: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A scalar output to differentiate per sample, ``(N,)``.
+
+    ``random``: ``Σ_k s_k f_k`` with signs ``s ∈ {±1}`` redrawn each call (Dreyer et al., 2024);
+    ``target``: the true-class logit; ``max``: the largest logit; ``logprob``: ``Σ_k log p_k``
+    (Ross et al., 2017).
+    """
+    if mode == "random":
+        signs = torch.randint(0, 2, logits.shape, generator=generator, device="cpu").to(logits) * 2 - 1
+        return (logits * signs).sum(1)
+    if mode == "target":
+        return logits.gather(1, y.view(-1, 1).long()).squeeze(1)
+    if mode == "max":
+        return logits.max(1).values
+    if mode == "logprob":
+        return torch.log_softmax(logits, 1).sum(1)
+    raise UsageError(f"unknown output target '{mode}' (random, target, max, logprob)")

@@ -1,0 +1,189 @@
+"""The training loop every training command shares (``train``, ``unlearn``, the λ sweep, ``stress``).
+
+AdamW + cosine schedule, cross-entropy (group-balanced on request) plus ``λ · penalty`` from a
+:class:`~cxr_audit.unlearn.base.Mitigation`, early stopping on a validation score, bf16 autocast
+and channels_last on CUDA, and DDP when launched under ``torchrun`` (NCCL on CUDA, gloo on CPU).
+
+Batches come from :class:`ShardedBatchSampler`: one seeded permutation per epoch cut into global
+batches, each rank taking a contiguous slice — so a 2-process run sees exactly the batches of a
+1-process run and (for models without batch statistics) computes the same updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
+from cxr_audit.data.manifest import Manifest
+from cxr_audit.errors import BadInputError, UsageError
+from cxr_audit.runtime import autocast
+from cxr_audit.unlearn.balance import GroupBalance
+from cxr_audit.unlearn.base import Context, Mitigation
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` outside ``torchrun``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardedBatchSampler(Sampler):
+    """Yields this rank's slice of each global batch; optional sampling weights (with replacement).
+    Global batches smaller than the world size are dropped so no rank ever gets an empty batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: np.ndarray | None = None):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.epoch = 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = (torch.multinomial(self.weights, self.n, replacement=True, generator=g) if self.weights is not None
+                 else torch.randperm(self.n, generator=g)).tolist()
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if len(batch) < self.world_size:
+                continue
+            per = math.ceil(len(batch) / self.world_size)
+            yield batch[self.rank * per:(self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest >= self.world_size)
+
+
+def freeze_up_to(model: nn.Module, layer: str) -> list[nn.Module]:
+    """Freeze every parameter of ``layer`` and of the modules registered before it (forward order
+    for torchvision models); returns the frozen modules, which the engine keeps in eval mode."""
+    names = [n for n, _ in model.named_modules()]
+    if layer not in names:
+        raise UsageError(f"cannot freeze up to '{layer}': the model has no such layer")
+    stop = names.index(layer)
+    frozen = []
+    for i, (name, module) in enumerate(model.named_modules()):
+        is_ancestor = name == "" or layer.startswith(name + ".")
+        inside = name == layer or name.startswith(layer + ".")
+        if (i <= stop and not is_ancestor) or inside:
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+            frozen.append(module)
+    return frozen
+
+
+def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torch.device, *,
+        mitigation: Mitigation | None = None, context: Context | None = None, lambda_: float = 0.0,
+        balance: GroupBalance | None = None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
+        weight_decay: float = 1e-4, seed: int = 0, amp: bool = True, freeze: str | None = None,
+        val_score: Callable[[nn.Module], float] | None = None, patience: int | None = None,
+        num_workers: int = 0, on_progress: Callable[..., None] | None = None) -> FitResult:
+    """Train ``model`` in place; with ``val_score`` (higher is better) the best epoch's weights
+    are kept and training stops after ``patience`` epochs without improvement."""
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
+    mitigation = mitigation or Mitigation()
+    context = context or Context(num_classes=len(train_set.class_names))
+    rank, world_size = world()
+    frozen = freeze_up_to(model, freeze) if freeze else []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UsageError(f"nothing left to train after freezing up to '{freeze}'")
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    with_masks = bool({"artifact_mask", "mask"} & set(mitigation.needs)) or mitigation.name == "exbl"
+    dataset = CxrDataset(train_set, prep, with_masks=with_masks)
+    index = np.array([s.index for s in train_set.samples])
+    weights = balance.sample_weights(index) if balance else None
+    sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, weights)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
+    mitigation.prepare(model, context, loader)
+    net = model
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    total = epochs * len(sampler)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(total, 1))
+    result = FitResult()
+    best_score, best_state, stale = -math.inf, None, 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        sampler.epoch = epoch
+        net.train()
+        for m in frozen:
+            m.eval()
+        sums = {"loss": 0.0, "penalty": 0.0, "n": 0}
+        for batch in loader:
+            if batch["errors"]:
+                raise BadInputError(batch["errors"][0][1])
+            x, y = batch["image"].to(device), batch["label"].to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                logits, penalty = mitigation.forward(net, batch, x)
+            ce = _per_sample_loss(logits.float(), y, train_set.multilabel)
+            loss = balance.loss(ce, batch["index"]) if balance else ce.mean()
+            if penalty is not None and lambda_:
+                loss = loss + lambda_ * penalty.float()
+            if not torch.isfinite(loss):
+                raise BadInputError(f"the training loss became {loss.item()} at epoch {epoch + 1} "
+                                    f"(λ={lambda_:g} too large, or the learning rate too high)")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            result.steps += 1
+            sums["loss"] += float(ce.detach().mean()) * len(x)
+            sums["penalty"] += float(penalty.detach()) * len(x) if penalty is not None else 0.0
+            sums["n"] += len(x)
+            if on_progress:
+                on_progress(result.steps, total, f"epoch {epoch + 1}/{epochs} loss {sums['loss'] / sums['n']:.3f}")
+        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
+                  "penalty": sums["penalty"] / max(sums["n"], 1)}
+        if val_score is not None:
+            record["val_score"] = score = float(val_score(model))
+            if score > best_score:
+                best_score, best_state, stale, result.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch + 1
+            else:
+                stale += 1
+        result.history.append(record)
+        if patience is not None and stale > patience:
+            break
+    result.seconds = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = len(result.history)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return result
+
+
+def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1)
+    return F.cross_entropy(logits, y, reduction="none")

@@ -1,0 +1,84 @@
+"""unlearn + evaluate end to end on the planted text shortcut: the shortcut measurably shrinks,
+the checkpoint records how it was made, and bad requests are one-line errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxr_audit.cli.main import app
+from cxr_audit.evaluating import evaluate
+from cxr_audit.models.registry import load_checkpoint
+from cxr_audit.unlearning import unlearn
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def rrr_model(shortcut_model, poisoned, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rrr") / "rrr.pt"
+    r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", out, "--method", "rrr",
+            "--lambda", 100, "--epochs", 3, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_evaluate_sees_the_shortcut_and_rrr_removes_most_of_it(shortcut_model, rrr_model, poisoned, tmp_path):
+    r = run("evaluate", "--model", shortcut_model, "--compare", rrr_model, "--data", poisoned, "--out", tmp_path,
+            "--artifact", "text", "--artifact-class", "disease", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    before, after = metrics["model"], metrics["compare"]
+    assert before["artifact_inserted_drop"] >= 0.2  # the planted shortcut is visible
+    assert after["artifact_inserted_drop"] <= 0.5 * before["artifact_inserted_drop"]
+    assert after["artifact_relevance_share"] <= 0.5 * before["artifact_relevance_share"]
+    assert after["accuracy"] >= before["accuracy"] - 0.05
+    assert "| artifact_inserted_accuracy |" in (tmp_path / "metrics.md").read_text()
+
+
+def test_checkpoint_records_method_and_provenance(rrr_model, shortcut_model):
+    _, config = load_checkpoint(rrr_model)
+    payload = torch.load(rrr_model, weights_only=True)
+    record = payload["extra"]["unlearn"]
+    assert record["method"] == "rrr" and record["lambda"] == 100
+    assert record["source_checkpoint"].endswith(shortcut_model.name)
+    assert "torch" in payload["extra"]["versions"]
+
+
+def test_lambda_sweep_is_recorded_and_picks_from_the_grid(shortcut_model, poisoned, tmp_path):
+    result = unlearn(shortcut_model, poisoned, tmp_path / "m.pt", "rrr", lambdas=[1.0, 100.0], epochs=1,
+                     device="cpu")
+    assert [row["lambda"] for row in result.sweep] == [1.0, 100.0]
+    assert result.lambda_ in (1.0, 100.0)
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["extra"]["unlearn"]["lambda_sweep"]
+
+
+def test_pclarc_checkpoint_loads_with_its_projection(shortcut_model, poisoned, tmp_path):
+    from cxr_audit.annotating import annotate
+    from cxr_audit.scanning import scan
+
+    s = scan(shortcut_model, poisoned, tmp_path / "s.h5", split="train", layers=["layer3"], device="cpu").path
+    annotate(s, tmp_path / "a.h5", from_column="artifact", masks=False, device="cpu")
+    unlearn(shortcut_model, poisoned, tmp_path / "p.pt", "pclarc", annotations=tmp_path / "a.h5", device="cpu")
+    model, config = load_checkpoint(tmp_path / "p.pt")
+    assert config["projection"]["layer"] == "layer3"
+    assert model.layer3._forward_hooks  # re-installed on load: every command sees the projected model
+    m = evaluate(tmp_path / "p.pt", poisoned, artifact="text", artifact_class_name="disease",
+                 annotations=tmp_path / "a.h5", device="cpu").metrics["model"]
+    assert 0 <= m["tcav_score"] <= 1 and m["n"] > 0
+
+
+def test_missing_inputs_are_one_line_errors(shortcut_model, poisoned, tmp_path):
+    r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "x.pt",
+            "--method", "rrclarc", "--device", "cpu")
+    assert r.exit_code == 2 and "--annotations" in r.output and "Traceback" not in r.output
+    r = run("unlearn", "--model", tmp_path / "nope.pt", "--data", poisoned, "--out", tmp_path / "x.pt")
+    assert r.exit_code == 1 and "not found" in r.output
+    r = run("evaluate", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path, "--artifact", "text",
+            "--artifact-class", "pneumonia")
+    assert r.exit_code == 2 and "not a class" in r.output
