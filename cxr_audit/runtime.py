@@ -58,3 +58,27 @@ def versions() -> dict[str, str]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one
+    GPU per process (``cuda:LOCAL_RANK``) on CUDA, gloo on CPU. Returns the device to use; outside
+    torchrun returns ``device`` unchanged."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

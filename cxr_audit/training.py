@@ -18,7 +18,7 @@ from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.models.registry import build_model, save_checkpoint
-from cxr_audit.runtime import now, resolve_device, seed_everything, versions
+from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
 from cxr_audit.unlearn.engine import fit
 
 
@@ -51,7 +51,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
         raise UsageError(f"{data} has a single class ({manifest.class_names}); a classifier needs two or more")
     train_set, val_set = _splits(manifest, train_split, val_split)
     prep = Preprocessing(size=size, channels=channels)
-    dev = resolve_device(device)
+    dev = init_distributed(resolve_device(device))
     model = build_model(arch, manifest.num_classes, channels, size).to(dev)
     val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
     result = fit(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -62,8 +62,10 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     options = {"arch": arch, "size": size, "channels": channels, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "weight_decay": weight_decay, "seed": seed, "data": str(Path(data).resolve()),
                "train_split": train_split, "val_split": val_split, "amp": amp}
-    path = save_checkpoint(out, model, arch, manifest.class_names, prep,
-                           extra={"options": options, "history": history, "created": now(), "versions": versions()})
+    path = Path(out)
+    if is_main_process():  # under torchrun every rank holds the same weights; one writes them
+        save_checkpoint(out, model, arch, manifest.class_names, prep,
+                        extra={"options": options, "history": history, "created": now(), "versions": versions()})
     return TrainSummary(path, history, result.seconds)
 
 

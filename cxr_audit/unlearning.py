@@ -32,7 +32,7 @@ from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
 from cxr_audit.models.registry import family, file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
-from cxr_audit.runtime import now, resolve_device, seed_everything, versions
+from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
 from cxr_audit.training import predict
 from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
@@ -78,7 +78,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     if config.get("projection"):
         raise UsageError(f"{model} already carries a P-ClArC projection; unlearn from the original checkpoint")
     prep = preprocessing_of(config)
-    dev = resolve_device(device)
+    dev = init_distributed(resolve_device(device))
     manifest = load_manifest(data, class_names=config["class_names"])
     train_set = manifest.subset(train_split) if _has_splits(manifest) else manifest
     val_set = manifest.subset(val_split) if _has_splits(manifest) and val_split in _splits(manifest) else None
@@ -127,9 +127,11 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
               "data": str(Path(data).resolve()), "epochs": epochs, "sweep_epochs": sweep_epochs,
               "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "amp": amp,
               **options}
-    path = save_checkpoint(out, net, config["arch"], config["class_names"], prep,
-                           extra={**extra, "unlearn": record, "history": history, "created": now(),
-                                  "versions": versions()})
+    path = Path(out)
+    if is_main_process():  # under torchrun every rank holds the same weights; one writes them
+        save_checkpoint(out, net, config["arch"], config["class_names"], prep,
+                        extra={**extra, "unlearn": record, "history": history, "created": now(),
+                               "versions": versions()})
     return UnlearnResult(path, method, chosen, sweep, history, seconds_per_step)
 
 
