@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cxr_audit import __version__
-from cxr_audit.cli import annotate, data_commands, demo, evaluate, reveal, scan, train, unlearn
+from cxr_audit.cli import annotate, data_commands, demo, evaluate, gate, reveal, scan, stress, train, unlearn
 from cxr_audit.cli._common import friendly_errors, load_config
 
 app = typer.Typer(
@@ -47,6 +47,8 @@ app.command("reveal")(reveal.reveal)
 app.command("annotate")(annotate.annotate)
 app.command("unlearn")(unlearn.unlearn)
 app.command("evaluate")(evaluate.evaluate)
+app.command("gate")(gate.gate)
+app.command("stress")(stress.stress)
 app.command("demo")(demo.demo)
 
 if __name__ == "__main__":

@@ -13,30 +13,37 @@ from sklearn.metrics import roc_auc_score
 from cxr_audit.annotating import annotate
 from cxr_audit.revealing import reveal
 from cxr_audit.data.inject import inject
-from cxr_audit.data.manifest import load_manifest
 from cxr_audit.data.phantom import generate_phantoms
 from cxr_audit.evaluate.relevance import scan_artifact_share
-from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+from cxr_audit.evaluating import evaluate
 from cxr_audit.report.figures import heatmap_grid
-from cxr_audit.runtime import resolve_device
 from cxr_audit.scanning import scan
-from cxr_audit.training import accuracy, train
+from cxr_audit.training import train
+from cxr_audit.unlearning import unlearn
+
+
+COMPARED = ("accuracy", "artifact_inserted_accuracy", "artifact_inserted_drop", "artifact_relevance_share",
+            "artifact_gradient_share", "worst_group_accuracy")
 
 
 @dataclass
 class DemoResult:
     out: Path
-    metrics: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # what the audit found
+    comparison: dict = field(default_factory=dict)  # metric -> (before, after)
     files: dict = field(default_factory=dict)
 
 
-def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str = "text", n: int = 400,
-             size: int = 64, epochs: int = 6, prevalence: float = 0.8, seed: int = 0, device: str = "auto",
+def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str = "text", n: int = 500,
+             size: int = 64, epochs: int = 8, prevalence: float = 0.5, unlearn_epochs: int = 4, seed: int = 0, device: str = "auto",
              on_stage: Callable[[str], None] | None = None,
              on_progress: Callable[..., None] | None = None) -> DemoResult:
     """Phantoms → artifact in ``prevalence`` of the *disease* training/validation images → train →
-    artifact-inserted test (artifact pasted on every *healthy* test image) → scan → heatmap figure
-    → reveal (ranked concepts, HTML report) → annotate from 5 artifact examples (labels, masks)."""
+    scan → heatmap figure → reveal (ranked concepts, HTML report) → annotate from 5 artifact
+    examples (labels, masks) → unlearn with RR-ClArC (λ from a sweep) → evaluate before/after on
+    the clean test split and with the artifact drawn on every *healthy* test image.
+
+    ``metrics`` holds what was found; ``comparison`` the before/after evaluation."""
     out = Path(out)
     say = on_stage or (lambda _: None)
     result = DemoResult(out)
@@ -46,24 +53,13 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
     say(f"injecting '{artifact}' into {prevalence:.0%} of disease train/val images")
     poisoned = inject(clean, out / "poisoned", artifact, {"disease": prevalence}, splits=["train", "val"],
                       seed=seed, on_progress=on_progress)
-    attacked = inject(clean, out / "attacked-test", artifact, {"healthy": 1.0}, splits=["test"], seed=seed + 1,
-                      on_progress=on_progress)
 
     say(f"training {arch} at {size}px")
     summary = train(poisoned, out / "model.pt", arch, size=size, epochs=epochs, seed=seed, device=device,
                     on_progress=on_progress)
-    model, config = load_checkpoint(summary.checkpoint)
-    dev = resolve_device(device)
-    model = model.to(dev)
-    prep = preprocessing_of(config)
-    names = config["class_names"]
-    test_clean = load_manifest(poisoned, names).subset("test")
-    test_attacked = load_manifest(attacked, names).subset("test")
-    result.metrics["clean test accuracy"] = accuracy(model, test_clean, prep, dev)
-    result.metrics["artifact-inserted test accuracy"] = accuracy(model, test_attacked, prep, dev)
 
     say("scanning (LRP heatmaps, activations, concept relevances)")
-    scan_path = scan(summary.checkpoint, poisoned, out / "scan.h5", split="train", overwrite=True,
+    scan_path = scan(summary.checkpoint, poisoned, out / "scan.h5", overwrite=True,
                      device=device, on_progress=on_progress).path
     share = scan_artifact_share(scan_path)
     result.metrics["artifact relevance share (train artifact samples)"] = share["share"]
@@ -91,6 +87,20 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
     result.metrics["artifact mask IoU"] = ann.quality.get("mask_iou", float("nan"))
     result.files["contact sheet"] = ann.files["contact_sheet"]
     result.files["annotated manifest"] = ann.files["manifest"]
+
+    say("unlearning with RR-ClArC (λ chosen by a sweep on the validation split)")
+    fixed = unlearn(summary.checkpoint, ann.files["manifest"], out / "unlearned.pt", "rrclarc",
+                    annotations=out / "annotations.h5", epochs=unlearn_epochs, device=device, seed=seed,
+                    on_progress=on_progress)
+    result.metrics["RR-ClArC λ (chosen by sweep)"] = fixed.lambda_
+    result.files["unlearned model"] = fixed.checkpoint
+
+    say("evaluating before/after: clean test, and the artifact drawn on every healthy test image")
+    evaluation = evaluate(summary.checkpoint, poisoned, out / "evaluation", compare=fixed.checkpoint,
+                          artifact=artifact, artifact_class_name="disease", device=device, seed=seed)
+    result.comparison = {key: (evaluation.metrics["model"][key], evaluation.metrics["compare"][key])
+                         for key in COMPARED if key in evaluation.metrics["model"]}
+    result.files["evaluation"] = evaluation.files["markdown"]
     return result
 
 

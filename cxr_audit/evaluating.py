@@ -12,6 +12,10 @@ inserted artifacts, computes (keys of ``metrics.json``; ``gate`` thresholds use 
   artifact inserted into every image of the other classes — and ``artifact_inserted_drop``
   (clean minus inserted); ``artifact_relevance_share``: positive LRP relevance for the artifact's
   class inside the inserted artifact / all positive relevance, next to ``artifact_mask_area``;
+  ``artifact_gradient_share``: the same with gradient × input (= LRP-0 for ReLU networks). Both,
+  because they disagree after gradient-based mitigations: RRR drives input gradients in the mask
+  to zero (G×I share falls ~90 % on phantoms) while LRP-z+ relevance, which follows positive
+  activations rather than sensitivity, can stay where it was;
 * with lung masks: ``activation_precision`` (top-5 % relevance pixels inside the lungs);
 * with ``annotations``: ``tcav_score`` (share of the artifact class's test samples whose logit
   increases along the CAV; Kim et al., 2018, ICML) and ``tcav_sensitivity`` (mean directional
@@ -41,10 +45,6 @@ from cxr_audit.models.projection import pooled_max
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.unlearn.rrclarc import spatial_mean
-
-LOWER_IS_BETTER = {"artifact_inserted_drop", "artifact_relevance_share", "h1_h2_gap", "tcav_score",
-                   "tcav_sensitivity"}
-
 
 @dataclass
 class EvaluationResult:
@@ -151,6 +151,10 @@ def _evaluate_one(ckpt, names, test, target, artifact, paste_from, annotations, 
         heat = _heatmaps(net, config, prep, attacked.images, torch.full((len(rows),), target), attribution, dev,
                          batch_size)
         out["artifact_relevance_share"] = float(np.nanmean(relevance_share(heat, attacked.masks[:, 0].numpy())))
+        if attribution != "gxi":
+            heat = _heatmaps(net, config, prep, attacked.images, torch.full((len(rows),), target), "gxi", dev,
+                             batch_size)
+            out["artifact_gradient_share"] = float(np.nanmean(relevance_share(heat, attacked.masks[:, 0].numpy())))
         out["artifact_mask_area"] = float(attacked.masks.mean())
     if "mask" in batch and len(batch["mask"]) == len(test):
         heat = _heatmaps(net, config, prep, images, torch.from_numpy(pred), attribution, dev, batch_size)

@@ -50,9 +50,9 @@ class UnlearnResult:
 
 
 def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = "rrclarc", *,
-            annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "ridge", cav_scope: str = "all", lambda_: float | None = None,
+            annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal", cav_scope: str = "class", lambda_: float | None = None,
             lambdas: list[float] | None = None, balance: str = "none", freeze: str = "auto",
-            output: str | None = None, epochs: int = 5, sweep_epochs: int = 1, batch_size: int = 32,
+            output: str | None = None, epochs: int = 5, sweep_epochs: int = 2, batch_size: int = 32,
             lr: float = 1e-3, weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
             val_split: str = "val", seed: int = 0, device: str = "auto", amp: bool = True, num_workers: int = 0,
             cam_layer: str | None = None, on_progress: Callable[..., None] | None = None,
@@ -63,14 +63,18 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     ``none``, or a layer name. ``output`` selects what RR-ClArC/RRR differentiate
     (``random``, ``target``, ``max``, ``logprob``).
 
-    ``cav_method``: the CAV the ClArC methods unlearn, refitted at ``layer`` from the
-    annotation's labels (``ridge`` default, ``svm``, ``logistic``, ``signal``, or ``annotation``
-    for the annotation's own). Why not the signal CAV that ``annotate`` uses for masks: measured
-    on phantoms where the artifact co-occurs with a class, the signal CAV (a difference of means)
-    is nearly parallel to the class's real features at layer3/4 (cosine 0.9–0.98, even within
-    the class), so unlearning it removes the real signal and the model collapses to one class;
-    ridge/SVM directions separate the artifact as well with cosine ≈ 0 to the class features.
-    ``cav_scope``: ``all`` samples, or ``class`` (only the artifact's class).
+    ``layer``: where the ClArC methods act (default: the earliest layer the annotation's scan
+    recorded, the layer its masks were painted at). ``cav_method``/``cav_scope``: the CAV is
+    refitted there from the annotation's labels, by default as a signal (pattern) CAV on the
+    samples of the artifact's class only (``cav_scope="class"``; ``"all"`` fits on every sample).
+    Why: the gradient penalty needs the direction the artifact *moves* activations (a pattern, as
+    Pahde et al. 2023 argue), and within one class that difference of means is not confounded
+    with the class's own features. Measured on phantoms (text stamp in 50 % of disease images,
+    resnet18@64): signal CAV within class at layer2, λ=1e5 → 87 % of the clean/inserted gap
+    closed at +0.8 pp clean accuracy; fitted across classes at layer3/4 it is nearly parallel to
+    the disease features (cosine 0.9–0.98) and unlearning it collapses the model to one class;
+    ridge/SVM (filter) directions avoid that but do not follow the artifact's effect and closed
+    nothing.
     """
     say = on_stage or (lambda _: None)
     seed_everything(seed)
@@ -148,6 +152,8 @@ def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations,
     context = Context(num_classes=len(config["class_names"]), options={"family": family(config["arch"])})
     context.artifact = {s.index: int(s.artifact) for s in manifest.samples if s.artifact is not None}
     if annotations is not None:
+        if layer is None:
+            layer = _earliest_scanned_layer(annotations)
         if cav_scope not in ("class", "all"):
             raise UsageError(f"--cav-scope must be 'class' or 'all', got '{cav_scope}'")
         ann = read_annotations(annotations, layer, None if cav_method == "annotation" else cav_method,
@@ -160,6 +166,19 @@ def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations,
     context.has_artifact_masks = any(s.artifact_mask is not None for s in train_set.samples)
     context.has_foreground_masks = all(s.mask is not None for s in train_set.samples)
     return context
+
+
+def _earliest_scanned_layer(annotations) -> str | None:
+    """The annotation's mask layer (the earliest layer its scan recorded), or ``None``."""
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(annotations, "r") as f:
+            return json.loads(f["meta"].attrs["options"]).get("mask_layer")
+    except (OSError, KeyError, ValueError):
+        return None  # read_annotations reports unreadable files with a proper message
 
 
 def _balance(method: str, mode: str, train_set: Manifest, context: Context) -> GroupBalance | None:
@@ -228,7 +247,11 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, objective, val_set, run,
            on_progress) -> list[dict]:
     rows = []
-    base_loss = _val_loss(net, val_set, prep, dev)
+    clean_val = Manifest([s for s in val_set.samples if not run["context"].artifact.get(s.index, s.artifact or 0)],
+                         val_set.class_names) if val_set is not None else None
+    if clean_val is None or not len(clean_val):
+        clean_val = val_set
+    base_loss = _val_loss(net, clean_val, prep, dev)
     for lam in grid:
         net.load_state_dict(start_state)
         mitigation = get_mitigation(method, **options)
@@ -236,7 +259,7 @@ def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs
             fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs, on_progress=on_progress,
                 **run)
             mitigation.finish(net)
-            rows.append({"lambda": lam, "objective": objective(net), "val_loss": _val_loss(net, val_set, prep, dev),
+            rows.append({"lambda": lam, "objective": objective(net), "val_loss": _val_loss(net, clean_val, prep, dev),
                          "start_val_loss": base_loss})
         except Exception as exc:  # a λ that diverges is a result of the sweep, not a failure of it
             rows.append({"lambda": lam, "objective": float("-inf"), "val_loss": float("inf"),
@@ -245,9 +268,11 @@ def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs
 
 
 def _choose(sweep: list[dict]) -> float:
-    """Best objective among runs whose validation loss stays within 10 % (+0.05) of the start;
-    all runs if none does; ties go to the smaller λ."""
-    bounded = [r for r in sweep if r["val_loss"] <= 1.1 * r["start_val_loss"] + 0.05] or sweep
+    """Best objective among runs whose loss on the artifact-free validation samples stays within
+    25 % (+0.1) of the start; all runs if none does; ties go to the smaller λ. The bound is on
+    artifact-free samples because on the others a higher loss is the point: the shortcut that
+    made them easy is gone."""
+    bounded = [r for r in sweep if r["val_loss"] <= 1.25 * r["start_val_loss"] + 0.1] or sweep
     return max(bounded, key=lambda r: (round(r["objective"], 6), -r["lambda"]))["lambda"]
 
 

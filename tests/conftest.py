@@ -34,3 +34,17 @@ def shortcut_model(poisoned, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("model") / "resnet18.pt"
     return train(poisoned, out, "resnet18", size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint
+
+
+@pytest.fixture(scope="session")
+def rrr_model(shortcut_model, poisoned, tmp_path_factory) -> Path:
+    """The shortcut model after `cxr-audit unlearn --method rrr` with the true artifact masks."""
+    from typer.testing import CliRunner
+
+    from cxr_audit.cli.main import app
+
+    out = tmp_path_factory.mktemp("rrr") / "rrr.pt"
+    r = CliRunner().invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                                 "--method", "rrr", "--lambda", "100", "--epochs", "3", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return out

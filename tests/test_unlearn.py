@@ -19,15 +19,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def rrr_model(shortcut_model, poisoned, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rrr") / "rrr.pt"
-    r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", out, "--method", "rrr",
-            "--lambda", 100, "--epochs", 3, "--device", "cpu")
-    assert r.exit_code == 0, r.output
-    return out
-
-
 def test_evaluate_sees_the_shortcut_and_rrr_removes_most_of_it(shortcut_model, rrr_model, poisoned, tmp_path):
     r = run("evaluate", "--model", shortcut_model, "--compare", rrr_model, "--data", poisoned, "--out", tmp_path,
             "--artifact", "text", "--artifact-class", "disease", "--device", "cpu")

@@ -22,15 +22,16 @@ class RRClArC(Mitigation):
     """Latent gradient penalty along the CAV ``v`` at ``layer``: ``mean_n (⟨∂ŷ_n/∂a_n, v⟩)²``.
 
     ``ŷ`` (option ``output``) is ``Σ_k s_k f_k`` with random signs redrawn every step (default,
-    as Dreyer et al.), the target logit or the max logit. The gradient is averaged over space
-    before the projection (option ``per_position=True`` projects at every position instead).
+    as Dreyer et al.), the target logit or the max logit. The projection is taken at every
+    spatial position and averaged (``per_position=False`` averages the gradient over space
+    first, as one can read the paper; a small artifact in a corner then barely moves that mean).
     By default everything up to and including the CAV layer is frozen: fine-tuning all layers
     lets the network re-encode the artifact in other directions (measured, DESIGN.md).
     """
 
     name = "rrclarc"
     needs = ("cav",)
-    default_lambdas = (1e1, 1e3, 1e5, 1e7)
+    default_lambdas = (1e3, 1e4, 1e5, 1e6, 1e7)
     freeze_by_default = True
 
     def prepare(self, model, context, loader):
