@@ -18,10 +18,13 @@ def phantom(out: Path = typer.Option(..., "--out", "-o", help="Folder for images
             n: int = typer.Option(400, "--n", min=2, help="Number of images (classes balanced)."),
             size: int = typer.Option(128, "--size", min=32, help="Image side in pixels."),
             sources: int = typer.Option(1, "--sources", min=1, help="Number of sources (site0, site1, ...)."),
+            disease_strength: float = typer.Option(0.15, "--disease-strength", min=0.0,
+                                                   help="Contrast of the disease opacities (lower = harder)."),
             seed: int = typer.Option(0, "--seed", help="Random seed.")) -> None:
     """Generate synthetic CXR-like phantoms (healthy / disease with lung opacities) and lung masks."""
     with progress_bar("phantoms") as update:
-        manifest = phantom_lib.generate_phantoms(out, n=n, size=size, seed=seed, sources=sources, on_progress=update)
+        manifest = phantom_lib.generate_phantoms(out, n=n, size=size, seed=seed, sources=sources,
+                                                   disease_strength=disease_strength, on_progress=update)
     console.print(f"wrote {n} phantoms: [bold]{manifest}[/]")
 
 

@@ -2,12 +2,14 @@
 imbalanced datasets in chest X-ray image-based diagnostics by prototypical relevance
 propagation", ISBI).
 
-For each ``x`` in the grid a training set is drawn in which ``x`` % of the *positive* class and
-``100 - x`` % of the other class come from source H1 (the rest from H2), with the same number of
-images per class at every ``x``; a model is trained on it and tested on Test-100H1 (test images
-from H1 only), Test-100H2 and Test-50-50 (equally many from each). At the extremes the source
-predicts the label and a model can become a "hospital detector": it does well on the test set
-from one hospital and badly on the other; the curves cross near 50/50, where Test-50-50 peaks.
+For each ``x`` in the grid a training set is drawn in which ``x`` % of the *positive* class
+comes from source H1 (the rest from H2) while the other class is split 50/50 between the
+sources, with the same number of images per class at every ``x``; a model is trained on it and
+tested on Test-100H1 (test images from H1 only), Test-100H2 and Test-50-50 (equally many from
+each). Away from 50 the source predicts the label and a model can become a "hospital detector":
+at ``x = 100`` an H2 image is never positive in training, so H2's positives are missed
+(Test-100H2 falls) while H1 images still need the real signal; at ``x = 0`` the mirror image.
+The H1 and H2 curves cross near 50/50, where Test-50-50 peaks.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None
         rng = np.random.default_rng(seed + k)
         chosen = []
         for c in (0, 1):
-            share = x / 100 if c == pos else 1 - x / 100
+            share = x / 100 if c == pos else 0.5
             n1 = int(round(share * per_class))
             chosen += list(rng.choice(pools[(h1, c)], n1, replace=False)) + \
                 list(rng.choice(pools[(h2, c)], per_class - n1, replace=False))

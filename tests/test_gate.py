@@ -13,7 +13,7 @@ runner = CliRunner()
 THRESHOLDS = """
 [gate.thresholds]
 max_artifact_inserted_drop = 0.15
-min_accuracy = 0.6
+min_accuracy = 0.5
 """
 
 

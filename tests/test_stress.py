@@ -1,0 +1,47 @@
+"""stress: the source-imbalance sweep runs end to end and writes its table and plot; on phantoms
+whose second hospital stamps its images (slow test), Test-50-50 peaks near 50/50 and the
+hospital detector shows where H1's positives never carry the stamp's absence as a cue."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cxr_audit.cli.main import app
+
+
+def two_hospitals(root, n, size, strength):
+    from cxr_audit.data.inject import inject
+    from cxr_audit.data.phantom import generate_phantoms
+
+    ph = generate_phantoms(root / "ph", n=n, size=size, seed=5, sources=2, split_fractions=(0.7, 0.0, 0.3),
+                           disease_strength=strength)
+    return inject(ph, root / "stamped", "text", {"site1": 1.0}, by="source", seed=5)
+
+
+def sweep(data, out, grid, size, epochs):
+    r = CliRunner().invoke(app, ["stress", str(data), "--out", str(out), "--grid", grid, "--size", str(size),
+                                 "--epochs", str(epochs), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    return {row["x"]: row for row in json.loads((out / "stress.json").read_text())["rows"]}
+
+
+def test_sweep_writes_table_and_plot(tmp_path):
+    rows = sweep(two_hospitals(tmp_path, 120, 32, 0.15), tmp_path / "out", "0,100", 32, 1)
+    assert set(rows) == {0, 100}
+    assert all(0 <= rows[x][k] <= 1 for x in rows for k in ("test_100_h1", "test_100_h2", "test_50_50"))
+    assert (tmp_path / "out" / "stress.png").stat().st_size > 0
+    assert "Test-50-50" in (tmp_path / "out" / "stress.md").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_shows_the_hospital_detector(tmp_path):
+    rows = sweep(two_hospitals(tmp_path, 600, 64, 0.08), tmp_path / "out", "0,50,100", 64, 8)
+    assert rows[50]["test_50_50"] >= max(rows[0]["test_50_50"], rows[100]["test_50_50"])
+    # x = 0: every positive training image is stamped, so unstamped (H1) positives are missed
+    assert rows[0]["test_100_h1"] < rows[0]["test_100_h2"]
+
+
+def test_one_source_is_a_usage_error(poisoned, tmp_path):
+    r = CliRunner().invoke(app, ["stress", str(poisoned), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "two sources" in r.output
