@@ -1,0 +1,49 @@
+"""evaluate's building blocks: metrics on known arrays, the attack sets, and the two-source protocol."""
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_audit.data.dataset import Preprocessing
+from cxr_audit.data.manifest import load_manifest
+from cxr_audit.errors import UsageError
+from cxr_audit.evaluate import metrics as M
+from cxr_audit.evaluate.attack import artifact_class, inject_attack, paste_attack, victims
+
+
+def test_metrics_on_known_arrays():
+    assert M.accuracy(np.array([0, 1, 1]), np.array([0, 1, 0])) == pytest.approx(2 / 3)
+    assert M.auroc(np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]]), np.array([0, 1, 1])) == 1.0
+    assert np.isnan(M.auroc(np.array([[0.9, 0.1]]), np.array([0])))
+    groups = M.group_accuracy(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["a", "a", "b", "b"])
+    assert groups == {"a": 0.5, "b": 1.0}
+    heat = np.zeros((1, 10, 10))
+    heat[0, :2, :] = 1.0  # the top 20 pixels
+    mask = np.zeros((1, 10, 10))
+    mask[0, :1, :] = 1
+    assert M.activation_precision(heat, mask, top=0.1) == pytest.approx([1.0])
+    assert M.activation_precision(heat, mask, top=0.2) == pytest.approx([0.5])
+
+
+def test_balanced_two_source_draws_equally():
+    src = np.array(["H1"] * 30 + ["H2"] * 10)
+    rows = M.balanced_two_source(src, "H1", "H2", np.random.default_rng(0))
+    assert (src[rows] == "H1").sum() == (src[rows] == "H2").sum() == 10
+
+
+def test_attacks_put_the_artifact_where_the_mask_says(poisoned):
+    manifest = load_manifest(poisoned)
+    target = artifact_class(manifest)
+    assert manifest.class_names[target] == "disease"
+    test = victims(manifest.subset("test"), target)
+    assert test.samples and all(s.label != target for s in test.samples)
+    prep = Preprocessing(size=64)
+    drawn = inject_attack(test, prep, "marker", seed=0)
+    pasted = paste_attack(test, manifest.subset("train"), prep, seed=0)
+    for attack in (drawn, pasted):
+        changed = (attack.images - attack.clean).abs().sum(1, keepdim=True) > 1e-4
+        inside = (changed & (attack.masks > 0)).sum() / changed.sum()
+        assert inside > 0.9  # pixels change only inside the artifact mask
+        assert attack.masks.flatten(1).amax(1).min() == 1  # every image got an artifact
+    with pytest.raises(UsageError, match="masks"):
+        paste_attack(test, test, prep)
