@@ -75,20 +75,21 @@ def main() -> None:
         rows.append((method, r, measure(r.checkpoint)))
 
     gap0 = reference["accuracy"] - reference["artifact_inserted_accuracy"]
-    header = (f"{'method':<9} {'clean':>6} {'inserted':>8} {'gap':>6} {'closed':>7} {'rel.share':>9} "
-              f"{'λ':>8} {'s/step':>7} {'× plain':>7}")
+    header = (f"{'method':<9} {'clean':>6} {'inserted':>8} {'gap':>6} {'closed':>7} {'LRP share':>9} "
+              f"{'G×I share':>9} {'λ':>8} {'s/step':>7} {'× plain':>7}")
     print(f"\n{args.arch}@{args.size}px, text stamp in {args.prevalence:.0%} of disease train images, "
           f"{args.unlearn_epochs} fine-tuning epochs, device {args.device}")
     print(header)
     print("-" * len(header))
     print(f"{'(trained)':<9} {reference['accuracy']:6.3f} {reference['artifact_inserted_accuracy']:8.3f} "
-          f"{gap0:6.3f} {'':>7} {reference['artifact_relevance_share']:9.3f}")
+          f"{gap0:6.3f} {'':>7} {reference['artifact_relevance_share']:9.3f} {reference['artifact_gradient_share']:9.3f}")
     for method, r, m in rows:
         gap = m["accuracy"] - m["artifact_inserted_accuracy"]
         ratio = r.seconds_per_step / plain_step if plain_step and r.seconds_per_step else float("nan")
         lam = f"{r.lambda_:g}" if r.lambda_ else "-"
         print(f"{method:<9} {m['accuracy']:6.3f} {m['artifact_inserted_accuracy']:8.3f} {gap:6.3f} "
               f"{1 - gap / gap0 if gap0 > 0 else float('nan'):7.0%} {m['artifact_relevance_share']:9.3f} "
+              f"{m['artifact_gradient_share']:9.3f} "
               f"{lam:>8} {r.seconds_per_step:7.3f} {ratio:7.2f}")
     print("\nacceptance (issue #5):")
     print(f"  plain model loses >= 20 points on the artifact-inserted test: {gap0 * 100:.1f} -> "
@@ -99,7 +100,8 @@ def main() -> None:
         gap = m["accuracy"] - m["artifact_inserted_accuracy"]
         checks = {"gap shrinks >= 50%": gap <= 0.5 * gap0,
                   "clean drop <= 3 points": reference["accuracy"] - m["accuracy"] <= 0.03,
-                  "relevance share falls >= 50%": m["artifact_relevance_share"] <= 0.5 * reference["artifact_relevance_share"]}
+                  "LRP share falls >= 50%": m["artifact_relevance_share"] <= 0.5 * reference["artifact_relevance_share"],
+                  "G×I share falls >= 50%": m["artifact_gradient_share"] <= 0.5 * reference["artifact_gradient_share"]}
         print(f"  {method}: " + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in checks.items()))
 
 

@@ -40,7 +40,9 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                                                  help="What RR-ClArC/RRR differentiate: random, target, max, logprob."),
             cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Grad-CAM layer for eXBL."),
             epochs: int = typer.Option(5, "--epochs"),
-            sweep_epochs: int = typer.Option(2, "--sweep-epochs", help="Epochs per λ candidate."),
+            sweep_epochs: Optional[int] = typer.Option(None, "--sweep-epochs",
+                                                       help="Epochs per λ candidate (default: --epochs; the best "
+                                                            "candidate is kept without retraining)."),
             batch_size: int = typer.Option(32, "--batch-size"),
             lr: float = typer.Option(1e-3, "--lr"),
             patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping patience (epochs)."),
@@ -63,10 +65,11 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                              num_workers=workers, on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
     if result.sweep:
-        table = Table("λ", "objective", "val loss", title="λ sweep")
+        table = Table("λ", "objective", "clean val bal. accuracy", title="λ sweep")
         for row in result.sweep:
             mark = " ←" if row["lambda"] == result.lambda_ else ""
-            table.add_row(f"{row['lambda']:g}{mark}", f"{row['objective']:.3f}", f"{row['val_loss']:.3f}")
+            table.add_row(f"{row['lambda']:g}{mark}", f"{row['objective']:.3f}",
+                          f"{row['clean_val_accuracy']:.3f} (start {row['start_clean_val_accuracy']:.3f})")
         console.print(table)
     if result.history:
         table = Table("epoch", "train loss", "penalty", "val objective")

@@ -2,10 +2,13 @@
 
 1. Gather what the method needs (:class:`~cxr_audit.unlearn.base.Context`): the CAV and artifact
    labels of an ``annotate`` output, artifact masks and lung masks from the manifest.
-2. When the method has a strength and none is given, sweep λ over the method's grid with short
-   runs from the same start and keep the best by the validation objective at bounded clean loss.
-3. Fine-tune with the chosen λ (early stopping on the objective), save a checkpoint that records
-   the method, λ, the sweep, the source checkpoint and every option.
+2. When the method has a strength and none is given, sweep λ over the method's grid: one run per
+   λ from the same start, each as long as the final run (short runs favour small λ: a strong
+   penalty first disrupts the model, then recovers), and keep the best run by the validation
+   objective at bounded clean loss — no retraining. ``sweep_epochs`` < ``epochs`` trades that for
+   time: short runs choose λ, then one full run trains it.
+3. Save a checkpoint that records the method, λ, the sweep, the source checkpoint and every
+   option.
 
 Validation objective (higher is better): the mean of the balanced accuracy on the validation
 split and on the same split with the artifact inserted into every image of the other classes
@@ -52,7 +55,7 @@ class UnlearnResult:
 def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = "rrclarc", *,
             annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal", cav_scope: str = "class", lambda_: float | None = None,
             lambdas: list[float] | None = None, balance: str = "none", freeze: str = "auto",
-            output: str | None = None, epochs: int = 5, sweep_epochs: int = 2, batch_size: int = 32,
+            output: str | None = None, epochs: int = 5, sweep_epochs: int | None = None, batch_size: int = 32,
             lr: float = 1e-3, weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
             val_split: str = "val", seed: int = 0, device: str = "auto", amp: bool = True, num_workers: int = 0,
             cam_layer: str | None = None, on_progress: Callable[..., None] | None = None,
@@ -101,6 +104,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
 
     sweep: list[dict] = []
     chosen = lambda_
+    extra = None  # what the checkpoint must carry to rebuild the model (P-ClArC's projection)
     if not mitigation.trains:
         say(f"{method}: computing the projection (no training)")
         loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
@@ -113,17 +117,26 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
             if objective is None:
                 raise UsageError(f"choosing λ for {method} needs a validation split ('{val_split}'); "
                                  "add one or pass --lambda")
-            say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} ({sweep_epochs} epoch(s) each)")
-            sweep = _sweep(net, start_state, train_set, prep, dev, method, options, grid, sweep_epochs, objective,
-                           val_set, run, on_progress)
+            short = sweep_epochs is not None and sweep_epochs < epochs
+            say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} "
+                f"({sweep_epochs if short else epochs} epoch(s) each)")
+            sweep, models = _sweep(net, start_state, train_set, prep, dev, method, options, grid,
+                                   sweep_epochs if short else epochs, objective, val_set, run, patience, on_progress)
             chosen = _choose(sweep)
-            net.load_state_dict(start_state)
-        say(f"fine-tuning with {method}" + (f", λ={chosen:g}" if chosen else "")
-            + (f", frozen up to {freeze_layer}" if freeze_layer else ""))
-        result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=chosen or 0.0, epochs=epochs,
-                     val_score=objective, patience=patience, on_progress=on_progress, **run)
-        history, seconds_per_step = result.history, result.seconds_per_step
-    extra = mitigation.finish(net)
+            if not short:  # every candidate was a full run: keep the chosen one instead of retraining
+                best = models[[row["lambda"] for row in sweep].index(chosen)]
+                net.load_state_dict(best["state"])
+                history, seconds_per_step, extra = best["history"], best["seconds_per_step"], best["extra"]
+            else:
+                net.load_state_dict(start_state)
+        if extra is None:
+            say(f"fine-tuning with {method}" + (f", λ={chosen:g}" if chosen else "")
+                + (f", frozen up to {freeze_layer}" if freeze_layer else ""))
+            result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=chosen or 0.0, epochs=epochs,
+                         val_score=objective, patience=patience, on_progress=on_progress, **run)
+            history, seconds_per_step = result.history, result.seconds_per_step
+    if extra is None:
+        extra = mitigation.finish(net)
     record = {"method": method, "lambda": chosen, "lambda_sweep": sweep, "objective": objective_name,
               "balance": balance.mode if balance else "none", "freeze": freeze_layer, "layer": context.layer,
               "annotations": str(Path(annotations).resolve()) if annotations else None, "cav_method": cav_method, "cav_scope": cav_scope,
@@ -244,38 +257,54 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean([(pred[labels == c] == c).float().mean().item() for c in labels.unique()]))
 
 
-def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, objective, val_set, run,
-           on_progress) -> list[dict]:
-    rows = []
+def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, objective, val_set, run, patience,
+           on_progress) -> tuple[list[dict], list[dict]]:
+    """One run per λ from the same start: ``(rows for the record, [{state, history, ...}] per λ)``."""
+    rows, models = [], []
     clean_val = Manifest([s for s in val_set.samples if not run["context"].artifact.get(s.index, s.artifact or 0)],
                          val_set.class_names) if val_set is not None else None
     if clean_val is None or not len(clean_val):
         clean_val = val_set
-    base_loss = _val_loss(net, clean_val, prep, dev)
+    base_loss, base_acc = _clean_val(net, clean_val, prep, dev)
     for lam in grid:
         net.load_state_dict(start_state)
         mitigation = get_mitigation(method, **options)
         try:
-            fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs, on_progress=on_progress,
-                **run)
-            mitigation.finish(net)
-            rows.append({"lambda": lam, "objective": objective(net), "val_loss": _val_loss(net, clean_val, prep, dev),
-                         "start_val_loss": base_loss})
+            result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs,
+                         val_score=objective, patience=patience, on_progress=on_progress, **run)
+            extra = mitigation.finish(net)
+            loss, acc = _clean_val(net, clean_val, prep, dev)
+            rows.append({"lambda": lam, "objective": objective(net), "clean_val_accuracy": acc,
+                         "start_clean_val_accuracy": base_acc, "clean_val_loss": loss, "start_clean_val_loss": base_loss,
+                         "best_epoch": result.best_epoch})
+            models.append({"state": copy.deepcopy(net.state_dict()), "history": result.history,
+                           "seconds_per_step": result.seconds_per_step, "extra": extra})
         except Exception as exc:  # a λ that diverges is a result of the sweep, not a failure of it
-            rows.append({"lambda": lam, "objective": float("-inf"), "val_loss": float("inf"),
-                         "start_val_loss": base_loss, "error": str(exc).splitlines()[0]})
-    return rows
+            _remove_hooks(mitigation, net)
+            rows.append({"lambda": lam, "objective": float("-inf"), "clean_val_accuracy": 0.0,
+                         "start_clean_val_accuracy": base_acc, "clean_val_loss": float("inf"),
+                         "start_clean_val_loss": base_loss, "error": str(exc).splitlines()[0]})
+            models.append({"state": start_state, "history": [], "seconds_per_step": 0.0, "extra": {}})
+    return rows, models
+
+
+def _remove_hooks(mitigation, net) -> None:
+    try:
+        mitigation.finish(net)
+    except AttributeError:  # failed before prepare() installed anything
+        pass
 
 
 def _choose(sweep: list[dict]) -> float:
-    """Best objective among runs whose loss on the artifact-free validation samples stays within
-    25 % (+0.1) of the start; all runs if none does; ties go to the smaller λ. The bound is on
-    artifact-free samples because on the others a higher loss is the point: the shortcut that
-    made them easy is gone."""
-    bounded = [r for r in sweep if r["val_loss"] <= 1.25 * r["start_val_loss"] + 0.1] or sweep
+    """Best objective among the runs whose balanced accuracy on the artifact-free validation
+    samples stays within 3 points of the start (bounded clean loss); all runs if none does; ties
+    go to the smaller λ. Accuracy, not cross-entropy: a penalty that makes the model less
+    confident raises the loss of samples it still classifies right."""
+    bounded = [r for r in sweep if r["clean_val_accuracy"] >= r["start_clean_val_accuracy"] - 0.03] or sweep
     return max(bounded, key=lambda r: (round(r["objective"], 6), -r["lambda"]))["lambda"]
 
 
-def _val_loss(model, val_set, prep, dev) -> float:
+def _clean_val(model, val_set, prep, dev) -> tuple[float, float]:
+    """``(cross-entropy, balanced accuracy)`` on ``val_set``."""
     logits, labels = predict(model, val_set, prep, dev)
-    return float(F.cross_entropy(logits, labels))
+    return float(F.cross_entropy(logits, labels)), balanced_accuracy(logits.argmax(1), labels)
