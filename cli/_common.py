@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from cxr_audit.configfile import read_config_file
 from cxr_audit.errors import CxrAuditError, UsageError
 
 console = Console()
@@ -58,18 +58,8 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 
 def load_config(path: Path) -> dict:
     """Read a TOML or YAML config: ``{command: {option: value}}`` (top-level keys are commands)."""
-    if not path.is_file():
-        raise UsageError(f"config file not found: {path}")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text()) or {}
-        else:
-            data = tomllib.loads(path.read_text())
-    except Exception as exc:
-        raise UsageError(f"cannot parse config {path}: {exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    data = read_config_file(path)
+    if not all(isinstance(v, dict) for v in data.values()):
         raise UsageError(f"config {path} must map command names to tables of options, e.g. [scan]")
     return {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in data.items()}
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cxr_audit.configfile import read_config_file
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluating import evaluate
 from cxr_audit.runtime import now, versions
@@ -72,18 +72,7 @@ class GateResult:
 def read_gate_config(path: str | Path) -> dict:
     """Parse and validate the ``[gate]`` table; paths made absolute and checked to exist."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"gate config not found: {path}")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(path.read_text()) or {}
-        else:
-            raw = tomllib.loads(path.read_text())
-    except Exception as exc:
-        raise UsageError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
-    cfg = raw.get("gate")
+    cfg = read_config_file(path).get("gate")
     if not isinstance(cfg, dict):
         raise UsageError(f"{path} has no [gate] table")
     cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
