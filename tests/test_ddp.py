@@ -75,3 +75,25 @@ def test_two_gloo_processes_match_one(small, method, tmp_path):
 def _init_state() -> dict:
     torch.manual_seed(0)
     return build_model("vgg11", 2, 1, 32).state_dict()
+
+
+def test_same_seed_same_weights(small):
+    a, b = _train(small, "rrr"), _train(small, "rrr")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_unlearn_on_cpu(small, tmp_path):
+    """The CLI under torchrun joins a gloo group by itself and rank 0 writes the checkpoint."""
+    import subprocess
+    import sys
+
+    from cxr_audit.training import train
+
+    base = train(small, tmp_path / "m.pt", "vgg11", size=32, epochs=1, device="cpu").checkpoint
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "cxr_audit.cli.main", "unlearn", "--model", str(base), "--data", str(small), "--out",
+           str(tmp_path / "u.pt"), "--method", "rrr", "--lambda", "10", "--epochs", "1", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.load(tmp_path / "u.pt", weights_only=True)["extra"]["unlearn"]["method"] == "rrr"
