@@ -21,7 +21,7 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                                            "the method needs, e.g. the annotated.csv of `annotate --masks`)."),
             out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write."),
             method: str = typer.Option("rrclarc", "--method",
-                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. See docs/mitigations.md."),
+                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. See docs/unlearn.md."),
             annotations: Optional[Path] = typer.Option(None, "--annotations", "-a",
                                                        help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels)."),
             layer: Optional[str] = typer.Option(None, "--layer",

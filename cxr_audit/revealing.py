@@ -13,6 +13,7 @@ import numpy as np
 
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import rank_concepts
+from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.runtime import now, versions
 from cxr_audit.store.h5 import open_scan, read_meta
@@ -51,7 +52,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         if on_progress:
             on_progress(i + 1, len(layer_data) + 1, "concepts")
     concepts.sort(key=lambda c: -c["suspicion"])
-    concepts = concepts[:top]
+    concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
     for rank, c in enumerate(concepts):
         c["id"] = rank
     clusters, per_class = _clusters(heat, classes[rows], rows, index, max_k)
@@ -66,6 +67,27 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     (out / "reveal.json").write_text(json.dumps(result, indent=1))
     _report(out, scan_path, result, index, gallery, references, device)
     return result
+
+
+def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, refs: int = 8) -> list[dict]:
+    """With lung masks, multiply each candidate's suspicion by the share of its conditional
+    relevance outside the lungs (:mod:`cxr_audit.reveal.location`) and re-rank: a concept that
+    splits a class by where the disease is (left/right lung, size) is real signal, one that
+    splits it by a corner stamp is not. Without masks the ranking is left as it is."""
+    picks = []
+    for c in concepts:
+        act = np.asarray(c["scores"]["activation_max"])
+        members = set(c["members"])
+        ranked = [int(index[rows[j]]) for j in np.argsort(-act) if int(index[rows[j]]) in members]
+        picks.append((c["layer"], c["channel"], ranked[:refs]))
+    shares = outside_lung_share(scan_path, picks, device)
+    if shares is None:
+        return concepts
+    for c, share in zip(concepts, shares):
+        c["outside_lungs"] = share
+        c["suspicion_before_location"] = c["suspicion"]
+        c["suspicion"] = c["suspicion"] * (share if np.isfinite(share) else 1.0)
+    return sorted(concepts, key=lambda c: -c["suspicion"])
 
 
 def _clusters(heat, classes, rows, index, max_k) -> tuple[list[dict], dict]:
@@ -168,13 +190,14 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
         parts.append(f"<p><b>Warning:</b> label prevalence differs across sources by up to "
                      f"{prev['max_difference']:.0%}: the model can learn the source instead of the disease.</p>")
     parts.append("<h2>Most suspicious concepts</h2><table><tr><th>id</th><th>layer:channel</th><th>class</th>"
-                 "<th>suspicion</th><th>contrast</th><th>minority</th><th>importance</th><th>members</th></tr>")
+                 "<th>suspicion</th><th>contrast</th><th>minority</th><th>importance</th><th>outside lungs</th>"
+                 "<th>members</th></tr>")
     names = result["class_names"]
     for c in result["concepts"]:
         parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['layer'])}:{c['channel']}</td>"
                      f"<td>{html.escape(names[c['class_index']])}</td><td>{c['suspicion']:.3f}</td>"
                      f"<td>{c['contrast']:.2f}</td><td>{c['minority']:.2f}</td><td>{c['importance']:.2f}</td>"
-                     f"<td>{len(c['members'])}</td></tr>")
+                     f"<td>{c.get('outside_lungs', float('nan')):.2f}</td><td>{len(c['members'])}</td></tr>")
     parts.append("</table>")
     for c in result["concepts"][:3]:
         order = np.argsort(-np.array(c["scores"]["activation_max"]))[:gallery]

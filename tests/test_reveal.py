@@ -92,3 +92,22 @@ def test_degenerate_heatmaps_do_not_crash(tmp_path):
     found, per_class = _clusters(heat, classes, rows, rows, max_k=4)
     for data in per_class.values():
         assert np.isfinite(data["tsne"]).all() and data["tsne"].shape == (15, 2)
+
+
+def test_artifact_concepts_look_outside_the_lungs_more_than_clean_ones(shortcut_scan, clean_scan):
+    from cxr_audit.reveal.location import outside_lung_share
+
+    with h5py.File(shortcut_scan) as f:
+        ids = f["samples/index"][:]
+        art = f["samples/artifact"][:] == 1
+        acts = f["activations/layer2/max"][:]
+    # the layer2 channel that best separates stamped from clean images, on stamped images
+    best = int(np.argmax([roc_auc_score(art, acts[:, c]) for c in range(acts.shape[1])]))
+    stamped = ids[art][np.argsort(-acts[art, best])][:8].tolist()
+    (share,) = outside_lung_share(shortcut_scan, [("layer2", best, stamped)])
+    with h5py.File(clean_scan) as f:
+        clean_ids = f["samples/index"][:][:8].tolist()
+        clean_acts = f["activations/layer2/max"][:]
+    top = int(np.argmax(clean_acts.mean(0)))
+    (clean_share,) = outside_lung_share(clean_scan, [("layer2", top, clean_ids)])
+    assert 0 <= clean_share <= 1 and share > clean_share

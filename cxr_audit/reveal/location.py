@@ -1,0 +1,61 @@
+"""Where a concept looks: the share of its CRP conditional relevance outside the lungs.
+
+The evidence for a chest X-ray finding lies in the lungs; text stamps, markers, rulers, frames
+and exposure borders lie outside. For a concept (channel ``c`` of ``layer``) and its top member
+images, with lung mask ``L`` and conditional heatmap ``R_c`` (relevance flowing through ``c``
+only; Achtibat et al., 2023, "From attribution maps to human-understandable explanations through
+Concept Relevance Propagation", Nature Machine Intelligence):
+
+    outside(c) = mean over members of  sum(max(R_c, 0) * (1 - L)) / sum(max(R_c, 0))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_audit.data.dataset import CxrDataset, collate
+from cxr_audit.data.manifest import load_manifest
+from cxr_audit.explain import conditional_heatmaps, create_method
+from cxr_audit.models.registry import load_frozen, preprocessing_of
+from cxr_audit.runtime import resolve_device
+from cxr_audit.store.h5 import open_scan, read_meta
+
+
+def outside_lung_share(scan_path: str | Path, concepts: list[tuple[str, int, list[int]]],
+                       device: str = "cpu") -> list[float] | None:
+    """``concepts``: ``(layer, channel, member manifest ids)``; returns one share per concept in
+    [0, 1], or ``None`` when the scanned data has no lung masks (``mask`` column) or the model
+    or data are not where the scan says."""
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+        channels = {layer: f[f"relevances/{layer}"].shape[1] for layer in meta["layers"]}
+    if not Path(meta["checkpoint"]).is_file() or not Path(meta["data"]).exists():
+        return None
+    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
+    if any(s.mask is None for s in manifest.samples):
+        return None
+    dev = resolve_device(device)
+    net, config = load_frozen(meta["checkpoint"], dev)
+    prep = preprocessing_of(config)
+    dataset = CxrDataset(manifest, prep)
+    attribution = create_method("lrp", net, config["arch"], prep)
+    shares = []
+    for layer, channel, ids in concepts:
+        if not ids:
+            shares.append(float("nan"))
+            continue
+        batch = collate([dataset[i] for i in ids])
+        select = torch.zeros(channels[layer])
+        select[channel] = 1.0
+        capture = attribution.capture([layer])
+        with attribution.rules(), capture.attached(attribution.model):
+            heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, select).cpu().numpy()
+        pos = np.clip(heat, 0, None)
+        outside = 1.0 - batch["mask"][:, 0].numpy()
+        total = pos.sum(axis=(1, 2))
+        share = np.where(total > 0, (pos * outside).sum(axis=(1, 2)) / np.maximum(total, 1e-12), np.nan)
+        shares.append(float(np.nanmean(share)) if np.isfinite(share).any() else float("nan"))
+    return shares
