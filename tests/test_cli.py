@@ -16,7 +16,8 @@ def run(*args):
 def test_help_lists_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("phantom", "inject", "train", "scan", "demo"):
+    for command in ("phantom", "inject", "train", "scan", "reveal", "annotate", "unlearn", "evaluate", "gate",
+                    "stress", "demo"):
         assert command in result.output
 
 
