@@ -55,7 +55,12 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
     for rank, c in enumerate(concepts):
         c["id"] = rank
-    clusters, per_class = _clusters(heat, classes[rows], rows, index, max_k)
+    # one concept layer: the middle scanned one, as annotate's default
+    middle = list(layer_data)[len(layer_data) // 2]
+    acts, rel = layer_data[middle]
+    spaces = {"heatmap": prepare_heatmaps(heat), f"relevance:{middle}": profile_features(rel),
+              f"activation:{middle}": profile_features(acts)}
+    clusters, per_class = _clusters(spaces, classes[rows], rows, index, max_k)
     _export_virelay(out / "reveal.virelay.h5", per_class, names)
     _scatter(out / "embedding.png", per_class, names, sources, labels, index)
     if on_progress:
@@ -90,29 +95,43 @@ def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, ref
     return sorted(concepts, key=lambda c: -c["suspicion"])
 
 
-def _clusters(heat, classes, rows, index, max_k) -> tuple[list[dict], dict]:
+def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k) -> tuple[list[dict], dict]:
+    """Spectral clusters per explained class in each feature space (``heatmap``, and CRP
+    ``relevance:<layer>`` / ``activation:<layer>`` profiles), all ranked together by
+    ``distinctness × 4 p (1 - p)``: how different the cluster's mean normalised profile is from
+    the rest of its class (half the L1 distance, in [0, 1]) times how much of a minority it is.
+    Returns the clusters and, for the heatmap space, the per-class SpRAy results (embeddings)."""
     found, per_class = [], {}
-    for k in np.unique(classes):
-        members = np.flatnonzero(classes == k)
-        if len(members) < 6:
-            continue
-        features = prepare_heatmaps(heat[members])
-        result = spray(features, max_k=max_k)
-        per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "tsne": _tsne(features)}
-        for c in range(result.k):
-            inside = members[result.labels == c]
-            rest = members[result.labels != c]
-            if len(rest) == 0:
+    for space, all_features in spaces.items():
+        for k in np.unique(classes):
+            members = np.flatnonzero(classes == k)
+            if len(members) < 6:
                 continue
-            distinct = 0.5 * np.abs(features[result.labels == c].mean(0) - features[result.labels != c].mean(0)).sum()
-            share = len(inside) / len(members)
-            found.append({"class_index": int(k), "size": int(len(inside)), "share_of_class": float(share),
-                          "distinctness": float(distinct), "suspicion": float(distinct * 4 * share * (1 - share)),
-                          "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k)})
+            features = all_features[members]
+            result = spray(features, max_k=max_k)
+            if space == "heatmap":
+                per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "tsne": _tsne(features)}
+            for c in range(result.k):
+                inside = members[result.labels == c]
+                if len(inside) == len(members):
+                    continue
+                distinct = 0.5 * np.abs(features[result.labels == c].mean(0) - features[result.labels != c].mean(0)).sum()
+                share = len(inside) / len(members)
+                found.append({"space": space, "class_index": int(k), "size": int(len(inside)),
+                              "share_of_class": float(share), "distinctness": float(distinct),
+                              "suspicion": float(distinct * 4 * share * (1 - share)),
+                              "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k)})
     found.sort(key=lambda c: -c["suspicion"])
     for rank, c in enumerate(found):
         c["id"] = rank
     return found, per_class
+
+
+def profile_features(values: np.ndarray) -> np.ndarray:
+    """``(N, C)`` channel relevances or activations -> positive part normalised to unit sum per
+    sample, so that clusters reflect *which* concepts a sample uses, not how strongly."""
+    pos = np.clip(values.astype(np.float64), 0, None)
+    return pos / np.maximum(pos.sum(1, keepdims=True), 1e-12)
 
 
 def _tsne(features: np.ndarray) -> np.ndarray:
@@ -212,16 +231,18 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
             parts.append(f"<img src='{ref.name}'>")
     if (out / "embedding.png").exists():
         parts.append("<h2>Heatmap embedding (t-SNE)</h2><img src='embedding.png'>")
-    parts.append("<h2>Explanation clusters (SpRAy)</h2><table><tr><th>id</th><th>class</th><th>size</th>"
+    parts.append("<h2>Sample clusters (SpRAy on heatmaps; concept relevance and activation profiles)</h2>"
+                 "<table><tr><th>id</th><th>space</th><th>class</th><th>size</th>"
                  "<th>share of class</th><th>distinctness</th><th>suspicion</th></tr>")
-    for c in result["clusters"]:
-        parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(names[c['class_index']])}</td><td>{c['size']}</td>"
+    for c in result["clusters"][:max(3 * gallery, 30)]:
+        parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['space'])}</td>"
+                     f"<td>{html.escape(names[c['class_index']])}</td><td>{c['size']}</td>"
                      f"<td>{c['share_of_class']:.2f}</td><td>{c['distinctness']:.2f}</td><td>{c['suspicion']:.3f}</td></tr>")
     parts.append("</table>")
     for c in result["clusters"][:3]:
         ids = c["members"][:gallery]
         png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"cluster_{c['id']}.png", target=result["target"],
-                           title=f"cluster {c['id']} ({names[c['class_index']]}, {c['size']} samples)")
+                           title=f"cluster {c['id']} ({c['space']}, {names[c['class_index']]}, {c['size']} samples)")
         parts.append(f"<h3>Cluster {c['id']}</h3><img src='{png.name}'>")
     parts.append("</body></html>")
     (out / "report.html").write_text("\n".join(parts), encoding="utf-8")

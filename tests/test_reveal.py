@@ -38,6 +38,8 @@ def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
     assert max(aurocs) >= 0.9, aurocs
     saved = json.loads((tmp_path / "r" / "reveal.json").read_text())
     assert saved["concepts"][0]["id"] == 0 and saved["clusters"]
+    spaces = {c["space"] for c in saved["clusters"]}
+    assert "heatmap" in spaces and spaces <= {"heatmap", "relevance:layer3", "activation:layer3"}
     html = (tmp_path / "r" / "report.html").read_text()
     with h5py.File(tmp_path / "r" / "reveal.virelay.h5") as f:  # ViRelAy analysis layout
         for category in f:
@@ -83,13 +85,15 @@ def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
 
 def test_degenerate_heatmaps_do_not_crash(tmp_path):
     """A class whose heatmaps are all zero (or identical) must not crash t-SNE/SpRAy."""
-    from cxr_audit.revealing import _clusters
+    from cxr_audit.reveal.spray import prepare_heatmaps
+    from cxr_audit.revealing import _clusters, profile_features
 
     heat = np.zeros((30, 16, 16), np.float32)
     heat[15:, 2, 2] = 1.0  # class 1: identical non-zero maps
     classes = np.repeat([0, 1], 15)
     rows = np.arange(30)
-    found, per_class = _clusters(heat, classes, rows, rows, max_k=4)
+    spaces = {"heatmap": prepare_heatmaps(heat), "relevance:x": profile_features(np.zeros((30, 8)))}
+    found, per_class = _clusters(spaces, classes, rows, rows, max_k=4)
     for data in per_class.values():
         assert np.isfinite(data["tsne"]).all() and data["tsne"].shape == (15, 2)
 
