@@ -124,7 +124,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
                                    sweep_epochs if short else epochs, objective, val_set, run, patience, on_progress)
             chosen = _choose(sweep)
             if not short:  # every candidate was a full run: keep the chosen one instead of retraining
-                best = models[[row["lambda"] for row in sweep].index(chosen)]
+                best = models[chosen]
                 net.load_state_dict(best["state"])
                 history, seconds_per_step, extra = best["history"], best["seconds_per_step"], best["extra"]
             else:
@@ -258,9 +258,12 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, objective, val_set, run, patience,
-           on_progress) -> tuple[list[dict], list[dict]]:
-    """One run per λ from the same start: ``(rows for the record, [{state, history, ...}] per λ)``."""
-    rows, models = [], []
+           on_progress) -> tuple[list[dict], dict[float, dict]]:
+    """One run per λ from the same start: ``(rows for the record, {λ: {state, history, ...}})``.
+
+    Only the runs :func:`_choose` could still pick are kept (the best bounded one and the best
+    overall), so memory holds at most two extra copies of the weights, not one per λ."""
+    rows, models = [], {}
     clean_val = Manifest([s for s in val_set.samples if not run["context"].artifact.get(s.index, s.artifact or 0)],
                          val_set.class_names) if val_set is not None else None
     if clean_val is None or not len(clean_val):
@@ -277,14 +280,16 @@ def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs
             rows.append({"lambda": lam, "objective": objective(net), "clean_val_accuracy": acc,
                          "start_clean_val_accuracy": base_acc, "clean_val_loss": loss, "start_clean_val_loss": base_loss,
                          "best_epoch": result.best_epoch})
-            models.append({"state": copy.deepcopy(net.state_dict()), "history": result.history,
-                           "seconds_per_step": result.seconds_per_step, "extra": extra})
+            models[lam] = {"state": copy.deepcopy(net.state_dict()), "history": result.history,
+                           "seconds_per_step": result.seconds_per_step, "extra": extra}
         except Exception as exc:  # a λ that diverges is a result of the sweep, not a failure of it
             _remove_hooks(mitigation, net)
             rows.append({"lambda": lam, "objective": float("-inf"), "clean_val_accuracy": 0.0,
                          "start_clean_val_accuracy": base_acc, "clean_val_loss": float("inf"),
                          "start_clean_val_loss": base_loss, "error": str(exc).splitlines()[0]})
-            models.append({"state": start_state, "history": [], "seconds_per_step": 0.0, "extra": {}})
+            models[lam] = {"state": start_state, "history": [], "seconds_per_step": 0.0, "extra": {}}
+        keep = {_choose(rows), _choose(rows, bounded_only=False)}
+        models = {lam_: m for lam_, m in models.items() if lam_ in keep}
     return rows, models
 
 
@@ -295,12 +300,14 @@ def _remove_hooks(mitigation, net) -> None:
         pass
 
 
-def _choose(sweep: list[dict]) -> float:
+def _choose(sweep: list[dict], bounded_only: bool = True) -> float:
     """Best objective among the runs whose balanced accuracy on the artifact-free validation
     samples stays within 3 points of the start (bounded clean loss); all runs if none does; ties
     go to the smaller λ. Accuracy, not cross-entropy: a penalty that makes the model less
     confident raises the loss of samples it still classifies right."""
-    bounded = [r for r in sweep if r["clean_val_accuracy"] >= r["start_clean_val_accuracy"] - 0.03] or sweep
+    bounded = [r for r in sweep if r["clean_val_accuracy"] >= r["start_clean_val_accuracy"] - 0.03] if bounded_only \
+        else []
+    bounded = bounded or sweep
     return max(bounded, key=lambda r: (round(r["objective"], 6), -r["lambda"]))["lambda"]
 
 
