@@ -207,11 +207,7 @@ def _directional_derivatives(net, images, layer, v, cls, dev, batch_size) -> np.
     """``⟨mean_space ∂f_cls/∂a, v⟩`` per sample ``(N,)`` at ``layer``."""
     store: dict = {}
 
-    def hook(_m, _i, output):
-        output.retain_grad() if output.requires_grad else None
-        store["a"] = output
-
-    handle = net.get_submodule(layer).register_forward_hook(hook)
+    handle = net.get_submodule(layer).register_forward_hook(lambda _m, _i, output: store.__setitem__("a", output))
     out = []
     try:
         for i in range(0, len(images), batch_size):
