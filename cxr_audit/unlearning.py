@@ -36,7 +36,6 @@ from cxr_audit.errors import UsageError
 from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
 from cxr_audit.models.registry import family, file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
-from cxr_audit.training import predict
 from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
 from cxr_audit.unlearn.engine import fit
@@ -96,7 +95,9 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     mitigation.check(context)
     balance = _balance(method, balance, train_set, context)
     freeze_layer = _freeze_layer(freeze, mitigation, context)
-    objective, objective_name = _objective(train_set, val_set, prep, dev, context, batch_size, seed)
+    validation = Validation(train_set, val_set, prep, dev, context, batch_size, seed) if val_set is not None else None
+    objective = validation.score if validation else None
+    objective_name = validation.description if validation else "none"
     start_state = copy.deepcopy(net.state_dict())
     net = net.to(dev)
     run = dict(context=context, balance=balance, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
@@ -121,7 +122,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
             say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} "
                 f"({sweep_epochs if short else epochs} epoch(s) each)")
             sweep, models = _sweep(net, start_state, train_set, prep, dev, method, options, grid,
-                                   sweep_epochs if short else epochs, objective, val_set, run, patience, on_progress)
+                                   sweep_epochs if short else epochs, validation, run, patience, on_progress)
             chosen = _choose(sweep)
             if not short:  # every candidate was a full run: keep the chosen one instead of retraining
                 best = models[chosen]
@@ -211,45 +212,54 @@ def _freeze_layer(freeze: str, mitigation, context: Context) -> str | None:
     return freeze
 
 
-def _objective(train_set, val_set, prep, dev, context, batch_size, seed):
-    """``(score(model) -> float, description)``; ``(None, "none")`` without a validation split."""
-    if val_set is None:
-        return None, "none"
-    val_x = collate([CxrDataset(val_set, prep, with_masks=False)[i] for i in range(len(val_set))])
-    has_donors = any(s.artifact == 1 and s.artifact_mask is not None for s in train_set.samples)
-    attacked = None
-    if has_donors:
-        target = artifact_class(train_set, context.artifact)
-        targets = victims(val_set, target)
-        if len(targets):
-            attacked = paste_attack(targets, train_set, prep, seed=seed)
+class Validation:
+    """The validation split, read once and held in memory: the sweep's objective (:meth:`score`)
+    and its clean bound (:meth:`clean`). See the module docstring for the objective."""
 
-    def logits_of(model, images):
+    def __init__(self, train_set: Manifest, val_set: Manifest, prep, dev, context: Context, batch_size: int,
+                 seed: int):
+        batch = collate([CxrDataset(val_set, prep, with_masks=False)[i] for i in range(len(val_set))])
+        self.images, self.labels = batch["image"], batch["label"]
+        self.dev, self.batch_size = dev, batch_size
+        clean = torch.tensor([not context.artifact.get(s.index, s.artifact or 0) for s in val_set.samples])
+        self.clean_rows = clean if clean.any() else torch.ones_like(clean)
+        self.inserted = None
+        if any(s.artifact == 1 and s.artifact_mask is not None for s in train_set.samples):
+            targets = victims(val_set, artifact_class(train_set, context.artifact))
+            if len(targets):
+                attacked = paste_attack(targets, train_set, prep, seed=seed)
+                row_of = {s.index: r for r, s in enumerate(val_set.samples)}
+                self.inserted = self.images.clone()
+                self.inserted[torch.tensor([row_of[int(i)] for i in attacked.index])] = attacked.images
+        self.groups, _ = group_ids(val_set, context.artifact)
+        if self.inserted is not None:
+            self.description = "mean balanced accuracy on validation and artifact-inserted validation"
+        elif len(np.unique(self.groups)) >= 2:
+            self.description = "worst-group validation accuracy"
+        else:
+            self.description = "validation accuracy"
+
+    def _logits(self, model, images: torch.Tensor) -> torch.Tensor:
         model.eval()
         with torch.no_grad():
-            return torch.cat([model(images[i:i + batch_size].to(dev)).float().cpu()
-                              for i in range(0, len(images), batch_size)])
+            return torch.cat([model(images[i:i + self.batch_size].to(self.dev)).float().cpu()
+                              for i in range(0, len(images), self.batch_size)])
 
-    if attacked is not None:
-        row_of = {s.index: r for r, s in enumerate(val_set.samples)}
-        rows = torch.tensor([row_of[int(i)] for i in attacked.index])
-        inserted_x = val_x["image"].clone()
-        inserted_x[rows] = attacked.images
+    def score(self, model) -> float:
+        pred = self._logits(model, self.images).argmax(1)
+        if self.inserted is not None:
+            inserted = self._logits(model, self.inserted).argmax(1)
+            return (balanced_accuracy(pred, self.labels) + balanced_accuracy(inserted, self.labels)) / 2
+        hit = (pred == self.labels).numpy()
+        if len(np.unique(self.groups)) >= 2:
+            return float(min(hit[self.groups == g].mean() for g in np.unique(self.groups)))
+        return float(hit.mean())
 
-        def score(model):
-            clean = balanced_accuracy(logits_of(model, val_x["image"]).argmax(1), val_x["label"])
-            inserted = balanced_accuracy(logits_of(model, inserted_x).argmax(1), val_x["label"])
-            return (clean + inserted) / 2
-        return score, "mean balanced accuracy on validation and artifact-inserted validation"
-
-    groups, _ = group_ids(val_set, context.artifact)
-    if len(np.unique(groups)) >= 2:
-        def worst_group(model):
-            hit = (logits_of(model, val_x["image"]).argmax(1) == val_x["label"]).numpy()
-            return float(min(hit[groups == g].mean() for g in np.unique(groups)))
-        return worst_group, "worst-group validation accuracy"
-    return (lambda model: float((logits_of(model, val_x["image"]).argmax(1) == val_x["label"]).float().mean()),
-            "validation accuracy")
+    def clean(self, model) -> tuple[float, float]:
+        """``(cross-entropy, balanced accuracy)`` on the validation samples without the artifact."""
+        logits = self._logits(model, self.images[self.clean_rows])
+        labels = self.labels[self.clean_rows]
+        return float(F.cross_entropy(logits, labels)), balanced_accuracy(logits.argmax(1), labels)
 
 
 def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
@@ -257,27 +267,23 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean([(pred[labels == c] == c).float().mean().item() for c in labels.unique()]))
 
 
-def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, objective, val_set, run, patience,
-           on_progress) -> tuple[list[dict], dict[float, dict]]:
+def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, validation: Validation, run,
+           patience, on_progress) -> tuple[list[dict], dict[float, dict]]:
     """One run per λ from the same start: ``(rows for the record, {λ: {state, history, ...}})``.
 
     Only the runs :func:`_choose` could still pick are kept (the best bounded one and the best
     overall), so memory holds at most two extra copies of the weights, not one per λ."""
     rows, models = [], {}
-    clean_val = Manifest([s for s in val_set.samples if not run["context"].artifact.get(s.index, s.artifact or 0)],
-                         val_set.class_names) if val_set is not None else None
-    if clean_val is None or not len(clean_val):
-        clean_val = val_set
-    base_loss, base_acc = _clean_val(net, clean_val, prep, dev)
+    base_loss, base_acc = validation.clean(net)
     for lam in grid:
         net.load_state_dict(start_state)
         mitigation = get_mitigation(method, **options)
         try:
             result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs,
-                         val_score=objective, patience=patience, on_progress=on_progress, **run)
+                         val_score=validation.score, patience=patience, on_progress=on_progress, **run)
             extra = mitigation.finish(net)
-            loss, acc = _clean_val(net, clean_val, prep, dev)
-            rows.append({"lambda": lam, "objective": objective(net), "clean_val_accuracy": acc,
+            loss, acc = validation.clean(net)
+            rows.append({"lambda": lam, "objective": validation.score(net), "clean_val_accuracy": acc,
                          "start_clean_val_accuracy": base_acc, "clean_val_loss": loss, "start_clean_val_loss": base_loss,
                          "best_epoch": result.best_epoch})
             models[lam] = {"state": copy.deepcopy(net.state_dict()), "history": result.history,
@@ -309,9 +315,3 @@ def _choose(sweep: list[dict], bounded_only: bool = True) -> float:
         else []
     bounded = bounded or sweep
     return max(bounded, key=lambda r: (round(r["objective"], 6), -r["lambda"]))["lambda"]
-
-
-def _clean_val(model, val_set, prep, dev) -> tuple[float, float]:
-    """``(cross-entropy, balanced accuracy)`` on ``val_set``."""
-    logits, labels = predict(model, val_set, prep, dev)
-    return float(F.cross_entropy(logits, labels)), balanced_accuracy(logits.argmax(1), labels)
