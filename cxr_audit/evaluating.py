@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from cxr_audit.annotate.store import read_annotations
-from cxr_audit.data.dataset import CxrDataset, collate
-from cxr_audit.data.manifest import Manifest, load_manifest
+from cxr_audit.data.dataset import load_batch
+from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import metrics as M
 from cxr_audit.evaluate.attack import AttackedSet, artifact_class, inject_attack, paste_attack, victims
@@ -44,6 +44,7 @@ from cxr_audit.explain import create_method, explain_batch
 from cxr_audit.models.projection import pooled_max
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
+from cxr_audit.training import batched_logits
 from cxr_audit.unlearn.rrclarc import spatial_mean
 
 @dataclass
@@ -114,9 +115,9 @@ def _evaluate_one(ckpt, names, test, target, artifact, paste_from, annotations, 
         raise UsageError(f"{ckpt} has classes {config['class_names']}, the first model {names}")
     net = net.to(dev)
     prep = preprocessing_of(config)
-    batch = collate([CxrDataset(test, prep)[i] for i in range(len(test))])
+    batch = load_batch(test, prep)
     images, y = batch["image"], batch["label"].numpy()
-    logits = _logits(net, images, dev, batch_size)
+    logits = batched_logits(net, images, dev, batch_size)
     pred = logits.argmax(1).numpy()
     out: dict = {"n": len(test), "accuracy": M.accuracy(pred, y),
                  "auroc": M.auroc(torch.softmax(logits, 1).numpy(), y)}
@@ -141,7 +142,7 @@ def _evaluate_one(ckpt, names, test, target, artifact, paste_from, annotations, 
         inserted = pred.copy()
         row_of = {s.index: r for r, s in enumerate(test.samples)}
         rows = np.array([row_of[int(i)] for i in attacked.index])
-        attacked_pred = _logits(net, attacked.images, dev, batch_size).argmax(1).numpy()
+        attacked_pred = batched_logits(net, attacked.images, dev, batch_size).argmax(1).numpy()
         inserted[rows] = attacked_pred
         out["artifact_class"] = names[target]
         out["artifact_inserted_accuracy"] = M.accuracy(inserted, y)
@@ -175,12 +176,6 @@ def _attack(test, target, prep, artifact, paste_from, names, seed) -> AttackedSe
     if artifact:
         return inject_attack(targets, prep, artifact, seed=seed)
     return paste_attack(targets, load_manifest(paste_from, class_names=names), prep, seed=seed)
-
-
-@torch.no_grad()
-def _logits(net, images: torch.Tensor, dev, batch_size: int) -> torch.Tensor:
-    net.eval()
-    return torch.cat([net(images[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(images), batch_size)])
 
 
 def _heatmaps(net, config, prep, images, targets, method, dev, batch_size) -> np.ndarray:

@@ -96,3 +96,10 @@ def accuracy(model: nn.Module, manifest: Manifest, prep: Preprocessing, device: 
     if manifest.multilabel:
         return float(((logits > 0).float() == labels).float().mean())
     return float((logits.argmax(1) == labels).float().mean())
+
+
+@torch.no_grad()
+def batched_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Logits ``(N, K)`` on CPU for in-memory images ``(N, C, H, W)``, in eval mode."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])

@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cxr_audit.annotate.store import read_annotations
-from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
+from cxr_audit.data.dataset import CxrDataset, collate, load_batch
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
 from cxr_audit.models.registry import family, file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
+from cxr_audit.training import batched_logits
 from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
 from cxr_audit.unlearn.engine import fit
@@ -218,7 +219,7 @@ class Validation:
 
     def __init__(self, train_set: Manifest, val_set: Manifest, prep, dev, context: Context, batch_size: int,
                  seed: int):
-        batch = collate([CxrDataset(val_set, prep, with_masks=False)[i] for i in range(len(val_set))])
+        batch = load_batch(val_set, prep, with_masks=False)
         self.images, self.labels = batch["image"], batch["label"]
         self.dev, self.batch_size = dev, batch_size
         clean = torch.tensor([not context.artifact.get(s.index, s.artifact or 0) for s in val_set.samples])
@@ -240,10 +241,7 @@ class Validation:
             self.description = "validation accuracy"
 
     def _logits(self, model, images: torch.Tensor) -> torch.Tensor:
-        model.eval()
-        with torch.no_grad():
-            return torch.cat([model(images[i:i + self.batch_size].to(self.dev)).float().cpu()
-                              for i in range(0, len(images), self.batch_size)])
+        return batched_logits(model, images, self.dev, self.batch_size)
 
     def score(self, model) -> float:
         pred = self._logits(model, self.images).argmax(1)

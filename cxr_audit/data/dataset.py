@@ -120,3 +120,10 @@ def collate(items: list[dict]) -> dict:
             continue
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
     return batch
+
+
+def load_batch(manifest: Manifest, prep: Preprocessing, with_masks: bool = True) -> dict:
+    """Every sample of ``manifest`` as one in-memory batch (see :func:`collate`): for the small
+    evaluation and validation sets that are scored many times."""
+    dataset = CxrDataset(manifest, prep, with_masks=with_masks)
+    return collate([dataset[i] for i in range(len(dataset))])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cxr_audit.data.artifacts import get_artifact
-from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
+from cxr_audit.data.dataset import Preprocessing, load_batch
 from cxr_audit.data.io import read_image
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
@@ -80,8 +80,8 @@ def paste_attack(test: Manifest, donors: Manifest, prep: Preprocessing, seed: in
                          "the artifact's class)")
     rng = np.random.default_rng(seed)
     chosen = [donor_rows[i] for i in rng.permutation(len(donor_rows))[:max_donors]]
-    donor_batch = collate([CxrDataset(Manifest(chosen, donors.class_names), prep)[i] for i in range(len(chosen))])
-    clean = collate([CxrDataset(test, prep, with_masks=False)[i] for i in range(len(test))])["image"]
+    donor_batch = load_batch(Manifest(chosen, donors.class_names), prep)
+    clean = load_batch(test, prep, with_masks=False)["image"]
     pick = torch.from_numpy(rng.integers(0, len(chosen), len(test)))
     masks = donor_batch["artifact_mask"][pick]
     images = clean * (1 - masks) + donor_batch["image"][pick] * masks
