@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--artifacts", nargs="+", default=["text", "marker", "frame", "ruler"])
     parser.add_argument("--cavs", nargs="+", default=["signal", "svm"])
     parser.add_argument("--mask-thresholds", nargs="+", default=["peak", "otsu"])
+    parser.add_argument("--mask-rules", nargs="+", default=["upsample", "zbox"])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8)
@@ -54,20 +55,21 @@ def main() -> None:
             for cav in args.cavs:
                 for layer in layers:
                     for thr in args.mask_thresholds:
-                        start = time.perf_counter()
-                        r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, mask_layer=layer, method=cav,
-                                     mask_threshold=thr, device=args.device)
-                        q = r.quality
-                        rows.append((arch, artifact, cav, layer, thr, q["retrieval_held_out"]["auroc"],
-                                     q["retrieval_held_out"]["ap"], q.get("mask_iou", float("nan")),
-                                     q.get("pointing_game", float("nan")), time.perf_counter() - start))
+                        for rule in args.mask_rules:
+                            start = time.perf_counter()
+                            r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, mask_layer=layer, method=cav,
+                                         mask_threshold=thr, mask_rule=rule, device=args.device)
+                            q = r.quality
+                            rows.append((arch, artifact, cav, layer, f"{thr}/{rule}", q["retrieval_held_out"]["auroc"],
+                                         q["retrieval_held_out"]["ap"], q.get("mask_iou", float("nan")),
+                                         q.get("pointing_game", float("nan")), time.perf_counter() - start))
     print(f"\nannotation quality from 5 seeds ({args.size}px phantoms, artifact in 90% of disease train images)")
-    header = (f"{'arch':9} {'artifact':9} {'cav':7} {'layer':12} {'mask thr':8} {'AUROC':>6} {'AP':>6} {'IoU':>6} "
+    header = (f"{'arch':9} {'artifact':9} {'cav':7} {'layer':12} {'mask thr/rule':16} {'AUROC':>6} {'AP':>6} {'IoU':>6} "
               f"{'point':>6} {'s':>5}")
     print(header)
     print("-" * len(header))
     for arch, artifact, cav, layer, thr, auroc, ap, miou, point, secs in rows:
-        print(f"{arch:9} {artifact:9} {cav:7} {layer:12} {thr:8} {auroc:6.3f} {ap:6.3f} {miou:6.3f} {point:6.2f} "
+        print(f"{arch:9} {artifact:9} {cav:7} {layer:12} {thr:16} {auroc:6.3f} {ap:6.3f} {miou:6.3f} {point:6.2f} "
               f"{secs:5.1f}")
 
 

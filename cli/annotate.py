@@ -45,6 +45,9 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
              no_masks: bool = typer.Option(False, "--no-masks", help="Only label samples; skip pixel masks."),
              mask_threshold: str = typer.Option("peak", "--mask-threshold",
                                                 help="'peak' (half the blurred maximum), 'otsu' or 'quantile' (top 5 %)."),
+             mask_rule: str = typer.Option("upsample", "--mask-rule",
+                                           help="How first-layer relevance reaches pixels: 'upsample' (bilinear), "
+                                                "'zbox' (LRP z^B rule: weighs pixels by intensity) or 'flat'."),
              blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px of input)."),
              dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
              model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),
@@ -58,7 +61,7 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                               cluster=cluster, reveal_json=reveal_json,
                               from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
-                              mask_threshold=mask_threshold, blur=blur, dilate=dilate, model=model, data=data,
+                              mask_threshold=mask_threshold, mask_rule=mask_rule, blur=blur, dilate=dilate, model=model, data=data,
                               device=device, seed=seed, on_progress=update)
     console.print(f"labelled {result.n_labelled} samples as the concept (layer {result.layer}, threshold "
                   f"{result.threshold:.3f})")

@@ -33,8 +33,10 @@ def inject(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder to
            out: Path = typer.Option(..., "--out", "-o", help="Folder for the new manifest, images and masks."),
            artifact: str = typer.Option("text", "--artifact", "-a", help=f"One of: {', '.join(ARTIFACTS)}."),
            prevalence: str = typer.Option(..., "--prevalence", "-p",
-                                          help="Fraction per group, e.g. 'disease=0.8,healthy=0' or '0.3' for all."),
-           by: str = typer.Option("label", "--by", help="Group rows by 'label' or 'source'."),
+                                          help="Fraction per group, e.g. 'disease=0.8,healthy=0', '0.3' for all, or "
+                                               "with --by source:label 'site0:disease=0.8,site0:*=0.1'."),
+           by: str = typer.Option("label", "--by",
+                                  help="Group rows by 'label', 'source', or 'source:label' (cells SOURCE:CLASS)."),
            splits: Optional[list[str]] = typer.Option(None, "--split",
                                                       help="Only inject into these splits (repeat or comma-separate)."),
            seed: int = typer.Option(0, "--seed", help="Random seed (which rows, where the artifact goes).")) -> None:

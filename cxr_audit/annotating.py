@@ -54,7 +54,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              layer: str | None = None, method: str = "signal", n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
-             blur: float | None = None, dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None,
+             mask_rule: str = "upsample", blur: float | None = None, dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None,
              data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
     """Label artifact samples and paint their masks; writes ``out`` (HDF5) and, with
@@ -65,6 +65,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     cluster id from ``reveal_json``: its members are the seeds) or ``from_column`` (``artifact``)
     selects the positives.
     """
+    if mask_rule not in MASK_RULES:
+        raise UsageError(f"mask rule must be one of {', '.join(MASK_RULES)}, got '{mask_rule}'")
     if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
         raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
     if cluster is not None:
@@ -126,11 +128,13 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     if masks and len(mask_rows):
         mask_cav = make_cav(method).fit(mask_acts[usable], labels[usable].astype(int))
         mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_cav.direction_, model, data,
-                                          device, batch_size, blur, mask_threshold, dilate, on_progress)
+                                          device, batch_size, blur, mask_threshold, dilate, on_progress,
+                                          first_rule=mask_rule)
         quality.update(mask_quality)
     options = {"layer": layer, "mask_layer": mask_layer, "method": method, "seeds": seeds, "negatives": negatives,
                "from_column": from_column, "concept": concept, "cluster": cluster, "n_negatives": n_negatives,
-               "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold, "blur": blur,
+               "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold,
+               "mask_rule": mask_rule, "blur": blur,
                "dilate": dilate, "seed": seed}
     _write_h5(out, meta, scan_path, options, index, scores, labels, thr, cav.direction_, fit_rows, mask_rows,
               mask_stack, quality)
@@ -186,6 +190,9 @@ def _label(scores, thr, pos, neg, usable) -> np.ndarray:
     return labels
 
 
+MASK_RULES = ("upsample", "zbox", "flat")
+
+
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,
            on_progress, first_rule="upsample"):
     ckpt = Path(model or meta["checkpoint"])
@@ -199,7 +206,7 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
     prep = preprocessing_of(config)
     manifest = load_manifest(data, class_names=config["class_names"])
     attribution = create_method("lrp", net, config["arch"], prep)
-    if hasattr(attribution, "first_rule"):
+    if hasattr(attribution, "first_rule"):  # LRP on VGG/ResNet; other architectures keep their input rule
         attribution.first_rule = first_rule
     capture = attribution.capture([layer])
     dataset = CxrDataset(manifest, prep)

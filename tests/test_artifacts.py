@@ -60,3 +60,33 @@ def test_inject_rejects_unknown_group(phantoms, tmp_path):
         inject(phantoms, tmp_path / "x", "text", "zebra=0.5")
     with pytest.raises(UsageError, match="unknown artifact"):
         inject(phantoms, tmp_path / "x", "sticker", "0.5")
+
+
+def test_inject_per_source_and_class_cell(tmp_path):
+    from collections import Counter
+
+    from cxr_audit.data.phantom import generate_phantoms
+
+    data = generate_phantoms(tmp_path / "ph", n=160, size=32, seed=2, sources=2)
+    out = inject(data, tmp_path / "grid", "text", "site0:disease=1,site0:*=0.5,*:healthy=0.25", by="source:label",
+                 seed=1)
+    m = load_manifest(out)
+    sizes = Counter((s.source, m.class_names[s.label]) for s in m.samples)
+    hits = Counter((s.source, m.class_names[s.label]) for s in m.samples if s.artifact == 1)
+    # the most specific key wins: site0:disease=1, site0:healthy -> site0:*=0.5, site1:healthy -> *:healthy
+    assert hits[("site0", "disease")] == sizes[("site0", "disease")]
+    assert hits[("site0", "healthy")] == round(0.5 * sizes[("site0", "healthy")])
+    assert hits[("site1", "healthy")] == round(0.25 * sizes[("site1", "healthy")])
+    assert hits[("site1", "disease")] == 0
+
+
+def test_inject_cell_keys_are_checked(tmp_path):
+    from cxr_audit.data.phantom import generate_phantoms
+
+    data = generate_phantoms(tmp_path / "ph", n=20, size=32, seed=2, sources=2)
+    with pytest.raises(UsageError, match="need --by source:label"):
+        inject(data, tmp_path / "x", "text", "site0:disease=1")
+    with pytest.raises(UsageError, match="unknown source or class"):
+        inject(data, tmp_path / "x", "text", "site7:disease=1", by="source:label")
+    with pytest.raises(UsageError, match="SOURCE:CLASS"):
+        inject(data, tmp_path / "x", "text", "disease=1", by="source:label")

@@ -1,4 +1,6 @@
-"""Insert a controlled artifact into a dataset at a chosen prevalence per class or source.
+"""Insert a controlled artifact into a dataset at a chosen prevalence per class, per source, or
+per source × class cell (e.g. a stamp on 80 % of hospital A's disease images and 10 % of its
+healthy ones, none at hospital B).
 
 Only images that receive the artifact are rewritten (8-bit PNG); the new manifest points at the
 original files for the rest, so injecting into a large dataset costs little disk. Every row
@@ -43,25 +45,26 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
            on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``out_dir/manifest.csv`` with ``artifact`` inserted into a fraction of each group.
 
-    ``by="label"`` keys ``prevalence`` by class name, ``by="source"`` by source; key ``*`` is
-    every group. Exactly ``round(p * n_group)`` eligible rows (optionally only those in
+    ``by="label"`` keys ``prevalence`` by class name, ``by="source"`` by source, and
+    ``by="source:label"`` by ``SOURCE:CLASS`` cells, where either side may be ``*``
+    (``"site0:disease=0.8,site0:*=0.1"``: the most specific key wins). Key ``*`` is every group. Exactly ``round(p * n_group)`` eligible rows (optionally only those in
     ``splits``) get the artifact, chosen with ``seed``. Returns the new manifest path.
     """
     if isinstance(prevalence, str):
         prevalence = parse_prevalence(prevalence)
-    if by not in ("label", "source"):
-        raise UsageError(f"--by must be 'label' or 'source', got '{by}'")
+    if by not in GROUPINGS:
+        raise UsageError(f"--by must be one of {', '.join(GROUPINGS)}, got '{by}'")
+    if by != "source:label" and any(":" in k for k in prevalence):
+        raise UsageError("prevalence keys of the form SOURCE:CLASS need --by source:label")
     manifest = load_manifest(data)
     art = get_artifact(artifact)
     groups = _groups(manifest, by)
-    unknown = [k for k in prevalence if k != "*" and k not in groups]
-    if unknown:
-        raise UsageError(f"prevalence names unknown {by}(s) {unknown}; known: {sorted(groups)}")
+    _check_keys(prevalence, groups, by)
     rng = np.random.default_rng(seed)
     chosen: set[int] = set()
     for key in sorted(groups):
         members = [i for i in groups[key] if splits is None or manifest[i].split in splits]
-        p = prevalence.get(key, prevalence.get("*", 0.0))
+        p = _lookup(prevalence, key)
         k = int(round(p * len(members)))
         chosen.update(int(i) for i in rng.permutation(members)[:k])
 
@@ -93,9 +96,45 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
     return out / "manifest.csv"
 
 
+GROUPINGS = ("label", "source", "source:label")
+
+
 def _groups(manifest: Manifest, by: str) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for s in manifest.samples:
-        key = manifest.class_names[s.label] if by == "label" else s.source
+        label = manifest.class_names[s.label]
+        key = {"label": label, "source": s.source, "source:label": f"{s.source}:{label}"}[by]
         groups.setdefault(key, []).append(s.index)
     return groups
+
+
+def _lookup(prevalence: dict[str, float], key: str) -> float:
+    """The most specific prevalence for a group key (``SOURCE:CLASS`` cells fall back to
+    ``SOURCE:*``, then ``*:CLASS``, then ``*``)."""
+    candidates = [key]
+    if ":" in key:
+        source, label = key.split(":", 1)
+        candidates += [f"{source}:*", f"*:{label}", "*:*"]
+    for k in candidates + ["*"]:
+        if k in prevalence:
+            return prevalence[k]
+    return 0.0
+
+
+def _check_keys(prevalence: dict[str, float], groups: dict[str, list[int]], by: str) -> None:
+    if by != "source:label":
+        unknown = [k for k in prevalence if k != "*" and k not in groups]
+        if unknown:
+            raise UsageError(f"prevalence names unknown {by}(s) {unknown}; known: {sorted(groups)}")
+        return
+    sources = {k.split(":", 1)[0] for k in groups}
+    labels = {k.split(":", 1)[1] for k in groups}
+    for k in prevalence:
+        if k == "*":
+            continue
+        if ":" not in k:
+            raise UsageError(f"with --by source:label every prevalence key is SOURCE:CLASS (or *), got '{k}'")
+        source, label = k.split(":", 1)
+        if (source != "*" and source not in sources) or (label != "*" and label not in labels):
+            raise UsageError(f"prevalence key '{k}' names an unknown source or class; sources {sorted(sources)}, "
+                             f"classes {sorted(labels)}")

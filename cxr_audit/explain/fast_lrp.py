@@ -79,26 +79,35 @@ class FlatInputConv(nn.Module):
         super().__init__()
         self.conv = conv
         self.output: torch.Tensor | None = None
+        self.input: torch.Tensor | None = None
         self.input_shape: torch.Size | None = None
 
     def forward(self, x):
         z = self.conv(x)
+        self.input = x.detach()
         self.input_shape = x.shape
         if torch.is_grad_enabled():
             z = z.detach().requires_grad_(True)
         self.output = z
         return z
 
-    def pixel_relevance(self, grad: torch.Tensor, rule: str = "flat") -> torch.Tensor:
+    def pixel_relevance(self, grad: torch.Tensor, rule: str = "flat",
+                        bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``(N, C_out, h, w)`` gradient at the output -> ``(N, H, W)`` pixel relevance.
 
         ``rule="flat"`` spreads each position's relevance uniformly over its receptive field (the
         Flat rule); ``"upsample"`` sums it over channels and resizes bilinearly to the input, which
         keeps small or thin structures (a 2-px frame) sharper than a 7x7 flat spread, at the
-        cost of exact conservation — used for masks, not for heatmaps.
+        cost of exact conservation; ``"zbox"`` is the z^B rule for bounded pixels (Montavon et al.,
+        2017, Pattern Recognition 65:211), which shares each position's relevance in proportion
+        to how far each pixel lies from the box ``bounds = (low, high)`` (per-channel tensors of
+        the normalised pixel range) in the direction the weight rewards — so a bright stroke on a
+        dark margin gets the relevance and the margin does not.
         """
         c = self.conv
         relevance = self.output.detach() * grad
+        if rule == "zbox":
+            return self._zbox(relevance, bounds)
         if rule == "upsample":
             up = F.interpolate(relevance.sum(1, keepdim=True), size=self.input_shape[-2:], mode="bilinear",
                                align_corners=False)
@@ -110,6 +119,24 @@ class FlatInputConv(nn.Module):
         out = F.conv_transpose2d(relevance / _stabilise(counts, EPSILON), ones_w, None, c.stride, c.padding,
                                  _output_padding(self.input_shape, grad, c), c.groups, c.dilation)
         return out.sum(1)
+
+
+    def _zbox(self, relevance: torch.Tensor, bounds) -> torch.Tensor:
+        if bounds is None:
+            raise ValueError("the zbox rule needs the normalised pixel bounds")
+        c, x = self.conv, self.input
+        low = torch.as_tensor(bounds[0], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand_as(x)
+        high = torch.as_tensor(bounds[1], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand_as(x)
+        w, wp, wn = c.weight, c.weight.clamp(min=0), c.weight.clamp(max=0)
+        args = (c.stride, c.padding, c.dilation, c.groups)
+        z = F.conv2d(x, w, None, *args) - F.conv2d(low, wp, None, *args) - F.conv2d(high, wn, None, *args)
+        s = relevance / _stabilise(z, EPSILON)
+        pad = _output_padding(self.input_shape, relevance, c)
+
+        def back(weight):
+            return F.conv_transpose2d(s, weight, None, c.stride, c.padding, pad, c.groups, c.dilation)
+
+        return (x * back(w) - low * back(wp) - high * back(wn)).sum(1)
 
 
 def _output_padding(input_shape, grad, c: nn.Conv2d):
