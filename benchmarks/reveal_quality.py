@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=240)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[11],
+                        help="phantom/injection/training seeds; several show the spread of the scores")
     args = parser.parse_args()
 
     import torch
@@ -40,38 +42,44 @@ def main() -> None:
     from cxr_audit.training import train
 
     torch.set_num_threads(2)
-    work = Path(tempfile.mkdtemp())
-    phantoms = generate_phantoms(work / "ph", n=args.n, size=args.size, seed=11)
+    root = Path(tempfile.mkdtemp())
     rows = []
-    for arch in args.archs:
-        for artifact in args.artifacts + ["none"]:
-            if artifact == "none":
-                data = phantoms
-            else:
-                data = inject(phantoms, work / artifact, artifact, {"disease": args.prevalence},
-                              splits=["train", "val"], seed=11)
-            ckpt = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size, epochs=args.epochs,
-                         batch_size=16).checkpoint
-            s = scan(ckpt, data, work / f"{arch}-{artifact}.h5", device="cpu").path
-            start = time.perf_counter()
-            result = reveal(s, work / f"r-{arch}-{artifact}", references=False)
-            secs = time.perf_counter() - start
-            with h5py.File(s) as f:
-                lookup = dict(zip(f["samples/index"][:].tolist(), f["samples/artifact"][:].tolist()))
-            truth = np.array([lookup[i] for i in result["sample_ids"]]) == 1
-            concept_auc = cluster_auc = float("nan")
-            if truth.any():
-                concept_auc = max(roc_auc_score(truth, c["scores"]["activation_max"]) for c in result["concepts"][:3])
-                ids = np.array(result["sample_ids"])
-                cluster_auc = max(roc_auc_score(truth, np.isin(ids, c["members"])) for c in result["clusters"][:3])
-            rows.append((arch, artifact, concept_auc, cluster_auc, result["concepts"][0]["suspicion"],
-                         1000 * secs / len(result["sample_ids"])))
+    for seed, arch, artifact in ((s, a, x) for s in args.seeds for a in args.archs for x in args.artifacts + ["none"]):
+        work = root / f"seed{seed}"
+        phantoms = generate_phantoms(work / "ph", n=args.n, size=args.size, seed=seed) \
+            if not (work / "ph" / "manifest.csv").exists() else work / "ph" / "manifest.csv"
+        if artifact == "none":
+            data = phantoms
+        else:
+            data = inject(phantoms, work / artifact, artifact, {"disease": args.prevalence},
+                          splits=["train", "val"], seed=seed)
+        ckpt = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size, epochs=args.epochs,
+                     batch_size=16, seed=seed).checkpoint
+        s = scan(ckpt, data, work / f"{arch}-{artifact}.h5", device="cpu").path
+        start = time.perf_counter()
+        result = reveal(s, work / f"r-{arch}-{artifact}", references=False)
+        secs = time.perf_counter() - start
+        with h5py.File(s) as f:
+            lookup = dict(zip(f["samples/index"][:].tolist(), f["samples/artifact"][:].tolist()))
+        truth = np.array([lookup[i] for i in result["sample_ids"]]) == 1
+        concept_auc = cluster_auc = float("nan")
+        if truth.any():
+            concept_auc = max(roc_auc_score(truth, c["scores"]["activation_max"]) for c in result["concepts"][:3])
+            ids = np.array(result["sample_ids"])
+            cluster_auc = max(roc_auc_score(truth, np.isin(ids, c["members"])) for c in result["clusters"][:3])
+        top = result["concepts"][0]
+        rows.append((seed, arch, artifact, concept_auc, cluster_auc, top["suspicion"], top.get("alarm", ""),
+                     top["contrast"], top["minority"], top["importance"], top.get("outside_lungs", float("nan")),
+                     1000 * secs / len(result["sample_ids"])))
+        print("done:", rows[-1], flush=True)
     print(f"\nreveal quality ({args.size}px phantoms, artifact in {args.prevalence:.0%} of disease train images)")
-    header = f"{'arch':9} {'artifact':9} {'top-3 concept AUROC':>20} {'top-3 cluster AUROC':>20} {'top suspicion':>14} {'s/1000':>7}"
+    header = (f"{'seed':>4} {'arch':9} {'artifact':9} {'concept AUROC':>13} {'cluster AUROC':>13} {'suspicion':>9} "
+              f"{'alarm':>5} {'contrast':>8} {'minority':>8} {'import.':>7} {'outside':>7} {'s/1000':>7}")
     print(header)
     print("-" * len(header))
-    for arch, artifact, c_auc, k_auc, susp, per_k in rows:
-        print(f"{arch:9} {artifact:9} {c_auc:20.3f} {k_auc:20.3f} {susp:14.3f} {per_k:7.1f}")
+    for seed, arch, artifact, c_auc, k_auc, susp, alarm, con, mino, imp, outside, per_k in rows:
+        print(f"{seed:4d} {arch:9} {artifact:9} {c_auc:13.3f} {k_auc:13.3f} {susp:9.3f} {str(alarm):>5} {con:8.3f} "
+              f"{mino:8.3f} {imp:7.3f} {outside:7.3f} {per_k:7.1f}")
 
 
 if __name__ == "__main__":

@@ -72,10 +72,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     target = _target_class(artifact_class_name, names, artifact, paste_from, manifest, annotations)
     result = EvaluationResult()
     labels = {"model": model} | ({"compare": compare} if compare else {})
+    inputs = _TestInputs(test, target, artifact, paste_from, names, seed)
     for label, ckpt in labels.items():
         say(f"evaluating {Path(ckpt).name}")
-        result.metrics[label] = _evaluate_one(ckpt, names, test, target, artifact, paste_from, annotations,
-                                              cav_method, attribution, sources, device, batch_size, seed)
+        result.metrics[label] = _evaluate_one(ckpt, names, inputs, annotations, cav_method, attribution, sources,
+                                              device, batch_size, seed)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -107,15 +108,38 @@ def _target_class(name, names, artifact, paste_from, manifest, annotations) -> i
     raise UsageError("cannot tell which class the artifact points to: pass --artifact-class")
 
 
-def _evaluate_one(ckpt, names, test, target, artifact, paste_from, annotations, cav_method, attribution,
-                  sources, device, batch_size, seed) -> dict:
+class _TestInputs:
+    """The test images and their artifact-inserted copies, read once per preprocessing, so a
+    before/after pair sharing it is evaluated on the very same tensors."""
+
+    def __init__(self, test, target, artifact, paste_from, names, seed):
+        self.test, self.target, self.artifact, self.paste_from = test, target, artifact, paste_from
+        self.names, self.seed = names, seed
+        self._batches: dict = {}
+        self._attacked: dict = {}
+
+    def batch(self, prep) -> dict:
+        if prep not in self._batches:
+            self._batches[prep] = load_batch(self.test, prep)
+        return self._batches[prep]
+
+    def attacked(self, prep) -> AttackedSet:
+        if prep not in self._attacked:
+            self._attacked[prep] = _attack(self.test, self.target, prep, self.artifact, self.paste_from, self.names,
+                                           self.seed)
+        return self._attacked[prep]
+
+
+def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, attribution, sources, device,
+                  batch_size, seed) -> dict:
+    test, target, artifact, paste_from = inputs.test, inputs.target, inputs.artifact, inputs.paste_from
     dev = resolve_device(device)
     net, config = load_checkpoint(ckpt)
     if config["class_names"] != names:
         raise UsageError(f"{ckpt} has classes {config['class_names']}, the first model {names}")
     net = net.to(dev)
     prep = preprocessing_of(config)
-    batch = load_batch(test, prep)
+    batch = inputs.batch(prep)
     images, y = batch["image"], batch["label"].numpy()
     logits = batched_logits(net, images, dev, batch_size)
     pred = logits.argmax(1).numpy()
@@ -138,7 +162,7 @@ def _evaluate_one(ckpt, names, test, target, artifact, paste_from, annotations, 
         out["sources"] = list(pair)
 
     if target is not None and (artifact or paste_from):
-        attacked = _attack(test, target, prep, artifact, paste_from, names, seed)
+        attacked = inputs.attacked(prep)
         inserted = pred.copy()
         row_of = {s.index: r for r, s in enumerate(test.samples)}
         rows = np.array([row_of[int(i)] for i in attacked.index])

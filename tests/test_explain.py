@@ -157,3 +157,30 @@ def test_fast_lrp_and_fast_zplus_rule_equal_zennit_epsilon_plus_flat(arch):
             torch.testing.assert_close(result.relevances[layer] / ref.abs().max(), ref / ref.abs().max(),
                                        rtol=1e-3, atol=1e-4)
     assert not torch.allclose(fast.heatmaps["pred"], torch.zeros_like(fast.heatmaps["pred"]))
+
+
+def test_zbox_first_rule_conserves_and_follows_bright_strokes():
+    """The z^B input rule (used for masks) keeps the first layer's relevance and, unlike Flat, puts
+    it on the bright stroke rather than on the dark margin around it."""
+    model = _bias_free("resnet18")
+    x = torch.full((2, 1, 64, 64), (0.05 - PREP.mean) / PREP.std)  # a dark image in normalised units
+    x[:, :, :, 30:32] = (0.95 - PREP.mean) / PREP.std  # with a 2-px bright vertical line
+    heat = {}
+    for rule in ("flat", "zbox"):
+        attribution = create_method("lrp", model, "resnet18", PREP)
+        attribution.first_rule = rule
+        capture = attribution.capture([])
+        with attribution.rules(), capture.attached(attribution.model):
+            expl = explain_batch(attribution, capture, x, {"pred": None})
+        heat[rule] = expl.heatmaps["pred"]
+    torch.testing.assert_close(heat["zbox"].sum((1, 2)), heat["flat"].sum((1, 2)), rtol=0.02, atol=1e-4)
+    line = torch.zeros(64, 64, dtype=torch.bool)
+    line[:, 30:32] = True
+    margin = torch.zeros(64, 64, dtype=torch.bool)
+    margin[:, 26:30] = margin[:, 32:36] = True
+
+    def share_on_line(h):
+        h = h.abs()
+        return (h[:, line].sum(1) / (h[:, line].sum(1) + h[:, margin].sum(1))).mean()
+
+    assert share_on_line(heat["zbox"]) > share_on_line(heat["flat"]) + 0.1
