@@ -47,7 +47,7 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                                                 help="'peak' (half the blurred maximum), 'otsu' or 'quantile' (top 5 %)."),
              mask_rule: str = typer.Option("upsample", "--mask-rule",
                                            help="How first-layer relevance reaches pixels: 'upsample' (bilinear), "
-                                                "'zbox' (LRP z^B rule: weighs pixels by intensity) or 'flat'."),
+                                                "'intensity' (z+ on pixel intensities: bright artifacts), 'zbox' or 'flat'."),
              blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px of input)."),
              dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
              model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),

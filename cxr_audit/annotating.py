@@ -190,7 +190,7 @@ def _label(scores, thr, pos, neg, usable) -> np.ndarray:
     return labels
 
 
-MASK_RULES = ("upsample", "zbox", "flat")
+MASK_RULES = ("upsample", "intensity", "zbox", "flat")
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,

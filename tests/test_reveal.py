@@ -115,3 +115,53 @@ def test_artifact_concepts_look_outside_the_lungs_more_than_clean_ones(shortcut_
     top = int(np.argmax(clean_acts.mean(0)))
     (clean_share,) = outside_lung_share(clean_scan, [("layer2", top, clean_ids)])
     assert 0 <= clean_share <= 1 and share > clean_share
+
+
+def _report_links(report):
+    """Every ``src``/``href`` the report uses."""
+    from html.parser import HTMLParser
+
+    links = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            links.extend(v for k, v in attrs if k in ("src", "href") and v)
+
+    Links().feed(report.read_text())
+    return links
+
+
+def test_report_is_self_contained(shortcut_scan, tmp_path):
+    """Opens offline: every image and link is a relative file inside the report folder."""
+    reveal(shortcut_scan, tmp_path / "r", references=False)
+    links = _report_links(tmp_path / "r" / "report.html")
+    assert links
+    for link in links:
+        assert "://" not in link and not link.startswith("/"), link
+        if not link.startswith("#"):
+            assert (tmp_path / "r" / link).is_file(), link
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(shortcut_scan, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                    if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium/Chrome binary on PATH: install one to run the browser rendering test")
+    reveal(shortcut_scan, tmp_path / "r")
+    report = (tmp_path / "r" / "report.html").resolve()
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                          "--v=0", "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if "Uncaught" in line or "Failed to load resource" in line
+              or "net::ERR_FILE_NOT_FOUND" in line]
+    assert not errors, errors
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<img") >= 4

@@ -98,16 +98,18 @@ class FlatInputConv(nn.Module):
         ``rule="flat"`` spreads each position's relevance uniformly over its receptive field (the
         Flat rule); ``"upsample"`` sums it over channels and resizes bilinearly to the input, which
         keeps small or thin structures (a 2-px frame) sharper than a 7x7 flat spread, at the
-        cost of exact conservation; ``"zbox"`` is the z^B rule for bounded pixels (Montavon et al.,
-        2017, Pattern Recognition 65:211), which shares each position's relevance in proportion
-        to how far each pixel lies from the box ``bounds = (low, high)`` (per-channel tensors of
-        the normalised pixel range) in the direction the weight rewards — so a bright stroke on a
-        dark margin gets the relevance and the margin does not.
+        cost of exact conservation. Two rules weigh pixels by their values, with ``bounds = (low,
+        high)`` the normalised pixel range: ``"zbox"``, the z^B rule for bounded inputs (Montavon
+        et al., 2017, Pattern Recognition 65:211), shares each position's relevance by how far each
+        pixel lies from the bound its weight points away from (dark pixels under negative weights
+        count as much as bright ones under positive weights); ``"intensity"`` is the z+ rule on the
+        raw, non-negative intensities ``x - low`` — relevance goes to bright pixels only, which
+        suits radiopaque artifacts (burned-in text, markers, rulers) and not dark ones.
         """
         c = self.conv
         relevance = self.output.detach() * grad
-        if rule == "zbox":
-            return self._zbox(relevance, bounds)
+        if rule in ("zbox", "intensity"):
+            return self._bounded(relevance, bounds, positive_only=rule == "intensity")
         if rule == "upsample":
             up = F.interpolate(relevance.sum(1, keepdim=True), size=self.input_shape[-2:], mode="bilinear",
                                align_corners=False)
@@ -121,13 +123,15 @@ class FlatInputConv(nn.Module):
         return out.sum(1)
 
 
-    def _zbox(self, relevance: torch.Tensor, bounds) -> torch.Tensor:
+    def _bounded(self, relevance: torch.Tensor, bounds, positive_only: bool) -> torch.Tensor:
         if bounds is None:
-            raise ValueError("the zbox rule needs the normalised pixel bounds")
+            raise ValueError("pixel-value rules need the normalised pixel bounds")
         c, x = self.conv, self.input
         low = torch.as_tensor(bounds[0], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand_as(x)
         high = torch.as_tensor(bounds[1], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand_as(x)
         w, wp, wn = c.weight, c.weight.clamp(min=0), c.weight.clamp(max=0)
+        if positive_only:  # z+ on x - low >= 0: contributions (x - low) w+
+            w, wn = wp, torch.zeros_like(wn)
         args = (c.stride, c.padding, c.dilation, c.groups)
         z = F.conv2d(x, w, None, *args) - F.conv2d(low, wp, None, *args) - F.conv2d(high, wn, None, *args)
         s = relevance / _stabilise(z, EPSILON)

@@ -127,13 +127,13 @@ class FastLRP(AttributionMethod):
     def gradient_leaf(self, x):
         return self.first_layer.output
 
-    #: how relevance at the first layer reaches the pixels: "flat" (LRP), or "upsample" / "zbox"
+    #: how relevance at the first layer reaches the pixels: "flat" (LRP), or "upsample" / "zbox" / "intensity"
     #: (sharper masks; see :meth:`~cxr_audit.explain.fast_lrp.FlatInputConv.pixel_relevance`)
     first_rule = "flat"
 
     def input_heatmap(self, x, x_grad, capture):
         bounds = None
-        if self.first_rule == "zbox":
+        if self.first_rule in ("zbox", "intensity"):
             mean, std = torch.as_tensor(self.prep.mean), torch.as_tensor(self.prep.std)
             bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
         return self.first_layer.pixel_relevance(x_grad, self.first_rule, bounds)
