@@ -25,11 +25,16 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
         result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, references=references, device=device,
                             on_progress=update)
     names = result["class_names"]
-    table = Table("concept", "layer:channel", "class", "suspicion", "members", title="most suspicious concepts")
+    table = Table("concept", "layer:channel", "class", "suspicion", "bimodality z", "alarm", "members",
+                  title="most suspicious concepts")
     for c in result["concepts"][:5]:
         table.add_row(str(c["id"]), f"{c['layer']}:{c['channel']}", names[c["class_index"]], f"{c['suspicion']:.3f}",
-                      str(len(c["members"])))
+                      f"{c['bimodality_z']:.1f}", "[red]yes[/]" if c["alarm"] else "", str(len(c["members"])))
     console.print(table)
+    alarm = result["alarm"]
+    console.print(f"[bold red]alarm[/]: a concept splits a class far beyond chance (z > {alarm['z_level']:.2f})"
+                  if alarm["raised"] else f"no alarm (no concept passes z > {alarm['z_level']:.2f} with its "
+                  "relevance mostly outside the lungs)")
     console.print(f"annotate the top concept: cxr-audit annotate {scan} --concept "
                   f"{result['concepts'][0]['layer']}:{result['concepts'][0]['channel']} "
                   f"--layer {result['concepts'][0]['layer']} --out ann.h5" if result["concepts"] else "no concepts found")

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
-from cxr_audit.reveal.concepts import rank_concepts
+from cxr_audit.reveal.concepts import alarm_level, rank_concepts
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.runtime import now, versions
@@ -42,9 +42,11 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         heat = f[f"heatmaps/{target}"][:][rows].astype(np.float32)
         layer_data = {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]}
     names = meta["class_names"]
-    concepts = []
+    concepts, n_tested = [], 0
     for i, (layer, (acts, rel)) in enumerate(layer_data.items()):
-        for finding in rank_concepts(layer, acts, rel, classes[rows], sources[rows], top=top):
+        findings = rank_concepts(layer, acts, rel, classes[rows], sources[rows], top=top)
+        n_tested += len(findings)
+        for finding in findings:
             record = asdict(finding)
             record["members"] = [int(index[rows[m]]) for m in finding.members]
             record["scores"] = {"activation_max": [float(v) for v in acts[:, finding.channel]]}
@@ -53,8 +55,10 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
             on_progress(i + 1, len(layer_data) + 1, "concepts")
     concepts.sort(key=lambda c: -c["suspicion"])
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
+    level = alarm_level(n_tested)
     for rank, c in enumerate(concepts):
         c["id"] = rank
+        c["alarm"] = bool(c["bimodality_z"] > level and c.get("outside_lungs", 1.0) > 0.5)
     # one concept layer: the middle scanned one, as annotate's default
     middle = list(layer_data)[len(layer_data) // 2]
     acts, rel = layer_data[middle]
@@ -66,7 +70,9 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     if on_progress:
         on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
     result = {"scan": str(Path(scan_path).resolve()), "target": target, "class_names": names,
-              "sample_ids": [int(index[r]) for r in rows], "concepts": concepts, "clusters": clusters,
+              "sample_ids": [int(index[r]) for r in rows],
+              "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested},
+              "concepts": concepts, "clusters": clusters,
               "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
               "versions": versions()}
     (out / "reveal.json").write_text(json.dumps(result, indent=1))
@@ -208,15 +214,25 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
     if prev.get("warning"):
         parts.append(f"<p><b>Warning:</b> label prevalence differs across sources by up to "
                      f"{prev['max_difference']:.0%}: the model can learn the source instead of the disease.</p>")
+    alarm = result["alarm"]
+    alarmed = [c["id"] for c in result["concepts"] if c["alarm"]]
+    parts.append(f"<p><b>{'Alarm' if alarm['raised'] else 'No alarm'}:</b> "
+                 + (f"concept(s) {', '.join(map(str, alarmed))} split a class into two groups far beyond what one "
+                    f"skewed group of this size gives (bimodality z &gt; {alarm['z_level']:.2f}, the Bonferroni 5 % "
+                    f"level over {alarm['tests']} tests)" if alarm["raised"] else
+                    f"no concept's split passes the Bonferroni 5 % level (z &gt; {alarm['z_level']:.2f} over "
+                    f"{alarm['tests']} tests) with its relevance mostly outside the lungs")
+                 + ". The ranking below is for inspection either way.</p>")
     parts.append("<h2>Most suspicious concepts</h2><table><tr><th>id</th><th>layer:channel</th><th>class</th>"
                  "<th>suspicion</th><th>contrast</th><th>minority</th><th>importance</th><th>outside lungs</th>"
-                 "<th>members</th></tr>")
+                 "<th>bimodality z</th><th>alarm</th><th>members</th></tr>")
     names = result["class_names"]
     for c in result["concepts"]:
         parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['layer'])}:{c['channel']}</td>"
                      f"<td>{html.escape(names[c['class_index']])}</td><td>{c['suspicion']:.3f}</td>"
                      f"<td>{c['contrast']:.2f}</td><td>{c['minority']:.2f}</td><td>{c['importance']:.2f}</td>"
-                     f"<td>{c.get('outside_lungs', float('nan')):.2f}</td><td>{len(c['members'])}</td></tr>")
+                     f"<td>{c.get('outside_lungs', float('nan')):.2f}</td><td>{c['bimodality_z']:.1f}</td>"
+                     f"<td>{'yes' if c['alarm'] else ''}</td><td>{len(c['members'])}</td></tr>")
     parts.append("</table>")
     for c in result["concepts"][:3]:
         order = np.argsort(-np.array(c["scores"]["activation_max"]))[:gallery]

@@ -52,10 +52,24 @@ def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
         assert img in html and (tmp_path / "r" / img).stat().st_size > 1000
 
 
-def test_suspicion_is_lower_without_a_shortcut(shortcut_scan, clean_scan, tmp_path):
-    with_shortcut = reveal(shortcut_scan, tmp_path / "a")["concepts"][0]["suspicion"]
-    without = reveal(clean_scan, tmp_path / "b")["concepts"][0]["suspicion"]
-    assert without < with_shortcut
+def test_suspicion_is_lower_and_no_alarm_without_a_shortcut(shortcut_scan, clean_scan, tmp_path):
+    with_shortcut = reveal(shortcut_scan, tmp_path / "a", references=False)
+    without = reveal(clean_scan, tmp_path / "b", references=False)
+    assert without["concepts"][0]["suspicion"] < with_shortcut["concepts"][0]["suspicion"]
+    # the calibrated test: the shortcut model alarms, the clean one does not
+    assert with_shortcut["alarm"]["raised"] and not without["alarm"]["raised"]
+    alarmed = [c for c in with_shortcut["concepts"] if c["alarm"]]
+    truth = _artifact(shortcut_scan, with_shortcut["sample_ids"])
+    assert max(roc_auc_score(truth, c["scores"]["activation_max"]) for c in alarmed) > 0.9
+
+
+def test_bimodality_z_separates_two_groups_from_one_skewed_group():
+    from cxr_audit.reveal.concepts import alarm_level, bimodality_z
+
+    rng = np.random.default_rng(0)
+    level = alarm_level(30)
+    assert all(bimodality_z(rng.gamma(k, 1.0, 200), seed=i) < level for i, k in enumerate((0.7, 2, 8)))
+    assert bimodality_z(np.r_[rng.normal(1, 0.3, 120), rng.normal(3, 0.3, 80)]) > level
 
 
 def test_cli_reveal_and_wrong_file(shortcut_scan, tmp_path):

@@ -36,6 +36,7 @@ class ConceptFinding:
     minority: float
     importance: float
     outlier: float
+    bimodality_z: float = 0.0
     members: list[int] = field(default_factory=list)  # scan rows above the split
     source_association: dict = field(default_factory=dict)
 
@@ -58,6 +59,43 @@ def split_quality(values: np.ndarray) -> tuple[float, float, float]:
     eta = max(0.0, (raw - GAUSSIAN_ETA) / (1 - GAUSSIAN_ETA))
     contrast = float(np.clip(1 - lo.mean() / hi.mean(), 0, 1)) if hi.mean() > 0 else 0.0
     return float(eta), contrast, cut
+
+
+def _between_variance_ratio(values: np.ndarray) -> float:
+    var = values.var()
+    if var <= 1e-12:
+        return 0.0
+    cut = otsu_threshold(values)
+    lo, hi = values[values <= cut], values[values > cut]
+    if len(lo) == 0 or len(hi) == 0:
+        return 0.0
+    return len(lo) * len(hi) / len(values) ** 2 * (lo.mean() - hi.mean()) ** 2 / var
+
+
+def bimodality_z(values: np.ndarray, draws: int = 200, seed: int = 0) -> float:
+    """z-score of the best two-way split of ``values (n,)`` against a unimodal null: ``draws``
+    samples of size n from the gamma distribution with the same mean and variance (a normal one
+    when the mean is not positive). Large for two separated groups, near 0 for one skewed bump."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 8 or values.var() <= 1e-12:
+        return 0.0
+    observed = _between_variance_ratio(values)
+    rng = np.random.default_rng(seed)
+    mean, var = values.mean(), values.var()
+    if mean > 0:
+        shape, scale = mean ** 2 / var, var / mean
+        null = rng.gamma(shape, scale, size=(draws, len(values)))
+    else:
+        null = rng.normal(mean, np.sqrt(var), size=(draws, len(values)))
+    ratios = np.array([_between_variance_ratio(row) for row in null])
+    return float((observed - ratios.mean()) / max(ratios.std(), 1e-6))
+
+
+def alarm_level(n_tests: int, alpha: float = 0.05) -> float:
+    """One-sided Bonferroni critical z for ``n_tests`` tests at family-wise level ``alpha``."""
+    from scipy.stats import norm
+
+    return float(norm.isf(alpha / max(n_tests, 1)))
 
 
 def concept_outliers(relevance: np.ndarray, n_neighbors: int = 20) -> np.ndarray:
@@ -96,10 +134,13 @@ def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, cl
             minority = 4 * p * (1 - p)
             findings.append(ConceptFinding(layer, int(c), int(k), float(contrast * minority * importance[c]),
                                            contrast, eta, minority, float(importance[c]), float(outlier[c]),
-                                           above.tolist(),
-                                           _source_association(above, rows, sources)))
+                                           members=above.tolist(),
+                                           source_association=_source_association(above, rows, sources)))
     findings.sort(key=lambda f: -f.suspicion)
-    return findings[:top]
+    findings = findings[:top]
+    for f in findings:  # the test is costlier than the score: only for the findings kept
+        f.bimodality_z = bimodality_z(activations[classes == f.class_index, f.channel], seed=f.channel)
+    return findings
 
 
 def _source_association(members: np.ndarray, rows: np.ndarray, sources: np.ndarray | None) -> dict:
