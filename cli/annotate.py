@@ -44,7 +44,8 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
              masks_dir: Optional[Path] = typer.Option(None, "--masks", help="Folder for mask PNGs, annotated.csv, contact sheet."),
              no_masks: bool = typer.Option(False, "--no-masks", help="Only label samples; skip pixel masks."),
              mask_threshold: str = typer.Option("peak", "--mask-threshold",
-                                                help="'peak' (half the blurred maximum), 'otsu' or 'quantile' (top 5 %)."),
+                                                help="'peak' (half the blurred maximum; 'peak:0.3' for another fraction), "
+                                                     "'otsu' or 'quantile' (top 5 %)."),
              mask_rule: str = typer.Option("upsample", "--mask-rule",
                                            help="How first-layer relevance reaches pixels: 'upsample' (bilinear), "
                                                 "'intensity' (z+ on pixel intensities: bright artifacts), 'zbox' or 'flat'."),

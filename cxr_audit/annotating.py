@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from cxr_audit.annotate.cav import make_cav
-from cxr_audit.annotate.masks import binarise, concept_heatmaps, otsu_threshold
+from cxr_audit.annotate.masks import binarise, concept_heatmaps, otsu_threshold, parse_threshold
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.io import read_image, read_mask, write_png
@@ -65,6 +65,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     cluster id from ``reveal_json``: its members are the seeds) or ``from_column`` (``artifact``)
     selects the positives.
     """
+    parse_threshold(mask_threshold)  # fail before any work
     if mask_rule not in MASK_RULES:
         raise UsageError(f"mask rule must be one of {', '.join(MASK_RULES)}, got '{mask_rule}'")
     if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:

@@ -24,7 +24,8 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
            on_progress: Callable[..., None] | None = None) -> dict:
     """Analyse a scan; returns the ``reveal.json`` content (also written to ``out_dir``).
 
-    Concepts are ranked by suspicion over all scanned layers (:mod:`cxr_audit.reveal.concepts`);
+    Concepts are ranked by suspicion over all scanned layers, those that raise an alarm first
+    (:mod:`cxr_audit.reveal.concepts`);
     SpRAy clusters (per explained class) are ranked by how much their mean heatmap differs from
     the rest of the class, times how small they are. With ``references`` (needs the scanned model
     and data), the report shows each top concept's CRP conditional heatmaps and crops.
@@ -56,9 +57,13 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts.sort(key=lambda c: -c["suspicion"])
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
     level = alarm_level(n_tested)
+    for c in concepts:
+        c["alarm"] = bool(c["bimodality_z"] > level and c.get("outside_lungs", 1.0) > 0.5)
+    # concepts that pass the test come first: on the phantom benchmark the high-suspicion concepts
+    # that fail it were the *complement* of the artifact (on for the class's stamp-free samples)
+    concepts.sort(key=lambda c: (not c["alarm"], -c["suspicion"]))
     for rank, c in enumerate(concepts):
         c["id"] = rank
-        c["alarm"] = bool(c["bimodality_z"] > level and c.get("outside_lungs", 1.0) > 0.5)
     # one concept layer: the middle scanned one, as annotate's default
     middle = list(layer_data)[len(layer_data) // 2]
     acts, rel = layer_data[middle]

@@ -56,11 +56,27 @@ def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
 MASK_THRESHOLDS = ("peak", "otsu", "quantile")
 
 
+def parse_threshold(threshold: str) -> tuple[str, float]:
+    """``"peak"`` -> ``("peak", 0.5)``, ``"peak:0.3"`` -> ``("peak", 0.3)``; ``"otsu"``/``"quantile"`` as is."""
+    name, _, value = threshold.partition(":")
+    if name not in MASK_THRESHOLDS or (value and name != "peak"):
+        raise UsageError(f"mask threshold must be one of {', '.join(MASK_THRESHOLDS)} (or peak:FRACTION), "
+                         f"got '{threshold}'")
+    try:
+        fraction = float(value) if value else 0.5
+    except ValueError:
+        raise UsageError(f"mask threshold 'peak:{value}' needs a number, e.g. peak:0.3") from None
+    if not 0 < fraction < 1:
+        raise UsageError(f"peak fraction must be in (0, 1), got {fraction}")
+    return name, fraction
+
+
 def binarise(heatmap: np.ndarray, blur_sigma: float, threshold: str = "peak", quantile: float = 0.95,
-             dilate: int = 0, peak_fraction: float = 0.5) -> np.ndarray:
-    """``(H, W)`` non-negative concept heatmap -> bool mask (blur, threshold, dilation)."""
-    if threshold not in MASK_THRESHOLDS:
-        raise UsageError(f"mask threshold must be one of {', '.join(MASK_THRESHOLDS)}, got '{threshold}'")
+             dilate: int = 0) -> np.ndarray:
+    """``(H, W)`` non-negative concept heatmap -> bool mask (blur, threshold, dilation).
+    ``threshold``: ``peak[:FRACTION]`` (pixels above FRACTION, default 0.5, of the blurred
+    maximum), ``otsu`` or ``quantile``."""
+    threshold, peak_fraction = parse_threshold(threshold)
     smooth = gaussian_filter(heatmap.astype(np.float64), sigma=blur_sigma) if blur_sigma > 0 else heatmap
     if smooth.max() <= 0:
         return np.zeros(heatmap.shape, bool)
