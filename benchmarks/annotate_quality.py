@@ -2,6 +2,7 @@
 architecture, CAV estimator and layer, from 5 seed positives.
 
     .venv/bin/python benchmarks/annotate_quality.py [--archs resnet18 vgg11] [--artifacts text marker frame ruler]
+        [--mask-rules upsample intensity] [--mask-thresholds peak peak:0.3 otsu]
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def main() -> None:
     parser.add_argument("--artifacts", nargs="+", default=["text", "marker", "frame", "ruler"])
     parser.add_argument("--cavs", nargs="+", default=["signal", "svm"])
     parser.add_argument("--mask-thresholds", nargs="+", default=["peak", "otsu"])
-    parser.add_argument("--mask-rules", nargs="+", default=["upsample", "zbox"])
+    parser.add_argument("--mask-rules", nargs="+", default=["upsample", "intensity"])
+    parser.add_argument("--blur", type=float, default=None, help="mask blur sigma in px (default: annotate's)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8)
@@ -58,7 +60,8 @@ def main() -> None:
                         for rule in args.mask_rules:
                             start = time.perf_counter()
                             r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, mask_layer=layer, method=cav,
-                                         mask_threshold=thr, mask_rule=rule, device=args.device)
+                                         mask_threshold=thr, mask_rule=rule, blur=args.blur,
+                                         device=args.device)
                             q = r.quality
                             rows.append((arch, artifact, cav, layer, f"{thr}/{rule}", q["retrieval_held_out"]["auroc"],
                                          q["retrieval_held_out"]["ap"], q.get("mask_iou", float("nan")),
