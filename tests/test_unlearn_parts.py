@@ -170,3 +170,23 @@ def test_sharded_batches_partition_the_global_batches():
     r1 = list(ShardedBatchSampler(10, 4, seed=3, rank=1, world_size=2))
     assert [a + b for a, b in zip(r0, r1)] == one
     assert len(ShardedBatchSampler(10, 4, seed=3, rank=0, world_size=2)) == len(r0)
+
+
+@pytest.mark.parametrize("method", ["rrr", "isnet"])
+def test_double_backprop_penalties_train_a_vit(method):
+    """Penalties on a gradient need the attention's second derivative: the fused CPU/flash
+    attention kernels have none, so the engine switches to the math kernel for these methods."""
+    from cxr_audit.unlearn.engine import _attention_kernel
+
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", 2, 1, 32).train()
+    mitigation = get_mitigation(method)
+    assert mitigation.double_backward
+    fg = torch.zeros(4, 1, 32, 32)
+    fg[:, :, 8:24, 8:24] = 1
+    b = batch(fg=fg)
+    if method == "isnet":
+        mitigation.prepare(model, Context(num_classes=2), [b])
+    with _attention_kernel(mitigation):
+        _, penalty = mitigation.forward(model, b, b["image"])
+    assert penalty is not None and torch.isfinite(penalty) and grads_reach(model, penalty)

@@ -50,6 +50,9 @@ class Mitigation:
     default_lambdas: tuple[float, ...] = ()
     trains: bool = True  # False: the method edits the model without training (P-ClArC)
     freeze_by_default: bool = False  # freeze up to the CAV layer unless told otherwise
+    #: the penalty differentiates a gradient (double backprop): attention must then use the
+    #: plain-math kernel, the fused CPU/flash kernels have no second derivative
+    double_backward: bool = False
 
     def __init__(self, **options):
         self.options = options

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Sampler
 
 from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
@@ -96,6 +98,11 @@ def freeze_up_to(model: nn.Module, layer: str) -> list[nn.Module]:
     return frozen
 
 
+def _attention_kernel(mitigation: Mitigation):
+    """Plain-math scaled-dot-product attention when the penalty needs a second derivative."""
+    return sdpa_kernel(SDPBackend.MATH) if mitigation.double_backward else nullcontext()
+
+
 def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torch.device, *,
         mitigation: Mitigation | None = None, context: Context | None = None, lambda_: float = 0.0,
         balance: GroupBalance | None = None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
@@ -143,7 +150,7 @@ def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torc
             x, y = batch["image"].to(device), batch["label"].to(device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp):
+            with autocast(device, amp), _attention_kernel(mitigation):
                 logits, penalty = mitigation.forward(net, batch, x)
             ce = _per_sample_loss(logits.float(), y, train_set.multilabel)
             loss = balance.loss(ce, batch["index"]) if balance else ce.mean()

@@ -21,6 +21,7 @@ class EXBL(Mitigation):
     """
 
     name = "exbl"
+    double_backward = True
     needs = ("artifact_mask",)
     default_lambdas = (0.1, 1.0, 10.0)
     CAM_LAYER = {"resnet": "layer4", "vgg": "features"}

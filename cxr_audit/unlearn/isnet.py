@@ -46,6 +46,7 @@ class ISNet(Mitigation):
     """
 
     name = "isnet"
+    double_backward = True
     needs = ("mask",)
     default_lambdas = (0.1, 1.0, 10.0)
 

@@ -30,6 +30,7 @@ class RRClArC(Mitigation):
     """
 
     name = "rrclarc"
+    double_backward = True
     needs = ("cav",)
     default_lambdas = (1e3, 1e4, 1e5, 1e6, 1e7)
     freeze_by_default = True

@@ -17,6 +17,7 @@ class RRR(Mitigation):
     """
 
     name = "rrr"
+    double_backward = True
     needs = ("artifact_mask",)
     default_lambdas = (1e1, 1e2, 1e3, 1e4)
 
