@@ -76,7 +76,6 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
     truth = np.isin(found["sample_ids"], _manifest_ids(scan_path, share["rows"]))
     best = max(roc_auc_score(truth, c["scores"]["activation_max"]) for c in found["concepts"][:3])
     result.metrics["artifact retrieval AUROC (best of top-3 revealed concepts)"] = best
-    result.metrics["reveal alarm (concepts passing the calibrated test)"] = sum(c["alarm"] for c in found["concepts"])
     result.files["reveal report"] = out / "reveal" / "report.html"
 
     say("annotating: CAV from 5 artifact examples labels the rest and paints masks")
