@@ -129,18 +129,18 @@ class FlatInputConv(nn.Module):
         c, x = self.conv, self.input
         low = torch.as_tensor(bounds[0], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand_as(x)
         high = torch.as_tensor(bounds[1], dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand_as(x)
-        w, wp, wn = c.weight, c.weight.clamp(min=0), c.weight.clamp(max=0)
-        if positive_only:  # z+ on x - low >= 0: contributions (x - low) w+
-            w, wn = wp, torch.zeros_like(wn)
+        wp, wn = c.weight.clamp(min=0), c.weight.clamp(max=0)
+        # (input, weight) pairs whose contributions input * weight add up to each position's z
+        if positive_only:  # z+ on the non-negative intensities x - low
+            terms = [(x - low, wp)]
+        else:  # z^B: x w - low w+ - high w-
+            terms = [(x, c.weight), (-low, wp), (-high, wn)]
         args = (c.stride, c.padding, c.dilation, c.groups)
-        z = F.conv2d(x, w, None, *args) - F.conv2d(low, wp, None, *args) - F.conv2d(high, wn, None, *args)
+        z = sum(F.conv2d(a, w, None, *args) for a, w in terms)
         s = relevance / _stabilise(z, EPSILON)
         pad = _output_padding(self.input_shape, relevance, c)
-
-        def back(weight):
-            return F.conv_transpose2d(s, weight, None, c.stride, c.padding, pad, c.groups, c.dilation)
-
-        return (x * back(w) - low * back(wp) - high * back(wn)).sum(1)
+        return sum(a * F.conv_transpose2d(s, w, None, c.stride, c.padding, pad, c.groups, c.dilation)
+                   for a, w in terms).sum(1)
 
 
 def _output_padding(input_shape, grad, c: nn.Conv2d):
