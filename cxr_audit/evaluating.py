@@ -15,7 +15,8 @@ inserted artifacts, computes (keys of ``metrics.json``; ``gate`` thresholds use 
   ``artifact_gradient_share``: the same with gradient × input (= LRP-0 for ReLU networks). Both,
   because they disagree after gradient-based mitigations: RRR drives input gradients in the mask
   to zero (G×I share falls ~90 % on phantoms) while LRP-z+ relevance, which follows positive
-  activations rather than sensitivity, can stay where it was;
+  activations rather than sensitivity, can stay where it was (docs/evaluate.md: z+, γ-box and
+  α2β1 all keep the share after RRR/RR-ClArC; "the share falls" is read on the G×I one);
 * with lung masks: ``activation_precision`` (top-5 % relevance pixels inside the lungs);
 * with ``annotations``: ``tcav_score`` (share of the artifact class's test samples whose logit
   increases along the CAV; Kim et al., 2018, ICML) and ``tcav_sensitivity`` (mean directional
