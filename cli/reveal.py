@@ -19,10 +19,13 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
            max_k: int = typer.Option(8, "--max-k", help="Largest number of SpRAy clusters per class."),
            references: bool = typer.Option(True, "--references/--no-references",
                                            help="CRP conditional heatmaps and crops per top concept (needs the scanned model)."),
+           embedding: str = typer.Option("tsne", "--embedding",
+                                         help="2-D embedding of each class's heatmaps: 'tsne' or 'umap'."),
            device: str = typer.Option("cpu", "--device")) -> None:
     """Rank suspicious concepts and explanation clusters; write reveal.json and an HTML report."""
     with progress_bar("reveal") as update:
-        result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, references=references, device=device,
+        result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, references=references, embedding=embedding,
+                            device=device,
                             on_progress=update)
     names = result["class_names"]
     table = Table("concept", "layer:channel", "class", "suspicion", "bimodality z", "alarm", "members",

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from cxr_audit.errors import UsageError
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import alarm_level, rank_concepts
 from cxr_audit.reveal.location import outside_lung_share
@@ -20,7 +21,7 @@ from cxr_audit.store.h5 import open_scan, read_meta
 
 
 def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,
-           max_k: int = 8, gallery: int = 8, references: bool = True, device: str = "cpu",
+           max_k: int = 8, gallery: int = 8, references: bool = True, embedding: str = "tsne", device: str = "cpu",
            on_progress: Callable[..., None] | None = None) -> dict:
     """Analyse a scan; returns the ``reveal.json`` content (also written to ``out_dir``).
 
@@ -69,13 +70,15 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     acts, rel = layer_data[middle]
     spaces = {"heatmap": prepare_heatmaps(heat), f"relevance:{middle}": profile_features(rel),
               f"activation:{middle}": profile_features(acts)}
-    clusters, per_class = _clusters(spaces, classes[rows], rows, index, max_k)
+    if embedding not in EMBEDDINGS:
+        raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
+    clusters, per_class = _clusters(spaces, classes[rows], rows, index, max_k, embedding)
     _export_virelay(out / "reveal.virelay.h5", per_class, names)
     _scatter(out / "embedding.png", per_class, names, sources, labels, index)
     if on_progress:
         on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
     result = {"scan": str(Path(scan_path).resolve()), "target": target, "class_names": names,
-              "sample_ids": [int(index[r]) for r in rows],
+              "sample_ids": [int(index[r]) for r in rows], "embedding": embedding,
               "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested},
               "concepts": concepts, "clusters": clusters,
               "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
@@ -106,7 +109,7 @@ def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, ref
     return sorted(concepts, key=lambda c: -c["suspicion"])
 
 
-def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k) -> tuple[list[dict], dict]:
+def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding) -> tuple[list[dict], dict]:
     """Spectral clusters per explained class in each feature space (``heatmap``, and CRP
     ``relevance:<layer>`` / ``activation:<layer>`` profiles), all ranked together by
     ``distinctness × 4 p (1 - p)``: how different the cluster's mean normalised profile is from
@@ -121,7 +124,8 @@ def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k) -> tup
             features = all_features[members]
             result = spray(features, max_k=max_k)
             if space == "heatmap":
-                per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "tsne": _tsne(features)}
+                per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "method": embedding,
+                                     "embedding": EMBEDDINGS[embedding](features)}
             for c in range(result.k):
                 inside = members[result.labels == c]
                 if len(inside) == len(members):
@@ -157,9 +161,23 @@ def _tsne(features: np.ndarray) -> np.ndarray:
     return TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(features).astype(np.float32)
 
 
+def _umap(features: np.ndarray) -> np.ndarray:
+    """2-D UMAP (McInnes et al., 2018, arXiv:1802.03426) of ``(N, D)`` features; degenerate
+    inputs give zeros, as for t-SNE."""
+    if len(features) < 6 or len(np.unique(features.round(12), axis=0)) < 6:
+        return np.zeros((len(features), 2), np.float32)
+    import umap  # slow to import (numba): only when asked for
+
+    neighbours = int(min(15, len(features) - 1))
+    return umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=0, n_jobs=1).fit_transform(features).astype(np.float32)
+
+
+EMBEDDINGS = {"tsne": _tsne, "umap": _umap}
+
+
 def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:
     """Embeddings and clusterings in ViRelAy's analysis-database layout:
-    ``/<category>/index``, ``/<category>/embedding/{spectral,tsne}``, ``/<category>/cluster/<name>``."""
+    ``/<category>/index``, ``/<category>/embedding/{spectral,tsne|umap}``, ``/<category>/cluster/<name>``."""
     import h5py
 
     with h5py.File(path, "w") as f:
@@ -168,12 +186,12 @@ def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:
             g["index"] = np.asarray(data["ids"], dtype=np.uint32)
             spectral = g.create_dataset("embedding/spectral", data=data["spray"].embedding.astype(np.float32))
             spectral.attrs["eigenvalue"] = data["spray"].eigenvalues.astype(np.float32)
-            g["embedding/tsne"] = data["tsne"]
+            g[f"embedding/{data['method']}"] = data["embedding"]
             g[f"cluster/spray-k{data['spray'].k}"] = data["spray"].labels.astype(np.uint32)
 
 
 def _scatter(path: Path, per_class: dict, names, sources, labels, index) -> None:
-    """t-SNE of each class's heatmaps, coloured by SpRAy cluster and by source."""
+    """2-D embedding (t-SNE or UMAP) of each class's heatmaps, coloured by SpRAy cluster and by source."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,7 +202,7 @@ def _scatter(path: Path, per_class: dict, names, sources, labels, index) -> None
     row_of = {int(i): r for r, i in enumerate(index)}
     fig, axes = plt.subplots(len(per_class), 2, figsize=(7, 3.2 * len(per_class)), squeeze=False)
     for ax_row, (k, data) in zip(axes, per_class.items()):
-        xy = data["tsne"]
+        xy = data["embedding"]
         ax_row[0].scatter(xy[:, 0], xy[:, 1], c=data["spray"].labels, cmap="tab10", s=8)
         ax_row[0].set_title(f"{names[k]}: SpRAy clusters", fontsize=8)
         src = np.array([sources[row_of[int(i)]] for i in data["ids"]])
@@ -251,7 +269,8 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
                                     device=device)
             parts.append(f"<img src='{ref.name}'>")
     if (out / "embedding.png").exists():
-        parts.append("<h2>Heatmap embedding (t-SNE)</h2><img src='embedding.png'>")
+        method = {"tsne": "t-SNE", "umap": "UMAP"}[result.get("embedding", "tsne")]
+        parts.append(f"<h2>Heatmap embedding ({method})</h2><img src='embedding.png'>")
     parts.append("<h2>Sample clusters (SpRAy on heatmaps; concept relevance and activation profiles)</h2>"
                  "<table><tr><th>id</th><th>space</th><th>class</th><th>size</th>"
                  "<th>share of class</th><th>distinctness</th><th>suspicion</th></tr>")

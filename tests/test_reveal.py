@@ -179,3 +179,15 @@ def test_report_renders_in_headless_chromium(shortcut_scan, tmp_path):
     dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom", report.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<img") >= 4
+
+
+def test_umap_embedding_and_unknown_embedding(shortcut_scan, tmp_path):
+    result = reveal(shortcut_scan, tmp_path / "u", references=False, embedding="umap")
+    assert result["embedding"] == "umap"
+    with h5py.File(tmp_path / "u" / "reveal.virelay.h5") as f:
+        for category in f:
+            xy = f[category]["embedding/umap"][:]
+            assert xy.shape == (f[category]["index"].shape[0], 2) and np.isfinite(xy).all() and xy.std() > 0
+    assert "UMAP" in (tmp_path / "u" / "report.html").read_text()
+    result = CliRunner().invoke(app, ["reveal", str(shortcut_scan), "--out", str(tmp_path / "x"), "--embedding", "pca"])
+    assert result.exit_code != 0 and "embedding must be one of" in result.output
