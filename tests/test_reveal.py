@@ -98,7 +98,7 @@ def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
 
 
 def test_degenerate_heatmaps_do_not_crash(tmp_path):
-    """A class whose heatmaps are all zero (or identical) must not crash t-SNE/SpRAy."""
+    """A class whose heatmaps are all zero (or identical) must not crash t-SNE/UMAP/SpRAy."""
     from cxr_audit.reveal.spray import prepare_heatmaps
     from cxr_audit.revealing import _clusters, profile_features
 
@@ -107,9 +107,10 @@ def test_degenerate_heatmaps_do_not_crash(tmp_path):
     classes = np.repeat([0, 1], 15)
     rows = np.arange(30)
     spaces = {"heatmap": prepare_heatmaps(heat), "relevance:x": profile_features(np.zeros((30, 8)))}
-    found, per_class = _clusters(spaces, classes, rows, rows, max_k=4)
-    for data in per_class.values():
-        assert np.isfinite(data["tsne"]).all() and data["tsne"].shape == (15, 2)
+    for embedding in ("tsne", "umap"):
+        found, per_class = _clusters(spaces, classes, rows, rows, max_k=4, embedding=embedding)
+        for data in per_class.values():
+            assert np.isfinite(data["embedding"]).all() and data["embedding"].shape == (15, 2)
 
 
 def test_artifact_concepts_look_outside_the_lungs_more_than_clean_ones(shortcut_scan, clean_scan):
