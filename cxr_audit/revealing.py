@@ -31,6 +31,8 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     the rest of the class, times how small they are. With ``references`` (needs the scanned model
     and data), the report shows each top concept's CRP conditional heatmaps and crops.
     """
+    if embedding not in EMBEDDINGS:  # before any work
+        raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open_scan(scan_path) as f:
@@ -70,8 +72,6 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     acts, rel = layer_data[middle]
     spaces = {"heatmap": prepare_heatmaps(heat), f"relevance:{middle}": profile_features(rel),
               f"activation:{middle}": profile_features(acts)}
-    if embedding not in EMBEDDINGS:
-        raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
     clusters, per_class = _clusters(spaces, classes[rows], rows, index, max_k, embedding)
     _export_virelay(out / "reveal.virelay.h5", per_class, names)
     _scatter(out / "embedding.png", per_class, names, sources, labels, index)

@@ -44,32 +44,27 @@ class ConceptFinding:
 GAUSSIAN_ETA = 2 / np.pi  # share of variance the best two-way split explains for a normal distribution
 
 
+def _otsu_split(values: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+    """``(threshold, low group, high group, between-group variance / total variance)`` of the
+    Otsu split of ``values (n,)``; the ratio is 0 when the values are constant or one group is empty."""
+    var = values.var()
+    if var <= 1e-12:
+        return (float(values.max()) if len(values) else 0.0), values[:0], values[:0], 0.0
+    cut = otsu_threshold(values)
+    lo, hi = values[values <= cut], values[values > cut]
+    if len(lo) == 0 or len(hi) == 0:
+        return cut, lo, hi, 0.0
+    return cut, lo, hi, len(lo) * len(hi) / len(values) ** 2 * (lo.mean() - hi.mean()) ** 2 / var
+
+
 def split_quality(values: np.ndarray) -> tuple[float, float, float]:
     """``(eta, contrast, threshold)`` of the best two-way split of ``values`` (see module doc)."""
-    values = np.asarray(values, np.float64)
-    var = values.var()
-    if var <= 1e-12:
-        return 0.0, 0.0, float(values.max()) if len(values) else 0.0
-    cut = otsu_threshold(values)
-    lo, hi = values[values <= cut], values[values > cut]
-    if len(lo) == 0 or len(hi) == 0:
+    cut, lo, hi, ratio = _otsu_split(np.asarray(values, np.float64))
+    if ratio == 0.0:
         return 0.0, 0.0, cut
-    w0, w1 = len(lo) / len(values), len(hi) / len(values)
-    raw = w0 * w1 * (lo.mean() - hi.mean()) ** 2 / var
-    eta = max(0.0, (raw - GAUSSIAN_ETA) / (1 - GAUSSIAN_ETA))
+    eta = max(0.0, (ratio - GAUSSIAN_ETA) / (1 - GAUSSIAN_ETA))
     contrast = float(np.clip(1 - lo.mean() / hi.mean(), 0, 1)) if hi.mean() > 0 else 0.0
     return float(eta), contrast, cut
-
-
-def _between_variance_ratio(values: np.ndarray) -> float:
-    var = values.var()
-    if var <= 1e-12:
-        return 0.0
-    cut = otsu_threshold(values)
-    lo, hi = values[values <= cut], values[values > cut]
-    if len(lo) == 0 or len(hi) == 0:
-        return 0.0
-    return len(lo) * len(hi) / len(values) ** 2 * (lo.mean() - hi.mean()) ** 2 / var
 
 
 def bimodality_z(values: np.ndarray, draws: int = 200, seed: int = 0) -> float:
@@ -79,7 +74,7 @@ def bimodality_z(values: np.ndarray, draws: int = 200, seed: int = 0) -> float:
     values = np.asarray(values, np.float64)
     if len(values) < 8 or values.var() <= 1e-12:
         return 0.0
-    observed = _between_variance_ratio(values)
+    observed = _otsu_split(values)[3]
     rng = np.random.default_rng(seed)
     mean, var = values.mean(), values.var()
     if mean > 0:
@@ -87,7 +82,7 @@ def bimodality_z(values: np.ndarray, draws: int = 200, seed: int = 0) -> float:
         null = rng.gamma(shape, scale, size=(draws, len(values)))
     else:
         null = rng.normal(mean, np.sqrt(var), size=(draws, len(values)))
-    ratios = np.array([_between_variance_ratio(row) for row in null])
+    ratios = np.array([_otsu_split(row)[3] for row in null])
     return float((observed - ratios.mean()) / max(ratios.std(), 1e-6))
 
 
