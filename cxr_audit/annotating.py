@@ -293,7 +293,7 @@ def _contact_sheet(path, manifest, index, mask_rows, masks, scores, meta, n: int
     prep = Preprocessing(**meta["preprocessing"])
     order = np.argsort(-scores[mask_rows])[:n]
     cols = min(8, len(order))
-    fig, axes = plt.subplots((len(order) + cols - 1) // cols, cols, figsize=(1.6 * cols, 1.8 * ((len(order) + cols - 1) // cols)),
+    fig, axes = plt.subplots((len(order) + cols - 1) // cols, cols, figsize=(1.6 * cols, 2.1 * ((len(order) + cols - 1) // cols)),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
