@@ -2,17 +2,19 @@
 
 A concept a model uses for the real signal is on for (nearly) every sample of its class; a
 shortcut concept is on for the samples that carry the artifact and off for the rest of the same
-class. So, per class and channel, we look at the distribution of the channel's max-pooled
-activation over that class's samples and measure how cleanly it splits in two (Otsu's
-between-class variance over total variance, eta in [0, 1]; Otsu, 1979), weighted by how much of
-the class's relevance the channel carries:
+class. So, per class and channel, we split the distribution of the channel's max-pooled
+activation over that class's samples in two (Otsu, 1979) and measure how far the low group is
+from the high one, weighted by how much of the class's relevance the channel carries:
 
-    suspicion(c, k) = eta_k(c) * minority(c, k) * importance_k(c)
+    suspicion(c, k) = contrast_k(c) * minority(c, k) * importance_k(c)
+    contrast_k(c)   = 1 - mean(low group) / mean(high group)     (1: the concept is off for part of k)
     importance_k(c) = mean positive relevance of c on class k / max over all classes and channels
 
 ``minority`` = 4 p (1 - p) with p the fraction of the class above the split (1 for a 50/50
 split, 0 when everything is on one side). The members of a concept are the class samples above
-the split. The concept-space view of Pahde et al. (2025) is added as ``outlier``: local outlier
+the split. ``eta`` (the split's between-group share of the variance above a normal
+distribution's) is reported, and :func:`bimodality_z` tests the split against a unimodal null for
+the alarm. The concept-space view of Pahde et al. (2025) is added as ``outlier``: local outlier
 factor of the channel in the space of cosine similarities of relevance profiles.
 """
 
