@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
-from cxr_audit.revealing import reveal as reveal_lib
+from cxr_audit.revealing import alarm_sentence, reveal as reveal_lib
 
 
 @friendly_errors
@@ -34,10 +35,8 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
         table.add_row(str(c["id"]), f"{c['layer']}:{c['channel']}", names[c["class_index"]], f"{c['suspicion']:.3f}",
                       f"{c['bimodality_z']:.1f}", "[red]yes[/]" if c["alarm"] else "", str(len(c["members"])))
     console.print(table)
-    alarm = result["alarm"]
-    console.print(f"[bold red]alarm[/]: a concept splits a class far beyond chance (z > {alarm['z_level']:.2f})"
-                  if alarm["raised"] else f"no alarm (no concept passes z > {alarm['z_level']:.2f} with its "
-                  "relevance mostly outside the lungs)")
+    sentence = alarm_sentence(result)
+    console.print(f"[bold red]{escape(sentence)}[/]" if result["alarm"]["raised"] else escape(sentence))
     console.print(f"annotate the top concept: cxr-audit annotate {scan} --concept "
                   f"{result['concepts'][0]['layer']}:{result['concepts'][0]['channel']} "
                   f"--layer {result['concepts'][0]['layer']} --out ann.h5" if result["concepts"] else "no concepts found")

@@ -60,8 +60,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts.sort(key=lambda c: -c["suspicion"])
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
     level = alarm_level(n_tested)
-    for c in concepts:
-        c["alarm"] = bool(c["bimodality_z"] > level and c.get("outside_lungs", 1.0) > 0.5)
+    source_tests = flag_alarms(concepts, level)
     # concepts that pass the test come first: on the phantom benchmark the high-suspicion concepts
     # that fail it were the *complement* of the artifact (on for the class's stamp-free samples)
     concepts.sort(key=lambda c: (not c["alarm"], -c["suspicion"]))
@@ -79,13 +78,58 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
     result = {"scan": str(Path(scan_path).resolve()), "target": target, "class_names": names,
               "sample_ids": [int(index[r]) for r in rows], "embedding": embedding,
-              "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested},
+              "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
+                        "source_tests": source_tests,
+                        "source_linked": [c["id"] for c in concepts if c["source_linked"]]},
               "concepts": concepts, "clusters": clusters,
               "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
               "versions": versions()}
     (out / "reveal.json").write_text(json.dumps(result, indent=1))
     _report(out, scan_path, result, index, gallery, references, device)
     return result
+
+
+SOURCE_LINK_MIN_V = 0.3  # a moderate association (Cohen, 1988) on top of significance
+
+
+def flag_alarms(concepts: list[dict], z_level: float, alpha: float = 0.05) -> int:
+    """Set ``alarm`` and ``source_linked`` on each concept record; returns the number of source tests.
+
+    A concept alarms when its relevance lies mostly outside the lungs (or no lung masks exist)
+    and either its split of the class is bimodal beyond ``z_level`` or its members are tied to a
+    source within the class (chi-square p below the Bonferroni level over the concepts that could
+    be tested, and Cramér's V >= 0.3): a hospital's tag or marker shows as the second."""
+    n_tests = sum(c.get("source_p_value") is not None for c in concepts)
+    for c in concepts:
+        p = c.get("source_p_value")
+        c["source_linked"] = bool(p is not None and p < alpha / n_tests and c["source_cramers_v"] >= SOURCE_LINK_MIN_V)
+        c["alarm"] = bool((c["bimodality_z"] > z_level or c["source_linked"]) and c.get("outside_lungs", 1.0) > 0.5)
+    return n_tests
+
+
+def alarm_sentence(result: dict) -> str:
+    """One plain sentence on whether and why ``reveal`` raised an alarm (report and CLI)."""
+    alarm, concepts = result["alarm"], result["concepts"]
+    if not alarm["raised"]:
+        return (f"No alarm: no concept with its relevance mostly outside the lungs splits a class beyond the "
+                f"Bonferroni 5 % level (bimodality z > {alarm['z_level']:.2f} over {alarm['tests']} tests) or is "
+                f"tied to a source within a class ({alarm.get('source_tests', 0)} source tests).")
+    split = [str(c["id"]) for c in concepts if c["alarm"] and c["bimodality_z"] > alarm["z_level"]]
+    linked = [str(c["id"]) for c in concepts if c["alarm"] and c.get("source_linked")]
+    reasons = []
+    if split:
+        reasons.append(f"concept(s) {', '.join(split)} split a class into two groups far beyond what one skewed "
+                       f"group gives (bimodality z > {alarm['z_level']:.2f}, Bonferroni 5 % over {alarm['tests']} tests)")
+    if linked:
+        reasons.append(f"concept(s) {', '.join(linked)} are on for one source's images and off for another's within "
+                       f"the same class (chi-square, Bonferroni 5 % over {alarm['source_tests']} tests, Cramér's V >= "
+                       f"{SOURCE_LINK_MIN_V}): a site marker")
+    return "Alarm: " + "; ".join(reasons) + "."
+
+
+def _source_cell(c: dict) -> str:
+    v = c.get("source_cramers_v")
+    return "" if v is None else f"{v:.2f}" + (" (linked)" if c.get("source_linked") else "")
 
 
 def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, refs: int = 8) -> list[dict]:
@@ -237,25 +281,17 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
     if prev.get("warning"):
         parts.append(f"<p><b>Warning:</b> label prevalence differs across sources by up to "
                      f"{prev['max_difference']:.0%}: the model can learn the source instead of the disease.</p>")
-    alarm = result["alarm"]
-    alarmed = [c["id"] for c in result["concepts"] if c["alarm"]]
-    parts.append(f"<p><b>{'Alarm' if alarm['raised'] else 'No alarm'}:</b> "
-                 + (f"concept(s) {', '.join(map(str, alarmed))} split a class into two groups far beyond what one "
-                    f"skewed group of this size gives (bimodality z &gt; {alarm['z_level']:.2f}, the Bonferroni 5 % "
-                    f"level over {alarm['tests']} tests)" if alarm["raised"] else
-                    f"no concept's split passes the Bonferroni 5 % level (z &gt; {alarm['z_level']:.2f} over "
-                    f"{alarm['tests']} tests) with its relevance mostly outside the lungs")
-                 + ". The ranking below is for inspection either way.</p>")
+    parts.append(f"<p>{html.escape(alarm_sentence(result))} The ranking below is for inspection either way.</p>")
     parts.append("<h2>Most suspicious concepts</h2><table><tr><th>id</th><th>layer:channel</th><th>class</th>"
                  "<th>suspicion</th><th>contrast</th><th>minority</th><th>importance</th><th>outside lungs</th>"
-                 "<th>bimodality z</th><th>alarm</th><th>members</th></tr>")
+                 "<th>bimodality z</th><th>source V</th><th>alarm</th><th>members</th></tr>")
     names = result["class_names"]
     for c in result["concepts"]:
         parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['layer'])}:{c['channel']}</td>"
                      f"<td>{html.escape(names[c['class_index']])}</td><td>{c['suspicion']:.3f}</td>"
                      f"<td>{c['contrast']:.2f}</td><td>{c['minority']:.2f}</td><td>{c['importance']:.2f}</td>"
                      f"<td>{c.get('outside_lungs', float('nan')):.2f}</td><td>{c['bimodality_z']:.1f}</td>"
-                     f"<td>{'yes' if c['alarm'] else ''}</td><td>{len(c['members'])}</td></tr>")
+                     f"<td>{_source_cell(c)}</td><td>{'yes' if c['alarm'] else ''}</td><td>{len(c['members'])}</td></tr>")
     parts.append("</table>")
     for c in result["concepts"][:3]:
         order = np.argsort(-np.array(c["scores"]["activation_max"]))[:gallery]

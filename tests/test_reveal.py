@@ -72,6 +72,40 @@ def test_bimodality_z_separates_two_groups_from_one_skewed_group():
     assert bimodality_z(np.r_[rng.normal(1, 0.3, 120), rng.normal(3, 0.3, 80)]) > level
 
 
+def test_concept_tied_to_a_source_within_a_class_raises_the_source_alarm():
+    """A stamp only one hospital burns in splits *both* classes by source: the source test flags
+    it; a concept split the same way but independent of the source is not flagged."""
+    from cxr_audit.reveal.concepts import alarm_level, rank_concepts
+    from cxr_audit.revealing import flag_alarms
+
+    rng = np.random.default_rng(0)
+    n = 240
+    classes = np.repeat([0, 1], n // 2)
+    sources = np.where(rng.random(n) < 0.5, "site0", "site1")
+    acts = rng.gamma(4, 0.25, (n, 12))
+    acts[:, 3] = np.where(sources == "site0", 3.0, 0.2) + rng.normal(0, 0.1, n)   # the site's stamp
+    acts[:, 5] = np.where(rng.random(n) < 0.5, 3.0, 0.2) + rng.normal(0, 0.1, n)  # some other bimodal concept
+    relevance = np.abs(rng.normal(0.1, 0.05, (n, 12)))
+    relevance[:, [3, 5]] += 1.0
+    findings = rank_concepts("layer", acts, relevance, classes, sources, top=6)
+    records = [{**f.__dict__} for f in findings]
+    by_channel = {}
+    for r in records:
+        by_channel.setdefault(r["channel"], []).append(r)
+    assert {3, 5} <= set(by_channel)
+    assert all(r["source_cramers_v"] > 0.9 for r in by_channel[3])
+    assert all(r["source_cramers_v"] < 0.3 for r in by_channel[5])
+    for r in records:
+        r["bimodality_z"] = 0.0  # isolate the source test from the split test
+    tests = flag_alarms(records, alarm_level(len(records)))
+    assert tests == len(records)
+    assert {r["channel"] for r in records if r["alarm"]} == {3}
+    assert all(r["source_linked"] for r in by_channel[3])
+    # without a second source nothing can be tested, and nothing is flagged by it
+    single = rank_concepts("layer", acts, relevance, classes, np.full(n, "site0"), top=6)
+    assert all(f.source_p_value is None for f in single)
+
+
 def test_cli_reveal_and_wrong_file(shortcut_scan, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["reveal", str(shortcut_scan), "--out", str(tmp_path / "r")])

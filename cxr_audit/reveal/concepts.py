@@ -41,6 +41,8 @@ class ConceptFinding:
     bimodality_z: float = 0.0
     members: list[int] = field(default_factory=list)  # scan rows above the split
     source_association: dict = field(default_factory=dict)
+    source_cramers_v: float | None = None  # membership vs source within the class (None: < 2 sources)
+    source_p_value: float | None = None
 
 
 GAUSSIAN_ETA = 2 / np.pi  # share of variance the best two-way split explains for a normal distribution
@@ -135,9 +137,31 @@ def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, cl
                                            source_association=_source_association(above, rows, sources)))
     findings.sort(key=lambda f: -f.suspicion)
     findings = findings[:top]
-    for f in findings:  # the test is costlier than the score: only for the findings kept
+    for f in findings:  # the tests are costlier than the score: only for the findings kept
         f.bimodality_z = bimodality_z(activations[classes == f.class_index, f.channel], seed=f.channel)
+        link = source_link(np.asarray(f.members, int), np.flatnonzero(classes == f.class_index), sources)
+        if link is not None:
+            f.source_cramers_v, f.source_p_value = link
     return findings
+
+
+def source_link(members: np.ndarray, rows: np.ndarray, sources: np.ndarray | None) -> tuple[float, float] | None:
+    """``(Cramér's V, chi-square p-value)`` of concept membership vs source among a class's
+    ``rows``: a concept that is on for one hospital's images and off for the other's *within the
+    same class* is a site marker (Cramér, 1946). ``None`` with fewer than two sources or when
+    every row (or none) is a member."""
+    from scipy.stats import chi2_contingency
+
+    if sources is None:
+        return None
+    src = sources[rows]
+    names = sorted(set(src))
+    member = np.isin(rows, members)
+    if len(names) < 2 or member.all() or not member.any():
+        return None
+    table = np.array([[np.sum(member & (src == s)), np.sum(~member & (src == s))] for s in names])
+    chi2, p, _, _ = chi2_contingency(table, correction=False)
+    return float(np.sqrt(chi2 / len(rows))), float(p)  # V for an r x 2 table: min(r, 2) - 1 = 1
 
 
 def _source_association(members: np.ndarray, rows: np.ndarray, sources: np.ndarray | None) -> dict:
