@@ -139,7 +139,7 @@ def _open_or_create(out, meta, options, overwrite, manifest, net, capture, layer
     f = create_scan_file(out, len(manifest), meta, channels, config["num_classes"], list(targets),
                          heatmap_size, manifest.multilabel)
     f["samples/index"][:] = [s.index for s in manifest.samples]
-    f["samples/path"][:] = [str(s.path) for s in manifest.samples]
+    f["samples/path"][:] = [str(s.path.resolve()) for s in manifest.samples]
     f["samples/source"][:] = [s.source for s in manifest.samples]
     f["samples/split"][:] = [s.split for s in manifest.samples]
     f["samples/artifact"][:] = [(-1 if s.artifact is None else s.artifact) for s in manifest.samples]

@@ -93,6 +93,20 @@ def test_split_layers_and_method_options(shortcut_model, poisoned, tmp_path):
         scan(shortcut_model, poisoned, tmp_path / "u.h5", layers=["layer9"], device="cpu")
 
 
+def test_relative_data_path_still_resolves_from_another_directory(shortcut_model, poisoned, tmp_path,
+                                                                   monkeypatch):
+    """Reports and masks read images through the scan's stored paths, from wherever they run."""
+    from cxr_audit.report.figures import heatmap_grid
+
+    monkeypatch.chdir(poisoned.parent.parent)
+    relative = Path(poisoned.parent.name) / poisoned.name
+    s = scan(shortcut_model, relative, tmp_path / "rel.h5", split="test", layers=["layer1"], device="cpu")
+    monkeypatch.chdir(tmp_path)
+    with h5py.File(s.path) as f:
+        assert all(Path(p).is_absolute() for p in f["samples/path"].asstr()[:])
+    assert heatmap_grid(s.path, [0, 1], tmp_path / "grid.png").is_file()
+
+
 def test_skip_bad_records_the_error(shortcut_model, poisoned, tmp_path):
     lines = poisoned.read_text().splitlines()
     broken = tmp_path / "broken.png"
