@@ -35,6 +35,33 @@ def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
     return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
 
 
+class _ZPlusFunction(torch.autograd.Function):
+    """``conv(x)`` whose backward is the z+ rule ``W+^T (g * z / (z+ + eps))`` for ``x >= 0``.
+
+    One autograd node instead of an expression graph: the only tensor kept for the backward is the
+    ratio ``z / z+``, computed in place in ``z+``'s buffer (element-wise passes over full-size
+    activations cost as much as a convolution on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, conv: nn.Conv2d, weight_pos, bias_pos):
+        z = conv(x)
+        ratio = F.conv2d(x, weight_pos, bias_pos, conv.stride, conv.padding, conv.dilation, conv.groups)
+        torch.div(z, ratio.add_(EPSILON), out=ratio)  # x, W+, b+ >= 0, so z+ >= 0: the stabiliser is +eps
+        ctx.save_for_backward(ratio, weight_pos)
+        ctx.conv, ctx.input_shape = conv, x.shape
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, weight_pos = ctx.saved_tensors
+        c = ctx.conv
+        scaled = grad * ratio
+        # under autocast the ratio and the incoming gradient may be bf16 while W+ is fp32
+        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight_pos.to(scaled.dtype), scaled, c.stride,
+                                            c.padding, c.dilation, c.groups)
+        return grad_x, None, None, None
+
+
 class ZPlusConv(nn.Module):
     """Forward = the convolution; backward = the z+ rule (valid for non-negative inputs)."""
 
@@ -46,13 +73,9 @@ class ZPlusConv(nn.Module):
         self.register_buffer("bias_pos", bias, persistent=False)
 
     def forward(self, x):
-        z = self.conv(x)
         if not torch.is_grad_enabled() or not x.requires_grad:
-            return z
-        c = self.conv
-        zp = F.conv2d(x, self.weight_pos, self.bias_pos, c.stride, c.padding, c.dilation, c.groups)
-        scale = (z / _stabilise(zp, EPSILON)).detach()
-        return zp * scale + (z - zp * scale).detach()
+            return self.conv(x)
+        return _ZPlusFunction.apply(x, self.conv, self.weight_pos, self.bias_pos)
 
 
 class EpsilonLinear(nn.Module):
@@ -114,12 +137,15 @@ class FlatInputConv(nn.Module):
             up = F.interpolate(relevance.sum(1, keepdim=True), size=self.input_shape[-2:], mode="bilinear",
                                align_corners=False)
             return up[:, 0] * (relevance.shape[-2] * relevance.shape[-1]) / (up.shape[-2] * up.shape[-1])
-        ones_w = torch.ones(c.out_channels, c.in_channels // c.groups, *c.kernel_size,
-                            device=grad.device, dtype=grad.dtype)
-        ones_x = torch.ones(self.input_shape, device=grad.device, dtype=grad.dtype)
-        counts = F.conv2d(ones_x, ones_w, None, c.stride, c.padding, c.dilation, c.groups)
-        out = F.conv_transpose2d(relevance / _stabilise(counts, EPSILON), ones_w, None, c.stride, c.padding,
-                                 _output_padding(self.input_shape, grad, c), c.groups, c.dilation)
+        if c.groups != 1:
+            raise ValueError("the flat rule here assumes an ungrouped first convolution")
+        # every output channel spreads over the same receptive field, so sum the channels first:
+        # one single-channel transposed convolution instead of one per output channel
+        ones_w = torch.ones(1, c.in_channels, *c.kernel_size, device=grad.device, dtype=grad.dtype)
+        ones_x = torch.ones(1, *self.input_shape[1:], device=grad.device, dtype=grad.dtype)
+        counts = F.conv2d(ones_x, ones_w, None, c.stride, c.padding, c.dilation)  # inputs per receptive field
+        out = F.conv_transpose2d(relevance.sum(1, keepdim=True) / counts.clamp(min=1), ones_w, None, c.stride,
+                                 c.padding, _output_padding(self.input_shape, grad, c), 1, c.dilation)
         return out.sum(1)
 
 
