@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy.stats import norm
 
 from cxr_audit.errors import UsageError
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
@@ -61,9 +62,12 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
     level = alarm_level(n_tested)
     source_tests = flag_alarms(concepts, level)
-    # concepts that pass the test come first: on the phantom benchmark the high-suspicion concepts
-    # that fail it were the *complement* of the artifact (on for the class's stamp-free samples)
-    concepts.sort(key=lambda c: (not c["alarm"], -c["suspicion"]))
+    # alarmed concepts first, then by suspicion weighted by the evidence that the split is real:
+    # on the phantom benchmark the high-suspicion concepts whose split is not bimodal were the
+    # *complement* of the artifact (on for the class's stamp-free samples)
+    for c in concepts:
+        c["rank_score"] = c["suspicion"] * float(norm.cdf(c["bimodality_z"]))
+    concepts.sort(key=lambda c: (not c["alarm"], -c["rank_score"]))
     for rank, c in enumerate(concepts):
         c["id"] = rank
     # one concept layer: the middle scanned one, as annotate's default

@@ -69,6 +69,10 @@ def test_bimodality_z_separates_two_groups_from_one_skewed_group():
     rng = np.random.default_rng(0)
     level = alarm_level(30)
     assert all(bimodality_z(rng.gamma(k, 1.0, 200), seed=i) < level for i, k in enumerate((0.7, 2, 8)))
+    # one group of any shape: flat, left-skewed in a narrow range (vgg11 activations), heavy-tailed
+    # (a mean/variance-matched gamma null put the flat one at z 3.8)
+    for values in (rng.uniform(1, 2, 150), 0.16 - rng.gamma(1.5, 0.01, 240), 10 + rng.standard_t(3, 150)):
+        assert bimodality_z(values) < level
     assert bimodality_z(np.r_[rng.normal(1, 0.3, 120), rng.normal(3, 0.3, 80)]) > level
 
 
