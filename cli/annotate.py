@@ -35,7 +35,8 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
              cluster: Optional[int] = typer.Option(None, "--cluster", help="A SpRAy cluster id from reveal.json (needs --reveal)."),
              reveal_json: Optional[Path] = typer.Option(None, "--reveal", help="reveal.json written by `cxr-audit reveal`."),
              from_column: Optional[str] = typer.Option(None, "--from-column", help="Use the manifest's 'artifact' column."),
-             layer: Optional[str] = typer.Option(None, "--layer", help="Layer for the labelling CAV (default: middle scanned layer)."),
+             layer: Optional[str] = typer.Option(None, "--layer", help="Layer for the labelling CAV (default: the "
+                                                 "concept's layer, else the earliest scanned layer)."),
              mask_layer: Optional[str] = typer.Option(None, "--mask-layer",
                                                       help="Layer whose CAV paints masks (default: earliest scanned layer)."),
              method: str = typer.Option("signal", "--method", help=f"CAV estimator: {', '.join(CAV_METHODS)}."),
@@ -49,6 +50,9 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
              mask_rule: str = typer.Option("upsample", "--mask-rule",
                                            help="How first-layer relevance reaches pixels: 'upsample' (bilinear), "
                                                 "'intensity' (z+ on pixel intensities: bright artifacts), 'zbox' or 'flat'."),
+             mask_reference: str = typer.Option("clean", "--mask-reference",
+                                                help="'clean': paint only the concept's presence in excess of its "
+                                                     "median over unlabelled samples at each position; 'none': raw."),
              blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px of input)."),
              dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
              model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),
@@ -62,7 +66,8 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                               cluster=cluster, reveal_json=reveal_json,
                               from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
-                              mask_threshold=mask_threshold, mask_rule=mask_rule, blur=blur, dilate=dilate, model=model, data=data,
+                              mask_threshold=mask_threshold, mask_rule=mask_rule, mask_reference=mask_reference,
+                              blur=blur, dilate=dilate, model=model, data=data,
                               device=device, seed=seed, on_progress=update)
     console.print(f"labelled {result.n_labelled} samples as the concept (layer {result.layer}, threshold "
                   f"{result.threshold:.3f})")

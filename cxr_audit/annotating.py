@@ -7,7 +7,8 @@ arXiv:2501.13818) with signal CAVs (Pahde et al., 2023).
 2. Score every sample (``activation_max · v``), threshold (Otsu on the scores by default), and
    optionally refine: refit on the labelled set and rescore.
 3. Masks: fit a CAV at the (earlier) ``mask_layer`` on those labels and back-propagate
-   ``ReLU(a) ⊙ v`` with LRP to the pixels; blur, threshold (half the peak by default), dilate.
+   ``ReLU(a) ⊙ v`` with LRP to the pixels — by default only the concept presence in excess of
+   its per-position median over unlabelled samples; blur, threshold (half the peak), dilate.
 4. Quality, where ground truth exists: retrieval AUROC/AP on rows never used to fit the first
    CAV; mask IoU and pointing game against the manifest's ``artifact_mask``.
 """
@@ -26,7 +27,8 @@ import torch
 from PIL import Image
 
 from cxr_audit.annotate.cav import make_cav
-from cxr_audit.annotate.masks import binarise, concept_heatmaps, otsu_threshold, parse_threshold
+from cxr_audit.annotate.masks import (binarise, concept_heatmaps, otsu_threshold, parse_threshold,
+                                      presence_reference)
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.io import read_image, read_mask, write_png
@@ -54,8 +56,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              layer: str | None = None, method: str = "signal", n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
-             mask_rule: str = "upsample", blur: float | None = None, dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None,
-             data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
+             mask_rule: str = "upsample", mask_reference: str = "clean", blur: float | None = None,
+             dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None, data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
     """Label artifact samples and paint their masks; writes ``out`` (HDF5) and, with
     ``masks_dir``, one PNG per labelled sample plus ``annotated.csv`` and ``contact_sheet.png``.
@@ -68,6 +70,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     parse_threshold(mask_threshold)  # fail before any work
     if mask_rule not in MASK_RULES:
         raise UsageError(f"mask rule must be one of {', '.join(MASK_RULES)}, got '{mask_rule}'")
+    if mask_reference not in MASK_REFERENCES:
+        raise UsageError(f"mask reference must be one of {', '.join(MASK_REFERENCES)}, got '{mask_reference}'")
     if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
         raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
     if cluster is not None:
@@ -77,7 +81,10 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     with open_scan(scan_path) as f:
         meta = read_meta(f)
         layers = list(meta["layers"])
-        layer = layer or layers[len(layers) // 2]
+        # a concept names its layer; otherwise the earliest scanned layer, where small artifacts
+        # (text, markers) are still resolved after max-pooling (benchmarks/annotate_quality.py)
+        concept_layer = concept.rpartition(":")[0] if concept is not None else ""
+        layer = layer or concept_layer or layers[0]
         mask_layer = mask_layer or layers[0]
         for name in (layer, mask_layer):
             if name not in layers:
@@ -102,12 +109,14 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     if len(pos) < 2 or len(neg) < 2:
         raise UsageError(f"need at least 2 positive and 2 negative samples (got {len(pos)} and {len(neg)})")
     fit_rows = np.union1d(pos, neg)
+    # only negatives a person named are forced to 0; random contrast rows may hold the concept too
+    forced_neg = neg if negatives else np.zeros(0, int)
 
     cav = make_cav(method).fit(acts[fit_rows], np.isin(fit_rows, pos).astype(int))
     scores = cav.score(acts)
     held_out = np.setdiff1d(usable, fit_rows)
     thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
-    labels = _label(scores, thr, pos, neg if from_column is None else np.zeros(0, int), usable)
+    labels = _label(scores, thr, pos, forced_neg, usable)
     for _ in range(refine):
         unl = np.setdiff1d(usable, np.flatnonzero(labels))
         refit_neg = rng.choice(unl, size=min(max(n_negatives, int(labels.sum())), len(unl)), replace=False)
@@ -115,7 +124,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         cav = make_cav(method).fit(acts[rows], labels[rows].astype(int))
         scores = cav.score(acts)
         thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
-        labels = _label(scores, thr, pos, neg if from_column is None else np.zeros(0, int), usable)
+        labels = _label(scores, thr, pos, forced_neg, usable)
 
     quality: dict = {}
     known = held_out[artifact[held_out] >= 0]
@@ -128,14 +137,18 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     mask_stack = None
     if masks and len(mask_rows):
         mask_cav = make_cav(method).fit(mask_acts[usable], labels[usable].astype(int))
+        reference_rows = None
+        if mask_reference == "clean":
+            clean = np.setdiff1d(usable, np.flatnonzero(labels))
+            reference_rows = np.sort(rng.choice(clean, size=min(N_REFERENCE, len(clean)), replace=False))
         mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_cav.direction_, model, data,
                                           device, batch_size, blur, mask_threshold, dilate, on_progress,
-                                          first_rule=mask_rule)
+                                          first_rule=mask_rule, reference_rows=reference_rows)
         quality.update(mask_quality)
     options = {"layer": layer, "mask_layer": mask_layer, "method": method, "seeds": seeds, "negatives": negatives,
                "from_column": from_column, "concept": concept, "cluster": cluster, "n_negatives": n_negatives,
                "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold,
-               "mask_rule": mask_rule, "blur": blur,
+               "mask_rule": mask_rule, "mask_reference": mask_reference, "blur": blur,
                "dilate": dilate, "seed": seed}
     _write_h5(out, meta, scan_path, options, index, scores, labels, thr, cav.direction_, fit_rows, mask_rows,
               mask_stack, quality)
@@ -192,10 +205,14 @@ def _label(scores, thr, pos, neg, usable) -> np.ndarray:
 
 
 MASK_RULES = ("upsample", "intensity", "zbox", "flat")
+#: "clean": masks start from the concept presence in excess of its per-position median over
+#: unlabelled samples (``presence_reference``); "none": from the raw presence (Pahde et al., 2025)
+MASK_REFERENCES = ("clean", "none")
+N_REFERENCE = 64
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,
-           on_progress, first_rule="upsample"):
+           on_progress, first_rule="upsample", reference_rows=None):
     ckpt = Path(model or meta["checkpoint"])
     data = Path(data or meta["data"])
     if not ckpt.is_file():
@@ -216,10 +233,15 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
     masks = np.zeros((len(rows), prep.size, prep.size), bool)
     ious, hits = [], []
     with attribution.rules(), capture.attached(attribution.model):
+        reference = None
+        if reference_rows is not None and len(reference_rows):
+            presence = [presence_reference(attribution, capture, _images(dataset, index, reference_rows[i:i + batch_size], dev),
+                                           layer, v) for i in range(0, len(reference_rows), batch_size)]
+            reference = torch.cat(presence).median(dim=0).values
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             batch = collate([dataset[int(index[r])] for r in chunk])
-            heat = concept_heatmaps(attribution, capture, batch["image"].to(dev), layer, v).cpu().numpy()
+            heat = concept_heatmaps(attribution, capture, batch["image"].to(dev), layer, v, reference).cpu().numpy()
             for j, h in enumerate(heat):
                 masks[start + j] = binarise(h, sigma, mask_threshold, dilate=dilate)
                 if "artifact_mask" in batch and batch.get("artifact") is not None and int(batch["artifact"][j]) == 1:
@@ -234,6 +256,10 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
         quality["pointing_game"] = float(np.mean(hits))
         quality["masks_with_truth"] = len(ious)
     return masks, quality
+
+
+def _images(dataset, index, rows, device) -> torch.Tensor:
+    return collate([dataset[int(index[r])] for r in rows])["image"].to(device)
 
 
 def _write_h5(out, meta, scan_path, options, index, scores, labels, thr, direction, fit_rows, mask_rows, masks,

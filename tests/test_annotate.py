@@ -1,6 +1,7 @@
 import h5py
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cxr_audit.annotate.cav import SignalCAV, make_cav
@@ -119,7 +120,7 @@ def test_cli_annotate_and_its_errors(scanned, tmp_path):
 
 # the mask recipe for bright artifacts documented in docs/annotate.md (benchmarks/annotate_quality.py)
 BRIGHT_ARTIFACT_MASKS = {"resnet18": {"mask_rule": "intensity", "mask_threshold": "peak:0.3", "blur": 1.0},
-                         "vgg11": {"mask_rule": "intensity", "mask_threshold": "peak", "blur": 1.0}}
+                         "vgg11": {"mask_rule": "intensity"}}
 
 
 @pytest.mark.slow
@@ -130,13 +131,26 @@ def test_acceptance_grid(arch, artifact, phantoms, tmp_path, request):
     from cxr_audit.data.inject import inject
     from cxr_audit.training import train
 
-    if (arch, artifact) == ("vgg11", "text"):
-        request.applymarker(pytest.mark.xfail(reason="vgg11 text-stamp masks IoU ~0.46 < 0.5 (issue #4 note)"))
-    if artifact == "frame":  # 0.51-0.72 in the benchmark's setting, 0.31-0.37 here: not robust yet
-        request.applymarker(pytest.mark.xfail(reason="frame mask IoU varies 0.31-0.72 with data/layer (issue #4 note)"))
+    if artifact == "frame":  # the concept's relevance covers the top/left strips the model uses, not all four
+        request.applymarker(pytest.mark.xfail(reason="frame mask IoU 0.18-0.38 (docs/annotate.md, issue #4 note)"))
     data = inject(phantoms, tmp_path / "d", artifact, {"disease": 0.9}, splits=["train", "val"], seed=2)
     ckpt = train(data, tmp_path / "m.pt", arch, size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint
     s = scan(ckpt, data, tmp_path / "s.h5", device="cpu").path
     result = annotate(s, tmp_path / "a.h5", seeds=_seeds(s), device="cpu", **BRIGHT_ARTIFACT_MASKS[arch])
     assert result.quality["retrieval_held_out"]["auroc"] >= 0.95, result.quality
     assert result.quality["mask_iou"] >= 0.5, result.quality
+
+
+def test_start_relevance_keeps_only_the_presence_above_the_reference():
+    from cxr_audit.annotate.masks import concept_presence, start_relevance
+
+    act = torch.ones(1, 2, 4, 4)
+    act[0, 0, 1, 2] = 3.0  # the concept channel fires harder at one position (the artifact)
+    v = torch.tensor([1.0, 0.0])
+    raw = start_relevance(act, v)
+    assert (raw[0, 0] > 0).all()  # without a reference every position starts relevance
+    reference = concept_presence(torch.ones(5, 2, 4, 4), v).median(dim=0).values
+    r = start_relevance(act, v, reference)
+    assert r[0, 0, 1, 2] == pytest.approx(2.0) and r.sum() == pytest.approx(2.0)  # only the excess 3 - 1
+    tokens = start_relevance(act.flatten(2).transpose(1, 2), v, reference.flatten())  # ViT layout (N, T, C)
+    assert torch.allclose(tokens.transpose(1, 2).reshape(1, 2, 4, 4), r)

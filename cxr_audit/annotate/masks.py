@@ -20,16 +20,51 @@ from cxr_audit.errors import UsageError
 from cxr_audit.explain.core import layer_attribution
 
 
-def concept_heatmaps(method, capture, x: torch.Tensor, layer: str, direction: torch.Tensor) -> torch.Tensor:
-    """``(N, H, W)`` relevance of the concept ``direction (C,)`` at ``layer``, clamped at 0.
+def concept_presence(act: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Where the concept is: ``Σ_c ReLU(a)_c v_c`` per position, ``(N, C, H, W)`` -> ``(N, H, W)``
+    (tokens: ``(N, T, C)`` -> ``(N, T)``)."""
+    return _start(act, direction).sum(1 if act.dim() == 4 else -1)
+
+
+def _start(act: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    v = direction.to(act)
+    v = v[None, :, None, None] if act.dim() == 4 else v[None, None, :]
+    return act.clamp(min=0) * v
+
+
+def presence_reference(method, capture, x: torch.Tensor, layer: str, direction: torch.Tensor) -> torch.Tensor:
+    """Concept presence maps ``(N, H, W)`` of reference (concept-free) images, forward only.
     Must run inside ``method.rules()`` and ``capture.attached(method.model)``."""
+    capture.reset()
+    with torch.no_grad():
+        method.model(method.prepare_input(x))
+    return concept_presence(capture.outputs[layer].detach(), direction)
 
-    def start(act: torch.Tensor) -> torch.Tensor:
-        v = direction.to(act)
-        v = v[None, :, None, None] if act.dim() == 4 else v[None, None, :]
-        return act.clamp(min=0) * v
 
-    return layer_attribution(method, capture, x, layer, start).clamp(min=0)
+def start_relevance(act: torch.Tensor, direction: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Relevance a concept's backward pass starts from, same shape as ``act``.
+
+    Without ``reference``: ``ReLU(a) ⊙ v`` everywhere (Pahde et al., 2025). With ``reference`` (a
+    presence map ``(h, w)`` / ``(T,)``, e.g. the median over clean images) each position is scaled so
+    that its relevance sums to the presence *in excess of* the reference, ``(s − s_ref)⁺`` with
+    ``s = Σ_c ReLU(a)_c v_c``: a concept direction's channels fire on ordinary anatomy too, and
+    only the excess is the artifact."""
+    r = _start(act, direction)
+    if reference is None:
+        return r
+    dim = 1 if act.dim() == 4 else -1
+    s = r.sum(dim, keepdim=True)
+    excess = (s - reference.to(act).unsqueeze(0).unsqueeze(dim)).clamp(min=0)
+    return torch.where(s > 0, r * excess / s.clamp(min=1e-12), torch.zeros_like(r))
+
+
+def concept_heatmaps(method, capture, x: torch.Tensor, layer: str, direction: torch.Tensor,
+                     reference: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, H, W)`` relevance of the concept ``direction (C,)`` at ``layer`` (started by
+    :func:`start_relevance`), clamped at 0. Must run inside ``method.rules()`` and
+    ``capture.attached(method.model)``."""
+    return layer_attribution(method, capture, x, layer,
+                             lambda act: start_relevance(act, direction, reference)).clamp(min=0)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
