@@ -10,9 +10,11 @@ from cxr_audit.cli.main import app
 
 runner = CliRunner()
 
+# the shortcut model drops ~0.60 when the stamp is pasted, the RRR model 0.17-0.21 depending on
+# the CPU's kernels (AVX2 vs AVX-512 change the double-backward numerics): 0.25 separates them
 THRESHOLDS = """
 [gate.thresholds]
-max_artifact_inserted_drop = 0.15
+max_artifact_inserted_drop = 0.25
 min_accuracy = 0.5
 """
 
