@@ -1,9 +1,10 @@
 """Scan throughput: forward-only vs `cxr_audit.scan` vs a naive one-image-at-a-time LRP loop.
 
 Each mode runs in its own subprocess so peak memory (max RSS on CPU, max allocated on CUDA) is
-per mode. All three are measured in the same run, on the same machine, so the ratios are fair.
+per mode. All three are measured in the same run, on the same machine, so the ratios are fair, and
+all at steady state: each mode's first batch (or image) is a warm-up outside the timing.
 
-    .venv/bin/python benchmarks/scan_throughput.py [--archs resnet50 vgg16] [--size 128] [--n 48]
+    .venv/bin/python benchmarks/scan_throughput.py [--archs resnet50 vgg16] [--size 128] [--n 64]
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def _our_scan(ckpt: str, data: str, n: int, batch: int, device: str, threads: in
 
     torch.set_num_threads(threads)
     out = Path(tempfile.mkdtemp()) / "bench.h5"
-    summary = scan(ckpt, data, out, batch_size=batch, device=device, overwrite=True)
-    queue.put((summary.done / summary.seconds, _peak_mb(device)))
+    marks: list[tuple[float, int]] = []
+    scan(ckpt, data, out, batch_size=batch, device=device, overwrite=True,
+         on_progress=lambda done, total: (_sync(device), marks.append((time.perf_counter(), done))))
+    # steady state, like the forward-only mode: from the end of the first batch (warm-up) to the end
+    (t0, n0), (t1, n1) = next(m for m in marks if m[1] > 0), marks[-1]
+    queue.put(((n1 - n0) / (t1 - t0), _peak_mb(device)))
 
 
 def _naive_loop(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:
@@ -74,14 +79,16 @@ def _naive_loop(ckpt: str, data: str, n: int, batch: int, device: str, threads: 
     dataset = CxrDataset(load_manifest(data, config["class_names"]), prep, with_masks=False)
     canonizers = create_method("lrp-zennit", model, config["arch"], prep)._canonizers()
     composite = EpsilonPlusFlat(canonizers=canonizers)
-    count = min(n, 16)
-    start = time.perf_counter()
+    count = min(n, 17)
     for i in range(count):
+        if i == 1:  # the first image is the warm-up, as in the other modes
+            _sync(device)
+            start = time.perf_counter()
         x = dataset[i]["image"][None].to(device)
         with Gradient(model, composite) as attributor:
             out, relevance = attributor(x, lambda y: torch.eye(y.shape[1], device=y.device)[y.argmax(1)] * y)
     _sync(device)
-    queue.put((count / (time.perf_counter() - start), _peak_mb(device)))
+    queue.put(((count - 1) / (time.perf_counter() - start), _peak_mb(device)))
 
 
 def _sync(device: str) -> None:
@@ -105,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["resnet50", "vgg16"])
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--n", type=int, default=48, help="images per mode (naive loop uses at most 16)")
+    parser.add_argument("--n", type=int, default=64, help="images per mode (naive loop uses at most 17, the first as warm-up)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
