@@ -3,6 +3,7 @@ architecture, CAV estimator and layer, from 5 seed positives.
 
     .venv/bin/python benchmarks/annotate_quality.py [--archs resnet18 vgg11] [--artifacts text marker frame ruler]
         [--mask-rules upsample intensity] [--mask-thresholds peak peak:0.3 otsu]
+        [--mask-references clean none] [--mask-completions none saturated]
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from itertools import product
 from pathlib import Path
 
 import h5py
@@ -22,6 +24,8 @@ def main() -> None:
     parser.add_argument("--cavs", nargs="+", default=["signal", "svm"])
     parser.add_argument("--mask-thresholds", nargs="+", default=["peak", "otsu"])
     parser.add_argument("--mask-rules", nargs="+", default=["upsample", "intensity"])
+    parser.add_argument("--mask-references", nargs="+", default=["clean"])
+    parser.add_argument("--mask-completions", nargs="+", default=["none"])
     parser.add_argument("--blur", type=float, default=None, help="mask blur sigma in px (default: annotate's)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
@@ -56,23 +60,24 @@ def main() -> None:
                 seeds = f["samples/index"][:][f["samples/artifact"][:] == 1][:5].tolist()
             for cav in args.cavs:
                 for layer in layers:
-                    for thr in args.mask_thresholds:
-                        for rule in args.mask_rules:
-                            start = time.perf_counter()
-                            r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, mask_layer=layer, method=cav,
-                                         mask_threshold=thr, mask_rule=rule, blur=args.blur,
-                                         device=args.device)
-                            q = r.quality
-                            rows.append((arch, artifact, cav, layer, f"{thr}/{rule}", q["retrieval_held_out"]["auroc"],
-                                         q["retrieval_held_out"]["ap"], q.get("mask_iou", float("nan")),
-                                         q.get("pointing_game", float("nan")), time.perf_counter() - start))
+                    for thr, rule, ref, comp in product(args.mask_thresholds, args.mask_rules,
+                                                        args.mask_references, args.mask_completions):
+                        start = time.perf_counter()
+                        r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, mask_layer=layer, method=cav,
+                                     mask_threshold=thr, mask_rule=rule, mask_reference=ref, mask_complete=comp,
+                                     blur=args.blur, device=args.device)
+                        q = r.quality
+                        rows.append((arch, artifact, cav, layer, f"{thr}/{rule}/{ref}/{comp}",
+                                     q["retrieval_held_out"]["auroc"], q["retrieval_held_out"]["ap"],
+                                     q.get("mask_iou", float("nan")), q.get("pointing_game", float("nan")),
+                                     time.perf_counter() - start))
     print(f"\nannotation quality from 5 seeds ({args.size}px phantoms, artifact in 90% of disease train images)")
-    header = (f"{'arch':9} {'artifact':9} {'cav':7} {'layer':12} {'mask thr/rule':16} {'AUROC':>6} {'AP':>6} {'IoU':>6} "
+    header = (f"{'arch':9} {'artifact':9} {'cav':7} {'layer':12} {'mask thr/rule/ref/complete':34} {'AUROC':>6} {'AP':>6} {'IoU':>6} "
               f"{'point':>6} {'s':>5}")
     print(header)
     print("-" * len(header))
     for arch, artifact, cav, layer, thr, auroc, ap, miou, point, secs in rows:
-        print(f"{arch:9} {artifact:9} {cav:7} {layer:12} {thr:16} {auroc:6.3f} {ap:6.3f} {miou:6.3f} {point:6.2f} "
+        print(f"{arch:9} {artifact:9} {cav:7} {layer:12} {thr:34} {auroc:6.3f} {ap:6.3f} {miou:6.3f} {point:6.2f} "
               f"{secs:5.1f}")
 
 

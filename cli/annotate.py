@@ -53,6 +53,10 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
              mask_reference: str = typer.Option("clean", "--mask-reference",
                                                 help="'clean': paint only the concept's presence in excess of its "
                                                      "median over unlabelled samples at each position; 'none': raw."),
+             mask_complete: str = typer.Option("none", "--mask-complete",
+                                               help="'saturated': add the clipped white/black structure a mask "
+                                                    "touches (a frame's other sides, a ruler's length; check the "
+                                                    "contact sheet: saturated anatomy can be added too); 'none'."),
              blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px of input)."),
              dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
              model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),
@@ -67,7 +71,7 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                               from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
                               mask_threshold=mask_threshold, mask_rule=mask_rule, mask_reference=mask_reference,
-                              blur=blur, dilate=dilate, model=model, data=data,
+                              mask_complete=mask_complete, blur=blur, dilate=dilate, model=model, data=data,
                               device=device, seed=seed, on_progress=update)
     console.print(f"labelled {result.n_labelled} samples as the concept (layer {result.layer}, threshold "
                   f"{result.threshold:.3f})")

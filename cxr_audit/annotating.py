@@ -25,10 +25,11 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
+from scipy.ndimage import binary_dilation
 
 from cxr_audit.annotate.cav import make_cav
-from cxr_audit.annotate.masks import (binarise, concept_heatmaps, otsu_threshold, parse_threshold,
-                                      presence_reference)
+from cxr_audit.annotate.masks import (binarise, complete_saturated, concept_heatmaps, otsu_threshold,
+                                      parse_threshold, presence_reference)
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.io import read_image, read_mask, write_png
@@ -56,7 +57,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              layer: str | None = None, method: str = "signal", n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
-             mask_rule: str = "upsample", mask_reference: str = "clean", blur: float | None = None,
+             mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "none",
+             blur: float | None = None,
              dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None, data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
     """Label artifact samples and paint their masks; writes ``out`` (HDF5) and, with
@@ -72,6 +74,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         raise UsageError(f"mask rule must be one of {', '.join(MASK_RULES)}, got '{mask_rule}'")
     if mask_reference not in MASK_REFERENCES:
         raise UsageError(f"mask reference must be one of {', '.join(MASK_REFERENCES)}, got '{mask_reference}'")
+    if mask_complete not in MASK_COMPLETIONS:
+        raise UsageError(f"mask completion must be one of {', '.join(MASK_COMPLETIONS)}, got '{mask_complete}'")
     if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
         raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
     if cluster is not None:
@@ -143,12 +147,14 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
             reference_rows = np.sort(rng.choice(clean, size=min(N_REFERENCE, len(clean)), replace=False))
         mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_cav.direction_, model, data,
                                           device, batch_size, blur, mask_threshold, dilate, on_progress,
-                                          first_rule=mask_rule, reference_rows=reference_rows)
+                                          first_rule=mask_rule, reference_rows=reference_rows,
+                                          complete=mask_complete == "saturated")
         quality.update(mask_quality)
     options = {"layer": layer, "mask_layer": mask_layer, "method": method, "seeds": seeds, "negatives": negatives,
                "from_column": from_column, "concept": concept, "cluster": cluster, "n_negatives": n_negatives,
                "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold,
-               "mask_rule": mask_rule, "mask_reference": mask_reference, "blur": blur,
+               "mask_rule": mask_rule, "mask_reference": mask_reference,
+               "mask_complete": mask_complete, "blur": blur,
                "dilate": dilate, "seed": seed}
     _write_h5(out, meta, scan_path, options, index, scores, labels, thr, cav.direction_, fit_rows, mask_rows,
               mask_stack, quality)
@@ -208,11 +214,13 @@ MASK_RULES = ("upsample", "intensity", "zbox", "flat")
 #: "clean": masks start from the concept presence in excess of its per-position median over
 #: unlabelled samples (``presence_reference``); "none": from the raw presence (Pahde et al., 2025)
 MASK_REFERENCES = ("clean", "none")
+#: "saturated": add the clipped-white/black structure a mask touches (``complete_saturated``)
+MASK_COMPLETIONS = ("saturated", "none")
 N_REFERENCE = 64
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,
-           on_progress, first_rule="upsample", reference_rows=None):
+           on_progress, first_rule="upsample", reference_rows=None, complete=True):
     ckpt = Path(model or meta["checkpoint"])
     data = Path(data or meta["data"])
     if not ckpt.is_file():
@@ -243,7 +251,10 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
             batch = collate([dataset[int(index[r])] for r in chunk])
             heat = concept_heatmaps(attribution, capture, batch["image"].to(dev), layer, v, reference).cpu().numpy()
             for j, h in enumerate(heat):
-                masks[start + j] = binarise(h, sigma, mask_threshold, dilate=dilate)
+                mask = binarise(h, sigma, mask_threshold)
+                if complete:
+                    mask = complete_saturated(batch["image"][j].mean(0).numpy(), mask)
+                masks[start + j] = binary_dilation(mask, iterations=dilate) if dilate > 0 else mask
                 if "artifact_mask" in batch and batch.get("artifact") is not None and int(batch["artifact"][j]) == 1:
                     truth = batch["artifact_mask"][j, 0].numpy() > 0.5
                     ious.append(iou(masks[start + j], truth))

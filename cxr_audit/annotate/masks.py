@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.ndimage import binary_dilation, gaussian_filter
+from scipy.ndimage import binary_dilation, gaussian_filter, label
 
 from cxr_audit.errors import UsageError
 from cxr_audit.explain.core import layer_attribution
@@ -124,4 +124,35 @@ def binarise(heatmap: np.ndarray, blur_sigma: float, threshold: str = "peak", qu
     mask = smooth > cut
     if dilate > 0:
         mask = binary_dilation(mask, iterations=dilate)
+    return mask
+
+
+def complete_saturated(image: np.ndarray, mask: np.ndarray, tolerance: float = 0.05, saturation: float = 0.02,
+                       max_area: float = 0.25) -> np.ndarray:
+    """Extend ``mask (H, W)`` by the saturated structure it touches in ``image (H, W)``.
+
+    Burned-in artifacts — text, markers, rulers, collimation frames and margins — are usually
+    clipped to the image's maximum or minimum, while a concept's relevance covers only the part
+    the model reads (two sides of a frame, one end of a ruler). If the mask's brightest (darkest)
+    pixel lies within ``saturation`` × range of the image's maximum (minimum), the 8-connected
+    pixels within ``tolerance`` × range of it that the mask touches are added — unless together
+    they exceed ``max_area`` of the image (then the structure is anatomy or background, and the
+    mask is returned unchanged)."""
+    if not mask.any():
+        return mask
+    lo, hi = float(image.min()), float(image.max())
+    span = hi - lo
+    if span <= 0:
+        return mask
+    inside = image[mask]
+    for value, saturated in ((inside.max(), inside.max() >= hi - saturation * span),
+                             (inside.min(), inside.min() <= lo + saturation * span)):
+        if not saturated:
+            continue
+        similar = np.abs(image - value) <= tolerance * span
+        components, _ = label(similar, structure=np.ones((3, 3), int))
+        touched = np.unique(components[mask & similar])
+        structure = np.isin(components, touched[touched > 0])
+        if structure.mean() <= max_area:
+            return mask | structure
     return mask
