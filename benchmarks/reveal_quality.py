@@ -2,8 +2,9 @@
 
 For each artifact type and architecture: phantoms with the artifact in a share of the *disease*
 training images, a small CNN trained on them, scan, reveal; prints the best retrieval AUROC among
-the top-3 concepts (score = the concept's max-pooled activation) and among the top-3 SpRAy
-clusters (score = membership), the top suspicion score, and the reveal time per 1,000 samples.
+the top-3 concepts (score = the concept's max-pooled activation; "member CAV": a signal CAV at
+the earliest scanned layer fitted on the concept's members, as `annotate` would) and among the
+top-3 SpRAy clusters (score = membership), the top suspicion score, and the reveal time per 1,000 samples.
 A row with prevalence 0 is the no-artifact control (its AUROC is undefined; compare suspicion).
 
     .venv/bin/python benchmarks/reveal_quality.py [--archs resnet18 vgg11] [--artifacts text marker frame]
@@ -62,23 +63,24 @@ def main() -> None:
         with h5py.File(s) as f:
             lookup = dict(zip(f["samples/index"][:].tolist(), f["samples/artifact"][:].tolist()))
         truth = np.array([lookup[i] for i in result["sample_ids"]]) == 1
-        concept_auc = cluster_auc = float("nan")
+        concept_auc = cav_auc = cluster_auc = float("nan")
         if truth.any():
             concept_auc = max(roc_auc_score(truth, c["scores"]["activation_max"]) for c in result["concepts"][:3])
+            cav_auc = max(roc_auc_score(truth, c["scores"]["cav"]) for c in result["concepts"][:3] if "cav" in c["scores"])
             ids = np.array(result["sample_ids"])
             cluster_auc = max(roc_auc_score(truth, np.isin(ids, c["members"])) for c in result["clusters"][:3])
         top = result["concepts"][0]
-        rows.append((seed, arch, artifact, concept_auc, cluster_auc, top["suspicion"], top.get("alarm", ""),
+        rows.append((seed, arch, artifact, concept_auc, cav_auc, cluster_auc, top["suspicion"], top.get("alarm", ""),
                      top["contrast"], top["minority"], top["importance"], top.get("outside_lungs", float("nan")),
                      1000 * secs / len(result["sample_ids"])))
         print("done:", rows[-1], flush=True)
     print(f"\nreveal quality ({args.size}px phantoms, artifact in {args.prevalence:.0%} of disease train images)")
-    header = (f"{'seed':>4} {'arch':9} {'artifact':9} {'concept AUROC':>13} {'cluster AUROC':>13} {'suspicion':>9} "
+    header = (f"{'seed':>4} {'arch':9} {'artifact':9} {'concept AUROC':>13} {'member CAV':>10} {'cluster AUROC':>13} {'suspicion':>9} "
               f"{'alarm':>5} {'contrast':>8} {'minority':>8} {'import.':>7} {'outside':>7} {'s/1000':>7}")
     print(header)
     print("-" * len(header))
-    for seed, arch, artifact, c_auc, k_auc, susp, alarm, con, mino, imp, outside, per_k in rows:
-        print(f"{seed:4d} {arch:9} {artifact:9} {c_auc:13.3f} {k_auc:13.3f} {susp:9.3f} {str(alarm):>5} {con:8.3f} "
+    for seed, arch, artifact, c_auc, v_auc, k_auc, susp, alarm, con, mino, imp, outside, per_k in rows:
+        print(f"{seed:4d} {arch:9} {artifact:9} {c_auc:13.3f} {v_auc:10.3f} {k_auc:13.3f} {susp:9.3f} {str(alarm):>5} {con:8.3f} "
               f"{mino:8.3f} {imp:7.3f} {outside:7.3f} {per_k:7.1f}")
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 from scipy.stats import norm
 
+from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import UsageError
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import alarm_level, rank_concepts
@@ -70,6 +71,8 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts.sort(key=lambda c: (not c["alarm"], -c["rank_score"]))
     for rank, c in enumerate(concepts):
         c["id"] = rank
+    earliest, (earliest_acts, _) = next(iter(layer_data.items()))
+    _member_cav_scores(concepts, earliest, earliest_acts, index[rows])
     # one concept layer: the middle scanned one, as annotate's default
     middle = list(layer_data)[len(layer_data) // 2]
     acts, rel = layer_data[middle]
@@ -91,6 +94,20 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     (out / "reveal.json").write_text(json.dumps(result, indent=1))
     _report(out, scan_path, result, index, gallery, references, device)
     return result
+
+
+def _member_cav_scores(concepts: list[dict], layer: str, acts: np.ndarray, row_ids: np.ndarray) -> None:
+    """Add ``scores["cav"]``: each sample's projection on a signal CAV (Pahde et al., 2023) fitted
+    at ``layer`` (the earliest scanned one) on the concept's members against every other sample —
+    what ``annotate`` would label from this concept. One channel's activation is a noisy detector;
+    the direction its members share at an early layer separates the artifact samples better
+    (phantom benchmark: docs/reveal.md)."""
+    for c in concepts:
+        members = np.isin(row_ids, c["members"])
+        if 0 < members.sum() < len(members):
+            cav = SignalCAV().fit(acts, members.astype(int))
+            c["scores"]["cav"] = [float(v) for v in cav.score(acts)]
+            c["cav_layer"] = layer
 
 
 SOURCE_LINK_MIN_V = 0.3  # a moderate association (Cohen, 1988) on top of significance

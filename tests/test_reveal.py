@@ -36,6 +36,9 @@ def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
     truth = _artifact(shortcut_scan, result["sample_ids"])
     aurocs = [roc_auc_score(truth, c["scores"]["activation_max"]) for c in result["concepts"][:3]]
     assert max(aurocs) >= 0.9, aurocs
+    # the members' CAV at the earliest layer ranks the artifact samples at least as well
+    cav_aurocs = [roc_auc_score(truth, c["scores"]["cav"]) for c in result["concepts"][:3]]
+    assert max(cav_aurocs) >= 0.95 and result["concepts"][0]["cav_layer"] == "layer2", cav_aurocs
     saved = json.loads((tmp_path / "r" / "reveal.json").read_text())
     assert saved["concepts"][0]["id"] == 0 and saved["clusters"]
     spaces = {c["space"] for c in saved["clusters"]}
