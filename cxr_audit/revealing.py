@@ -114,17 +114,25 @@ SOURCE_LINK_MIN_V = 0.3  # a moderate association (Cohen, 1988) on top of signif
 
 
 def flag_alarms(concepts: list[dict], z_level: float, alpha: float = 0.05) -> int:
-    """Set ``alarm`` and ``source_linked`` on each concept record; returns the number of source tests.
+    """Set ``alarm``, ``label_linked`` and ``source_linked`` on each concept record; returns the
+    number of source tests.
 
     A concept alarms when its relevance lies mostly outside the lungs (or no lung masks exist)
-    and either its split of the class is bimodal beyond ``z_level`` or its members are tied to a
-    source within the class (chi-square p below the Bonferroni level over the concepts that could
-    be tested, and Cramér's V >= 0.3): a hospital's tag or marker shows as the second."""
+    and either its split of the class is bimodal beyond ``z_level`` *and* tied to the label (it is
+    on less often in the other classes: chi-square p below the Bonferroni level; untestable with
+    one class), or its members are tied to a source within the class (chi-square p below the
+    Bonferroni level over the concepts that could be tested, and Cramér's V >= 0.3): a hospital's
+    tag or marker shows as the second. The label condition keeps anatomy's own bimodal variation,
+    present in every class alike, from alarming (a clean phantom control did, z 3.7)."""
     n_tests = sum(c.get("source_p_value") is not None for c in concepts)
+    n_label_tests = max(1, sum(c.get("label_p_value") is not None for c in concepts))
     for c in concepts:
         p = c.get("source_p_value")
         c["source_linked"] = bool(p is not None and p < alpha / n_tests and c["source_cramers_v"] >= SOURCE_LINK_MIN_V)
-        c["alarm"] = bool((c["bimodality_z"] > z_level or c["source_linked"]) and c.get("outside_lungs", 1.0) > 0.5)
+        label_p = c.get("label_p_value")
+        c["label_linked"] = bool(label_p is None or label_p < alpha / n_label_tests)
+        bimodal = c["bimodality_z"] > z_level and c["label_linked"]
+        c["alarm"] = bool((bimodal or c["source_linked"]) and c.get("outside_lungs", 1.0) > 0.5)
     return n_tests
 
 

@@ -233,3 +233,28 @@ def test_umap_embedding_and_unknown_embedding(shortcut_scan, tmp_path):
     assert "UMAP" in (tmp_path / "u" / "report.html").read_text()
     result = CliRunner().invoke(app, ["reveal", str(shortcut_scan), "--out", str(tmp_path / "x"), "--embedding", "pca"])
     assert result.exit_code != 0 and "embedding must be one of" in result.output
+
+
+def test_a_bimodal_concept_alarms_only_when_tied_to_the_label():
+    """An artifact in half of class 1 only is label-linked and alarms; anatomy's own bimodal
+    variation, alike in both classes, splits each class just as clearly but does not."""
+    from cxr_audit.reveal.concepts import alarm_level, rank_concepts
+    from cxr_audit.revealing import flag_alarms
+
+    rng = np.random.default_rng(1)
+    n = 240
+    classes = np.repeat([0, 1], n // 2)
+    acts = rng.gamma(4, 0.25, (n, 12))
+    acts[:, 3] = np.where((classes == 1) & (rng.random(n) < 0.5), 3.0, 0.2) + rng.normal(0, 0.1, n)  # artifact
+    acts[:, 5] = np.where(rng.random(n) < 0.5, 3.0, 0.2) + rng.normal(0, 0.1, n)  # both classes alike
+    relevance = np.abs(rng.normal(0.1, 0.05, (n, 12)))
+    relevance[:, [3, 5]] += 1.0
+    records = [{**f.__dict__} for f in rank_concepts("layer", acts, relevance, classes, None, top=6)]
+    artifact = [r for r in records if r["channel"] == 3 and r["class_index"] == 1]
+    anatomy = [r for r in records if r["channel"] == 5]
+    assert artifact and anatomy
+    assert artifact[0]["label_p_value"] < 1e-6 and all(r["label_p_value"] > 0.01 for r in anatomy)
+    for r in records:
+        r["bimodality_z"] = 10.0 if r["channel"] in (3, 5) else 0.0  # both splits clearly bimodal
+    flag_alarms(records, alarm_level(len(records)))
+    assert {(r["channel"], r["class_index"]) for r in records if r["alarm"]} == {(3, 1)}

@@ -43,6 +43,7 @@ class ConceptFinding:
     source_association: dict = field(default_factory=dict)
     source_cramers_v: float | None = None  # membership vs source within the class (None: < 2 sources)
     source_p_value: float | None = None
+    label_p_value: float | None = None  # membership vs class: is the split tied to the label?
 
 
 GAUSSIAN_ETA = 2 / np.pi  # share of variance the best two-way split explains for a normal distribution
@@ -162,10 +163,31 @@ def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, cl
     findings = findings[:top]
     for f in findings:  # the tests are costlier than the score: only for the findings kept
         f.bimodality_z = bimodality_z(activations[classes == f.class_index, f.channel], seed=f.channel)
+        f.label_p_value = label_link(activations[:, f.channel], np.asarray(f.members, int), classes, f.class_index)
         link = source_link(np.asarray(f.members, int), np.flatnonzero(classes == f.class_index), sources)
         if link is not None:
             f.source_cramers_v, f.source_p_value = link
     return findings
+
+
+def label_link(values: np.ndarray, members: np.ndarray, classes: np.ndarray, k: int) -> float | None:
+    """One-sided chi-square p-value (Pearson, 1900) that the concept is on as often outside class
+    ``k`` as inside it: rows of class ``k`` above the split (``members``) vs rows of the other classes at
+    or above the weakest member's activation. A shortcut is tied to the label; a concept that
+    splits every class alike (anatomy's own variation) is not. ``None`` with a single class or
+    no members."""
+    from scipy.stats import chi2_contingency
+
+    inside = classes == k
+    if inside.all() or len(members) == 0:
+        return None
+    on = values >= values[members].min()
+    table = np.array([[np.sum(on & inside), np.sum(~on & inside)], [np.sum(on & ~inside), np.sum(~on & ~inside)]])
+    if (table.sum(0) == 0).any():
+        return None
+    if table[0, 0] / table[0].sum() <= table[1, 0] / table[1].sum():
+        return 1.0  # one-sided: a marker *for* class k is on more often inside it than outside
+    return float(chi2_contingency(table, correction=False)[1])
 
 
 def source_link(members: np.ndarray, rows: np.ndarray, sources: np.ndarray | None) -> tuple[float, float] | None:
