@@ -58,8 +58,9 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
              mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "none",
-             blur: float | None = None,
-             dilate: int = 0, max_masks: int = 1000, model: str | Path | None = None, data: str | Path | None = None, device: str = "auto", batch_size: int = 16, seed: int = 0,
+             blur: float | None = None, dilate: int = 0, max_masks: int = 1000,
+             model: str | Path | None = None, data: str | Path | None = None, device: str = "auto",
+             batch_size: int = 16, seed: int = 0,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
     """Label artifact samples and paint their masks; writes ``out`` (HDF5) and, with
     ``masks_dir``, one PNG per labelled sample plus ``annotated.csv`` and ``contact_sheet.png``.
@@ -243,8 +244,9 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
     with attribution.rules(), capture.attached(attribution.model):
         reference = None
         if reference_rows is not None and len(reference_rows):
-            presence = [presence_reference(attribution, capture, _images(dataset, index, reference_rows[i:i + batch_size], dev),
-                                           layer, v) for i in range(0, len(reference_rows), batch_size)]
+            chunks = [reference_rows[i:i + batch_size] for i in range(0, len(reference_rows), batch_size)]
+            presence = [presence_reference(attribution, capture, _images(dataset, index, c, dev), layer, v)
+                        for c in chunks]
             reference = torch.cat(presence).median(dim=0).values
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
