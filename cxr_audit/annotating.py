@@ -245,12 +245,12 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
         reference = None
         if reference_rows is not None and len(reference_rows):
             chunks = [reference_rows[i:i + batch_size] for i in range(0, len(reference_rows), batch_size)]
-            presence = [presence_reference(attribution, capture, _images(dataset, index, c, dev), layer, v)
+            presence = [presence_reference(attribution, capture, _batch(dataset, index, c)["image"].to(dev), layer, v)
                         for c in chunks]
             reference = torch.cat(presence).median(dim=0).values
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            batch = collate([dataset[int(index[r])] for r in chunk])
+            batch = _batch(dataset, index, chunk)
             heat = concept_heatmaps(attribution, capture, batch["image"].to(dev), layer, v, reference).cpu().numpy()
             for j, h in enumerate(heat):
                 mask = binarise(h, sigma, mask_threshold)
@@ -271,8 +271,9 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
     return masks, quality
 
 
-def _images(dataset, index, rows, device) -> torch.Tensor:
-    return collate([dataset[int(index[r])] for r in rows])["image"].to(device)
+def _batch(dataset, index, rows) -> dict:
+    """The collated dataset items of scan ``rows`` (mapped to manifest ids through ``index``)."""
+    return collate([dataset[int(index[r])] for r in rows])
 
 
 def _write_h5(out, meta, scan_path, options, index, scores, labels, thr, direction, fit_rows, mask_rows, masks,
