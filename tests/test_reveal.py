@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -198,6 +200,33 @@ def test_report_is_self_contained(shortcut_scan, tmp_path):
             assert (tmp_path / "r" / link).is_file(), link
 
 
+_IMAGE_PROBE = """<script>window.addEventListener('load', () => {
+const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src'));
+document.body.setAttribute('data-images', String(document.images.length));
+document.body.setAttribute('data-broken', JSON.stringify(broken));});</script>"""
+
+
+def _render_in_browser(browser: str, report: Path) -> tuple[int, list[str], str]:
+    """Load a copy of ``report`` with a probe script in headless Chromium; return (images, broken
+    image sources, stderr). The probe reads each image's decoded width after the load event, which
+    catches a missing or corrupt file that the console log does not report."""
+    import html
+    import json
+    import subprocess
+
+    probe = report.with_name("_probe.html")
+    probe.write_text(report.read_text().replace("</body>", _IMAGE_PROBE + "</body>"))
+    run = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                          "--v=0", "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    assert run.returncode == 0, run.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", run.stdout).group(1)
+    attrs = {k: html.unescape(v) for k, v in re.findall(r'(data-[a-z]+)="([^"]*)"', body)}
+    assert "data-images" in attrs, "the probe did not run: no load event within the time budget"
+    return int(attrs["data-images"]), json.loads(attrs["data-broken"]), run.stderr
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(shortcut_scan, tmp_path):
     import shutil
@@ -206,21 +235,24 @@ def test_report_renders_in_headless_chromium(shortcut_scan, tmp_path):
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")
                     if shutil.which(b)), None)
     if browser is None:
-        pytest.skip("no Chromium/Chrome binary on PATH: install one to run the browser rendering test")
+        pytest.skip("no Chromium/Chrome binary on PATH: install one (Debian: apt-get install chromium) "
+                    "to run the browser rendering test")
     reveal(shortcut_scan, tmp_path / "r")
-    report = (tmp_path / "r" / "report.html").resolve()
-    shot = tmp_path / "shot.png"
-    run = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                          "--v=0", "--window-size=1200,2400", f"--screenshot={shot}", report.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    errors = [line for line in run.stderr.splitlines() if "Uncaught" in line or "Failed to load resource" in line
-              or "net::ERR_FILE_NOT_FOUND" in line]
+    report = tmp_path / "r" / "report.html"
+    images, broken, log = _render_in_browser(browser, report)
+    assert images >= 4 and broken == [], broken
+    errors = [line for line in log.splitlines() if "Uncaught" in line or "ERR_FILE_NOT_FOUND" in line]
     assert not errors, errors
-    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
-    dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--dump-dom", report.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<img") >= 4
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,2400",
+                          f"--screenshot={shot}", report.resolve().as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    # the probe itself must see a missing figure, or the check above proves nothing
+    missing = next(link for link in _report_links(report) if link.endswith(".png"))
+    (tmp_path / "r" / missing).unlink()
+    _, broken, _ = _render_in_browser(browser, report)
+    assert missing in broken
 
 
 def test_umap_embedding_and_unknown_embedding(shortcut_scan, tmp_path):
