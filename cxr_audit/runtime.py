@@ -25,11 +25,25 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise UsageError(f"unknown device '{device}'") from None
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when ``enabled``; a no-op elsewhere."""
+def autocast(device: torch.device, enabled: bool, *, on_cpu: bool = False):
+    """bf16 autocast on CUDA when ``enabled``; on a CPU too when ``on_cpu`` (scan only: training on
+    CPU stays fp32 whatever ``--amp`` says, because its default is on for CUDA's sake)."""
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if enabled and on_cpu and device.type == "cpu":
+        if not cpu_has_fast_bf16():
+            raise UsageError("--amp on CPU needs bf16 kernels (AVX-512 or AMX); this CPU has none, "
+                             "so bf16 would be slower than fp32: drop --amp")
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bf16 convolution kernels for this CPU (AVX-512 BW/VL/DQ or newer)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def seed_everything(seed: int) -> torch.Generator:

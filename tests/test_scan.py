@@ -162,3 +162,24 @@ def test_scan_reads_real_two_hospital_images(tmp_path):
     with h5py.File(summary.path) as f:
         assert set(f["samples/source"].asstr()[:]) == {"hannover", "nih"}
         assert np.isfinite(f["heatmaps/pred"][:].astype(np.float32)).all()
+
+
+def test_bf16_scan_on_cpu_agrees_with_fp32(shortcut_model, poisoned, full_scan, tmp_path, monkeypatch):
+    """``--amp`` on a CPU with bf16 kernels: the same predictions and nearly the same heatmaps;
+    on a CPU without them, a clear refusal before any file is written."""
+    import cxr_audit.runtime as runtime
+
+    if runtime.cpu_has_fast_bf16():
+        out = scan(shortcut_model, poisoned, tmp_path / "bf16.h5", device="cpu", amp=True).path
+        with h5py.File(out) as f, h5py.File(full_scan) as ref:
+            assert read_meta(f)["options"]["amp"] is True
+            same = f["outputs/pred"][:] == ref["outputs/pred"][:]
+            a = f["heatmaps/pred"][:].astype(np.float64).reshape(len(same), -1)[same]
+            b = ref["heatmaps/pred"][:].astype(np.float64).reshape(len(same), -1)[same]
+        assert same.mean() > 0.97  # a near-tie may flip, and then the heatmap explains the other class
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        assert np.median(cos) > 0.95 and cos.min() > 0.5, (np.median(cos), cos.min())
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(UsageError, match="bf16"):
+        scan(shortcut_model, poisoned, tmp_path / "refused.h5", device="cpu", amp=True)
+    assert not (tmp_path / "refused.h5").exists()
