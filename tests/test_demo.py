@@ -8,7 +8,7 @@ from cxr_audit.demo import run_demo
 
 def test_demo_finds_and_reduces_the_shortcut(tmp_path):
     result = run_demo(tmp_path, device="cpu")
-    assert result.metrics["artifact retrieval AUROC (best of top-3 revealed concepts)"] >= 0.85
+    assert result.metrics["artifact retrieval AUROC (best of top-3 revealed concepts)"] >= 0.9
     assert result.metrics["artifact retrieval AUROC (held-out, 5 seeds)"] >= 0.85
     before, after = result.comparison["artifact_inserted_accuracy"]
     assert after >= before + 0.1
