@@ -4,8 +4,9 @@ For each artifact type and architecture: phantoms with the artifact in a share o
 training images, a small CNN trained on them, scan, reveal; prints the best retrieval AUROC among
 the top-3 concepts (score = the concept's max-pooled activation; "member CAV": a signal CAV at
 the earliest scanned layer fitted on the concept's members, as `annotate` would) and among the
-top-3 SpRAy clusters (score = membership), the top suspicion score, and the reveal time per 1,000 samples.
-A row with prevalence 0 is the no-artifact control (its AUROC is undefined; compare suspicion).
+top-3 SpRAy clusters (score = membership), the top suspicion score, whether the calibrated alarm
+was raised (by any concept), and the reveal time per 1,000 samples.
+The `none` row is the no-artifact control (its AUROC is undefined; it should raise no alarm).
 
     .venv/bin/python benchmarks/reveal_quality.py [--archs resnet18 vgg11] [--artifacts text marker frame]
 """
@@ -70,7 +71,7 @@ def main() -> None:
             ids = np.array(result["sample_ids"])
             cluster_auc = max(roc_auc_score(truth, np.isin(ids, c["members"])) for c in result["clusters"][:3])
         top = result["concepts"][0]
-        rows.append((seed, arch, artifact, concept_auc, cav_auc, cluster_auc, top["suspicion"], top.get("alarm", ""),
+        rows.append((seed, arch, artifact, concept_auc, cav_auc, cluster_auc, top["suspicion"], result["alarm"]["raised"],
                      top["contrast"], top["minority"], top["importance"], top.get("outside_lungs", float("nan")),
                      1000 * secs / len(result["sample_ids"])))
         print("done:", rows[-1], flush=True)
