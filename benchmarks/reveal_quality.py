@@ -5,7 +5,8 @@ training images, a small CNN trained on them, scan, reveal; prints the best retr
 the top-3 concepts (score = the concept's max-pooled activation; "member CAV": a signal CAV at
 the earliest scanned layer fitted on the concept's members, as `annotate` would) and among the
 top-3 SpRAy clusters (score = membership), the top suspicion score, whether the calibrated alarm
-was raised (by any concept), and the reveal time per 1,000 samples.
+was raised (by any concept), and the reveal time per 1,000 samples. "model" says "1-class" when
+the trained model predicts one class for every validation image (it learned nothing to audit).
 The `none` row is the no-artifact control (its AUROC is undefined; it should raise no alarm).
 
     .venv/bin/python benchmarks/reveal_quality.py [--archs resnet18 vgg11] [--artifacts text marker frame]
@@ -55,8 +56,9 @@ def main() -> None:
         else:
             data = inject(phantoms, work / artifact, artifact, {"disease": args.prevalence},
                           splits=["train", "val"], seed=seed)
-        ckpt = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size, epochs=args.epochs,
-                     batch_size=16, seed=seed).checkpoint
+        trained = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size, epochs=args.epochs,
+                        batch_size=16, seed=seed)
+        ckpt, learned = trained.checkpoint, "1-class" if trained.warnings else "ok"
         s = scan(ckpt, data, work / f"{arch}-{artifact}.h5", device="cpu").path
         start = time.perf_counter()
         result = reveal(s, work / f"r-{arch}-{artifact}", references=False)
@@ -71,17 +73,17 @@ def main() -> None:
             ids = np.array(result["sample_ids"])
             cluster_auc = max(roc_auc_score(truth, np.isin(ids, c["members"])) for c in result["clusters"][:3])
         top = result["concepts"][0]
-        rows.append((seed, arch, artifact, concept_auc, cav_auc, cluster_auc, top["suspicion"], result["alarm"]["raised"],
+        rows.append((seed, arch, artifact, learned, concept_auc, cav_auc, cluster_auc, top["suspicion"], result["alarm"]["raised"],
                      top["contrast"], top["minority"], top["importance"], top.get("outside_lungs", float("nan")),
                      1000 * secs / len(result["sample_ids"])))
         print("done:", rows[-1], flush=True)
     print(f"\nreveal quality ({args.size}px phantoms, artifact in {args.prevalence:.0%} of disease train images)")
-    header = (f"{'seed':>4} {'arch':9} {'artifact':9} {'concept AUROC':>13} {'member CAV':>10} {'cluster AUROC':>13} {'suspicion':>9} "
+    header = (f"{'seed':>4} {'arch':9} {'artifact':9} {'model':7} {'concept AUROC':>13} {'member CAV':>10} {'cluster AUROC':>13} {'suspicion':>9} "
               f"{'alarm':>5} {'contrast':>8} {'minority':>8} {'import.':>7} {'outside':>7} {'s/1000':>7}")
     print(header)
     print("-" * len(header))
-    for seed, arch, artifact, c_auc, v_auc, k_auc, susp, alarm, con, mino, imp, outside, per_k in rows:
-        print(f"{seed:4d} {arch:9} {artifact:9} {c_auc:13.3f} {v_auc:10.3f} {k_auc:13.3f} {susp:9.3f} {str(alarm):>5} {con:8.3f} "
+    for seed, arch, artifact, learned, c_auc, v_auc, k_auc, susp, alarm, con, mino, imp, outside, per_k in rows:
+        print(f"{seed:4d} {arch:9} {artifact:9} {learned:7} {c_auc:13.3f} {v_auc:10.3f} {k_auc:13.3f} {susp:9.3f} {str(alarm):>5} {con:8.3f} "
               f"{mino:8.3f} {imp:7.3f} {outside:7.3f} {per_k:7.1f}")
 
 

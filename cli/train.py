@@ -35,3 +35,5 @@ def train(data: Path = typer.Argument(..., help="Manifest CSV (with optional spl
                       f"{rec['val_accuracy']:.3f}" if "val_accuracy" in rec else "-")
     console.print(table)
     console.print(f"checkpoint: [bold]{summary.checkpoint}[/] ({summary.seconds:.1f} s)")
+    for warning in summary.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")

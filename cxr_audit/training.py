@@ -27,6 +27,7 @@ class TrainSummary:
     checkpoint: Path
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> dict:
@@ -62,11 +63,30 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     options = {"arch": arch, "size": size, "channels": channels, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "weight_decay": weight_decay, "seed": seed, "data": str(Path(data).resolve()),
                "train_split": train_split, "val_split": val_split, "amp": amp}
+    collapsed = single_class_warning(*predict(model, val_set or train_set, prep, dev, batch_size),
+                                     manifest.class_names)
     path = Path(out)
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, model, arch, manifest.class_names, prep,
                         extra={"options": options, "history": history, "created": now(), "versions": versions()})
-    return TrainSummary(path, history, result.seconds)
+    return TrainSummary(path, history, result.seconds, [collapsed] if collapsed else [])
+
+
+def single_class_warning(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> str | None:
+    """A warning when a single-label model predicts one class for every sample of ``logits (N, K)``.
+
+    Such a model has learned nothing to audit: its explanations reflect the initial weights, and a
+    shortcut found in them is not one the model uses. Plain VGGs from scratch on a few hundred
+    small images end here (vgg11, 240 phantoms at 64 px: every lr from 1e-4 to 1e-3 tried).
+    """
+    if logits.ndim != 2 or labels.ndim != 1 or len(logits) < 2:
+        return None  # multi-label, or too few samples to judge
+    predicted = logits.argmax(1).unique()
+    if len(predicted) > 1:
+        return None
+    return (f"the model predicts '{class_names[int(predicted[0])]}' for every one of {len(logits)} "
+            f"evaluation images: it has not learned the task. Train longer (--epochs), with another "
+            f"--lr, more data or another --arch before auditing it")
 
 
 def _splits(manifest: Manifest, train_split: str, val_split: str) -> tuple[Manifest, Manifest | None]:

@@ -79,3 +79,22 @@ def test_errors_from_dataloader_workers_stay_one_line(tmp_path, shortcut_model):
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("error: cannot read image")
     assert "Traceback" not in r.output and "worker" not in r.output
+
+
+def test_train_warns_when_the_model_predicts_one_class(tmp_path, monkeypatch):
+    import torch
+
+    import cxr_audit.training as training
+
+    names = ["disease", "healthy"]
+    assert "'healthy' for every one of 3" in training.single_class_warning(
+        torch.tensor([[0.0, 1.0], [0.2, 0.9], [-1.0, 0.0]]), torch.tensor([0, 1, 0]), names)
+    assert training.single_class_warning(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1]), names) is None
+    assert training.single_class_warning(torch.zeros(3, 2), torch.zeros(3, 2), names) is None  # multi-label
+    # wired through `cxr-audit train`: a collapsed model (forced here) is named in the output
+    assert run("phantom", "--out", tmp_path / "ph", "--n", 24, "--size", 32).exit_code == 0
+    monkeypatch.setattr(training, "predict", lambda model, manifest, *a, **k: (
+        torch.tensor([[1.0, 0.0]]).repeat(len(manifest.samples), 1), torch.zeros(len(manifest.samples))))
+    r = run("train", tmp_path / "ph" / "manifest.csv", "--out", tmp_path / "m.pt", "--size", 32, "--epochs", 1,
+            "--device", "cpu")
+    assert r.exit_code == 0 and "warning" in r.output and "has not learned" in r.output, r.output
