@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--prevalence", type=float, default=0.5)
     parser.add_argument("--n", type=int, default=240)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="training epochs (default: 8 for resnet18, 20 for vgg11, which learns nothing in 8)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3; 1e-4 for VGGs)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[11],
                         help="phantom/injection/training seeds; several show the spread of the scores")
     args = parser.parse_args()
@@ -56,7 +58,9 @@ def main() -> None:
         else:
             data = inject(phantoms, work / artifact, artifact, {"disease": args.prevalence},
                           splits=["train", "val"], seed=seed)
-        trained = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size, epochs=args.epochs,
+        vgg = arch.startswith("vgg")
+        trained = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size,
+                        epochs=args.epochs or (20 if vgg else 8), lr=args.lr or (1e-4 if vgg else 1e-3),
                         batch_size=16, seed=seed)
         ckpt, learned = trained.checkpoint, "1-class" if trained.warnings else "ok"
         s = scan(ckpt, data, work / f"{arch}-{artifact}.h5", device="cpu").path
