@@ -241,7 +241,8 @@ def test_report_renders_in_headless_chromium(shortcut_scan, tmp_path):
     report = tmp_path / "r" / "report.html"
     images, broken, log = _render_in_browser(browser, report)
     assert images >= 4 and broken == [], broken
-    errors = [line for line in log.splitlines() if "Uncaught" in line or "ERR_FILE_NOT_FOUND" in line]
+    errors = [line for line in log.splitlines() if "Uncaught" in line or "Failed to load resource" in line
+              or "ERR_FILE_NOT_FOUND" in line]
     assert not errors, errors
     shot = tmp_path / "shot.png"
     run = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1200,2400",
