@@ -39,7 +39,7 @@ def main() -> None:
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.explain.methods import default_layers
-    from cxr_audit.models.registry import build_model
+    from cxr_audit.models.architectures import build_model, spec_of
     from cxr_audit.scanning import scan
     from cxr_audit.training import train
 
@@ -48,9 +48,7 @@ def main() -> None:
     phantoms = generate_phantoms(work / "ph", n=args.n, size=args.size, seed=7)
     rows = []
     for arch in args.archs:
-        layers = default_layers(arch, build_model(arch, 2, 1, args.size))
-        if arch.startswith("resnet"):
-            layers = ["layer1"] + layers
+        layers = list(spec_of(arch).early_layers) + default_layers(arch, build_model(arch, 2, 1, args.size))
         for artifact in args.artifacts:
             data = inject(phantoms, work / f"{artifact}", artifact, {"disease": 0.9}, splits=["train", "val"], seed=7)
             ckpt = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size, epochs=args.epochs,

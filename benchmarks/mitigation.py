@@ -42,20 +42,22 @@ def main() -> None:
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.evaluating import evaluate
+    from cxr_audit.models.architectures import build_model, spec_of
     from cxr_audit.scanning import scan
     from cxr_audit.training import train
     from cxr_audit.unlearning import unlearn
 
     torch.set_num_threads(2)
     work = args.out or Path(tempfile.mkdtemp())
+    spec = spec_of(args.arch)
     phantoms = generate_phantoms(work / "phantoms", n=args.n, size=args.size, seed=1)
     data = inject(phantoms, work / "poisoned", "text", {"disease": args.prevalence}, splits=["train", "val"], seed=1)
     base = train(data, work / "base.pt", args.arch, size=args.size, epochs=args.epochs, seed=args.seed,
                  device=args.device).checkpoint
     scan_file = scan(base, data, work / "scan.h5", split="train", overwrite=True, device=args.device,
-                     layers=["layer1", "layer2", "layer3", "layer4"] if args.arch.startswith("resnet") else None).path
+                     layers=list(spec.early_layers) + spec.scan_layers(build_model(args.arch, 2, 1, args.size)) or None).path
     ann = annotate(scan_file, work / "annotations.h5", from_column="artifact", masks_dir=work / "masks",
-                   device=args.device, layer=args.layer if args.arch.startswith("resnet") else None)
+                   device=args.device, layer=args.layer if spec.early_layers else None)
     annotated = ann.files["manifest"]
     print(f"annotation: mask IoU {ann.quality.get('mask_iou', float('nan')):.2f}; training data {annotated}")
 
@@ -68,7 +70,7 @@ def main() -> None:
     rows, plain_step = [], None
     for method in args.methods:
         r = unlearn(base, annotated, work / f"{method}.pt", method, annotations=work / "annotations.h5",
-                    layer=args.layer if args.arch.startswith("resnet") else None, epochs=args.unlearn_epochs,
+                    layer=args.layer if spec.early_layers else None, epochs=args.unlearn_epochs,
                     device=args.device, seed=args.seed)
         if method == "none":
             plain_step = r.seconds_per_step

@@ -42,6 +42,7 @@ def main() -> None:
 
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
+    from cxr_audit.models.architectures import spec_of
     from cxr_audit.revealing import reveal
     from cxr_audit.scanning import scan
     from cxr_audit.training import train
@@ -58,9 +59,9 @@ def main() -> None:
         else:
             data = inject(phantoms, work / artifact, artifact, {"disease": args.prevalence},
                           splits=["train", "val"], seed=seed)
-        vgg = arch.startswith("vgg")
+        lr = spec_of(arch).recommended_lr  # slower-learning architectures train longer
         trained = train(data, work / f"{arch}-{artifact}.pt", arch, size=args.size,
-                        epochs=args.epochs or (20 if vgg else 8), lr=args.lr or (1e-4 if vgg else 1e-3),
+                        epochs=args.epochs or (20 if lr < 1e-3 else 8), lr=args.lr or lr,
                         batch_size=16, seed=seed)
         ckpt, learned = trained.checkpoint, "1-class" if trained.warnings else "ok"
         s = scan(ckpt, data, work / f"{arch}-{artifact}.h5", device="cpu").path

@@ -8,14 +8,14 @@ import typer
 from rich.table import Table
 
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
-from cxr_audit.models.registry import ARCHITECTURES
+from cxr_audit.models.architectures import names
 from cxr_audit.training import train as train_lib
 
 
 @friendly_errors
 def train(data: Path = typer.Argument(..., help="Manifest CSV (with optional split column) or ImageFolder."),
           out: Path = typer.Option(..., "--out", "-o", help="Checkpoint file to write (.pt)."),
-          arch: str = typer.Option("resnet18", "--arch", help=f"{', '.join(ARCHITECTURES)} or module:factory."),
+          arch: str = typer.Option("resnet18", "--arch", help=f"{', '.join(names())}, torchvision.models:NAME or module:factory (a factory taking num_classes, optionally in_channels/image_size)."),
           size: int = typer.Option(128, "--size", help="Input side in pixels."),
           channels: int = typer.Option(1, "--channels", help="Input channels (1 = grayscale)."),
           epochs: int = typer.Option(5, "--epochs"),

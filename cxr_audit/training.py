@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
-from cxr_audit.models.registry import build_model, save_checkpoint
+from cxr_audit.models.architectures import build_model, trust_factory
+from cxr_audit.models.registry import save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
 from cxr_audit.unlearn.engine import fit
 
@@ -53,6 +54,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     train_set, val_set = _splits(manifest, train_split, val_split)
     prep = Preprocessing(size=size, channels=channels)
     dev = init_distributed(resolve_device(device))
+    arch = trust_factory(arch).name  # given on the user's command line: may be their module:factory
     model = build_model(arch, manifest.num_classes, channels, size).to(dev)
     val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
     result = fit(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,

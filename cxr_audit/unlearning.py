@@ -34,7 +34,8 @@ from cxr_audit.data.dataset import CxrDataset, collate, load_batch
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
-from cxr_audit.models.registry import family, file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
+from cxr_audit.models.architectures import spec_of
+from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
 from cxr_audit.training import batched_logits
 from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
@@ -164,7 +165,7 @@ def _splits(manifest: Manifest) -> set[str]:
 
 def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations, layer, cav_method,
              cav_scope) -> Context:
-    context = Context(num_classes=len(config["class_names"]), options={"family": family(config["arch"])})
+    context = Context(num_classes=len(config["class_names"]), options={"cam_layer": spec_of(config["arch"]).cam_layer})
     context.artifact = {s.index: int(s.artifact) for s in manifest.samples if s.artifact is not None}
     if annotations is not None:
         if layer is None:

@@ -6,7 +6,7 @@ from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.explain import conditional_heatmaps, create_method, default_layers, explain_batch
 from cxr_audit.explain.core import layer_attribution
 from cxr_audit.explain.vit import DetachedSoftmaxAttention
-from cxr_audit.models.registry import build_model
+from cxr_audit.models.architectures import build_model, names, spec_of
 
 PREP = Preprocessing(size=64)
 
@@ -34,7 +34,14 @@ def _explain(model, arch, x, method="lrp", layers=None):
         return explain_batch(attribution, capture, x, {"pred": None}), attribution, capture
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+FAST_ARCHS = [name for name in names() if spec_of(name).lrp == "fast" and not name.endswith(("50", "16", "121", "34"))]
+
+
+def test_every_fast_architecture_is_tested_here():
+    assert {"resnet18", "vgg11", "densenet_tiny"} <= set(FAST_ARCHS)
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_lrp_conserves_relevance_at_input_and_every_layer(arch):
     model = _bias_free(arch)
     x = torch.randn(3, 1, 64, 64)
@@ -123,11 +130,14 @@ def test_gradcam_and_gradient_x_input():
     assert gxi.heatmaps["pred"].shape == (2, 64, 64) and gxi.relevances["layer3"].shape == (2, 256)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vgg11"])
+@pytest.mark.parametrize("arch", FAST_ARCHS)
 def test_fast_lrp_and_fast_zplus_rule_equal_zennit_epsilon_plus_flat(arch):
     """`lrp` (modified-gradient LRP) and `lrp-zennit` (with the one-term z+ rule) must both give
-    exactly what zennit's stock EpsilonPlusFlat composite with canonizers gives."""
+    exactly what zennit's stock EpsilonPlusFlat composite with canonizers gives (with the z-rule,
+    zennit's ``Norm``, for BatchNorms that no canonizer can fold: DenseNet's pre-activation ones)."""
     from zennit.composites import EpsilonPlusFlat
+    from zennit.rules import Norm
+    from zennit.types import BatchNorm
 
     torch.manual_seed(1)
     model = build_model(arch, 2, 1, 64).eval()
@@ -144,7 +154,7 @@ def test_fast_lrp_and_fast_zplus_rule_equal_zennit_epsilon_plus_flat(arch):
     assert type(fast_method).__name__ == "FastLRP"
     hooked, _, _ = _explain(model, arch, x, method="lrp-zennit")
     stock = create_method("lrp-zennit", model, arch, PREP)
-    stock.composite = lambda: EpsilonPlusFlat(canonizers=stock._canonizers())
+    stock.composite = lambda: EpsilonPlusFlat(layer_map=[(BatchNorm, Norm())], canonizers=stock._canonizers())
     capture = stock.capture(layers)
     with stock.rules(), capture.attached(stock.model):
         reference = explain_batch(stock, capture, x, {"pred": None})

@@ -99,14 +99,14 @@ def test_exbl_is_inert_when_good_and_bad_exemplars_agree():
     model = tiny()
     same = torch.ones(32, 32) * 0.5
     method = get_mitigation("exbl", good=same, bad=same, margin=0.0)
-    method.prepare(model, Context(num_classes=2, options={"family": "resnet"}), [])
+    method.prepare(model, Context(num_classes=2, options={"cam_layer": "layer4"}), [])
     b = batch()
     _, penalty = method.forward(model, b, b["image"])
     assert penalty.item() == 0.0
     good, bad = torch.zeros(32, 32), torch.zeros(32, 32)
     good[8:24, 8:24], bad[:6, :6] = 1, 1
     method = get_mitigation("exbl", good=good, bad=bad, margin=1.0)
-    method.prepare(model, Context(num_classes=2, options={"family": "resnet"}), [])
+    method.prepare(model, Context(num_classes=2, options={"cam_layer": "layer4"}), [])
     _, penalty = method.forward(model, b, b["image"])
     assert penalty.item() > 0 and grads_reach(model, penalty)
 

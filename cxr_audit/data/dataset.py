@@ -11,32 +11,76 @@ from torch.utils.data import Dataset
 
 from cxr_audit.data.io import read_image, read_mask
 from cxr_audit.data.manifest import Manifest, Sample
-from cxr_audit.errors import BadInputError
+from cxr_audit.errors import BadInputError, UsageError
+
+
+#: named normalisations: ImageNet (torchvision models), torchxrayvision ([0, 1] -> [-1024, 1024])
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "xrv": ((0.5,), (1.0 / 2048.0,)),
+    "none": ((0.0,), (1.0,)),
+}
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     """How images become model inputs; stored in every checkpoint so scans match training.
 
-    ``resize="squash"`` resizes the whole image to ``size x size`` (keeps corner stamps and
-    borders, which are exactly the shortcuts we look for); ``"pad"`` letterboxes instead.
+    ``mean``/``std`` are one value or one per channel (ImageNet's three), applied to intensities in
+    [0, 1] after the gray image is repeated to ``channels``. ``resize="squash"`` resizes the whole
+    image to ``size x size`` (keeps corner stamps and borders, which are exactly the shortcuts we
+    look for); ``"pad"`` letterboxes instead.
     """
 
     size: int = 128
     channels: int = 1
-    mean: float = 0.5
-    std: float = 0.25
+    mean: float | tuple[float, ...] = 0.5
+    std: float | tuple[float, ...] = 0.25
     resize: str = "squash"
 
+    def __post_init__(self):
+        for name in ("mean", "std"):  # lists from JSON/checkpoints become tuples (hashable, frozen)
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                value = tuple(float(v) for v in value)
+                object.__setattr__(self, name, value[0] if len(value) == 1 else value)
+        if not isinstance(self.size, int) or self.size < 8:
+            raise UsageError(f"image size must be an integer of at least 8 pixels, got {self.size}")
+        if self.channels not in (1, 3):
+            raise UsageError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != self.channels:
+                raise UsageError(f"{name} has {len(value)} values for {self.channels} channel(s)")
+        if any(s <= 0 for s in self._per_channel(self.std)):
+            raise UsageError(f"std must be positive, got {self.std}")
+        if self.resize not in ("squash", "pad"):
+            raise UsageError(f"resize must be 'squash' or 'pad', got {self.resize!r}")
+
+    def _per_channel(self, value) -> tuple[float, ...]:
+        return value if isinstance(value, tuple) else (float(value),) * self.channels
+
     def to_dict(self) -> dict:
-        return {"size": self.size, "channels": self.channels, "mean": self.mean, "std": self.std,
+        plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        return {"size": self.size, "channels": self.channels, "mean": plain(self.mean), "std": plain(self.std),
                 "resize": self.resize}
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C,)`` normalised values of intensity 0 and 1 per channel (the input's box)."""
+        mean = torch.tensor(self._per_channel(self.mean))
+        std = torch.tensor(self._per_channel(self.std))
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
+    def normalise(self, t: torch.Tensor) -> torch.Tensor:
+        """``(..., C, H, W)`` intensities in [0, 1] -> model input."""
+        mean = torch.tensor(self._per_channel(self.mean), dtype=t.dtype).reshape(-1, 1, 1)
+        std = torch.tensor(self._per_channel(self.std), dtype=t.dtype).reshape(-1, 1, 1)
+        return (t - mean) / std
 
     def image_to_tensor(self, gray: np.ndarray) -> torch.Tensor:
         """``(H, W)`` float in [0, 1] -> ``(channels, size, size)`` normalised tensor."""
         t = self._resize(torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None], "bilinear")
-        t = (t[0] - self.mean) / self.std
-        return t.expand(self.channels, -1, -1).contiguous()
+        return self.normalise(t[0].expand(self.channels, -1, -1)).contiguous()
 
     def mask_to_tensor(self, mask: np.ndarray) -> torch.Tensor:
         """``(H, W)`` bool -> ``(1, size, size)`` float {0, 1} (nearest neighbour)."""

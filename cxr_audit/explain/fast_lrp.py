@@ -1,4 +1,4 @@
-"""LRP for VGG/ResNet as a modified gradient, without per-layer backward hooks.
+"""LRP for ReLU convolutional networks (VGG, ResNet, DenseNet) as a modified gradient, without per-layer backward hooks.
 
 Every LRP rule used by the EpsilonPlusFlat composite can be written as "gradient x input" of a
 network whose forward values are unchanged but whose local Jacobians are replaced (the
@@ -13,7 +13,8 @@ network whose forward values are unchanged but whose local Jacobians are replace
   each receptive field with one transposed convolution of ones.
 
 BatchNorm is folded into the preceding convolution on a private copy of the model (the model
-passed in is never modified). Per convolution this costs two forward convolutions and one
+passed in is never modified); a BatchNorm that reads a concatenation (DenseNet's pre-activation
+ones) cannot be folded and keeps its plain gradient, the z-rule (see :func:`_fold_batchnorm`). Per convolution this costs two forward convolutions and one
 input-gradient convolution, versus one forward plus three (z+ with zennit's hooks: the
 ordinary backward, a modified forward and its backward) and the hook/clone overhead.
 ``tests/test_explain.py`` checks that it matches zennit's EpsilonPlusFlat with canonizers.
@@ -178,27 +179,61 @@ def _output_padding(input_shape, grad, c: nn.Conv2d):
     return tuple(pads)
 
 
+def conv_batchnorm_pairs(model: nn.Module, size: int = 64) -> list[tuple[str, str]]:
+    """``(conv, batchnorm)`` module names where the BatchNorm2d reads the Conv2d's output and nothing
+    else reads it, found by one probe forward pass (so no layout is assumed: ResNet's ``conv1/bn1``,
+    VGG's Sequentials and DenseNet's ``conv1/norm2`` alike). Such a BatchNorm can be folded."""
+    produced: dict[int, str] = {}
+    readers: dict[int, int] = {}
+    found: list[tuple[int, str]] = []
+    keep: list[torch.Tensor] = []  # every probe tensor stays alive, so no id is reused
+
+    def record(name, module):
+        def pre(_m, inputs):
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                key = id(inputs[0])
+                keep.append(inputs[0])
+                readers[key] = readers.get(key, 0) + 1
+                if isinstance(module, nn.BatchNorm2d) and key in produced:
+                    found.append((key, name))
+
+        def post(_m, _inputs, output):
+            keep.append(output)
+            if isinstance(module, nn.Conv2d):
+                produced[id(output)] = name
+        return pre, post
+
+    handles = []
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None:  # leaves only
+            pre, post = record(name, module)
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, first.in_channels, size, size, device=first.weight.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [(produced[key], bn) for key, bn in found if readers.get(key) == 1]
+
+
 def _fold_batchnorm(model: nn.Module) -> None:
-    """Fold every BatchNorm2d that directly follows a Conv2d (by attribute pair or in a Sequential)."""
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (name_a, a), (name_b, b) in zip(children, children[1:]):
-                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
-                    setattr(module, name_a, fuse_conv_bn_eval(a, b))
-                    setattr(module, name_b, nn.Identity())
-        for i in range(1, 4):  # torchvision ResNet blocks: conv{i} followed by bn{i}
-            conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, f"conv{i}", fuse_conv_bn_eval(conv, bn))
-                setattr(module, f"bn{i}", nn.Identity())
-    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if leftover:
-        raise ValueError(f"cannot fold BatchNorm layers {leftover}; use the zennit-based method")
+    """Fold every BatchNorm2d found by :func:`conv_batchnorm_pairs` into its convolution. The
+    others (DenseNet's pre-activation BatchNorms) stay: their plain gradient is the z-rule
+    ``R_x = (a x / y) R_y`` for ``y = a x + b`` in this modified-gradient view, which the
+    reference LRP gives them with zennit's ``Norm`` rule."""
+    for conv_name, bn_name in conv_batchnorm_pairs(model):
+        fused = fuse_conv_bn_eval(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        _set_submodule(model, conv_name, fused)
+        _set_submodule(model, bn_name, nn.Identity())
 
 
 def lrp_model(model: nn.Module) -> tuple[nn.Module, FlatInputConv]:
-    """A frozen copy of a VGG/ResNet whose gradient x input is EpsilonPlusFlat LRP."""
+    """A frozen copy of a model whose gradient x input is EpsilonPlusFlat LRP; valid where every
+    convolution after the first reads a non-negative input (``ArchSpec.lrp == "fast"``)."""
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)

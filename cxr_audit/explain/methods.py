@@ -19,7 +19,7 @@ from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.errors import UsageError
 from cxr_audit.explain.capture import LayerCapture, sum_over_space
 from cxr_audit.explain.vit import vit_lrp_rules
-from cxr_audit.models.registry import family
+from cxr_audit.models.architectures import spec_of
 
 
 class AttributionMethod:
@@ -83,24 +83,21 @@ class LRP(AttributionMethod):
         return EpsilonPlusFlat(layer_map=self._fast_conv_rule(), canonizers=self._canonizers())
 
     def _fast_conv_rule(self):
-        """In VGG/ResNet every convolution after the first (Flat) one reads a ReLU/pooling output,
-        so ZPlus's negative-input term is identically zero; skipping it halves the backward cost."""
-        from zennit.types import Convolution
+        """Where every convolution after the first (Flat) one reads a ReLU/pooling output (an
+        architecture with ``lrp="fast"``), ZPlus's negative-input term is identically zero; skipping
+        it halves the backward cost. BatchNorms left after the canonizers (DenseNet's pre-activation
+        ones) get the z-rule (``Norm``), as :mod:`~cxr_audit.explain.fast_lrp` gives them."""
+        from zennit.rules import Norm
+        from zennit.types import BatchNorm, Convolution
 
         from cxr_audit.explain.rules import NonNegativeInputZPlus
 
-        return [(Convolution, NonNegativeInputZPlus())] if family(self.arch) in ("resnet", "vgg") else []
+        if spec_of(self.arch).lrp != "fast":
+            return []
+        return [(Convolution, NonNegativeInputZPlus()), (BatchNorm, Norm())]
 
     def _canonizers(self):
-        from zennit.canonizers import SequentialMergeBatchNorm
-        from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-
-        fam = family(self.arch)
-        if fam == "resnet":
-            return [ResNetCanonizer()]
-        if fam == "vgg":
-            return [VGGCanonizer()]
-        return [SequentialMergeBatchNorm()]
+        return spec_of(self.arch).canonizers(self.model)
 
     @contextmanager
     def rules(self):
@@ -134,8 +131,7 @@ class FastLRP(AttributionMethod):
     def input_heatmap(self, x, x_grad, capture):
         bounds = None
         if self.first_rule in ("zbox", "intensity"):
-            mean, std = torch.as_tensor(self.prep.mean), torch.as_tensor(self.prep.std)
-            bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
+            bounds = tuple(torch.as_tensor(b) for b in self.prep.bounds())
         return self.first_layer.pixel_relevance(x_grad, self.first_rule, bounds)
 
 
@@ -148,8 +144,7 @@ class LRPGammaBox(LRP):
     def composite(self):
         from zennit.composites import EpsilonGammaBox
 
-        low = (0.0 - self.prep.mean) / self.prep.std
-        high = (1.0 - self.prep.mean) / self.prep.std
+        low, high = (b.reshape(1, -1, 1, 1) for b in self.prep.bounds())
         return EpsilonGammaBox(low=low, high=high, canonizers=self._canonizers())
 
 
@@ -173,14 +168,12 @@ class GradCAM(AttributionMethod):
     upsampled to the input size. Channel relevances are gradient x activation at each layer."""
 
     name = "gradcam"
-    DEFAULT_LAYER = {"resnet": "layer4", "vgg": "features"}
 
     def __init__(self, model, arch, prep, cam_layer: str | None = None):
         super().__init__(model, arch, prep)
-        fam = family(arch)
-        if cam_layer is None and fam not in self.DEFAULT_LAYER:
+        self.cam_layer = cam_layer or spec_of(arch).cam_layer
+        if self.cam_layer is None:
             raise UsageError(f"gradcam needs --cam-layer for architecture '{arch}'")
-        self.cam_layer = cam_layer or self.DEFAULT_LAYER[fam]
         self.needed_layers = (self.cam_layer,)
 
     def input_heatmap(self, x, x_grad, capture):
@@ -198,28 +191,19 @@ METHODS: dict[str, type[AttributionMethod]] = {
 
 
 def create_method(name: str, model: nn.Module, arch: str, prep: Preprocessing, **kwargs) -> AttributionMethod:
-    """Instantiate an attribution method; ``lrp*`` on a ViT selects the transformer rules."""
+    """Instantiate an attribution method; ``lrp*`` follows the architecture's ``ArchSpec.lrp``
+    (transformer rules for a ViT, zennit's hooks where the fast path does not apply)."""
     if name not in METHODS:
         raise UsageError(f"unknown attribution method '{name}' (choose from: {', '.join(METHODS)})")
     cls = METHODS[name]
-    fam = family(arch)
-    if fam == "vit" and (issubclass(cls, LRP) or cls is FastLRP):
+    kind = spec_of(arch).lrp
+    if kind == "vit" and (issubclass(cls, LRP) or cls is FastLRP):
         cls = ViTLRP
-    elif cls is FastLRP and fam not in ("resnet", "vgg"):
-        cls = LRP  # unknown architectures: zennit's composite without assumptions on layer order
+    elif cls is FastLRP and kind != "fast":
+        cls = LRP  # other architectures: zennit's composite without assumptions on layer order
     return cls(model, arch, prep, **kwargs)
 
 
 def default_layers(arch: str, model: nn.Module) -> list[str]:
     """Early/middle/late layers whose concepts a scan records by default."""
-    fam = family(arch)
-    if fam == "resnet":
-        return ["layer2", "layer3", "layer4"]
-    if fam == "vgg":
-        relus = [n for n, m in model.features.named_children() if isinstance(m, nn.ReLU)]
-        picks = [relus[len(relus) // 2 - 1], relus[(3 * len(relus)) // 4 - 1], relus[-1]]
-        return [f"features.{n}" for n in dict.fromkeys(picks)]
-    if fam == "vit":
-        blocks = [n for n, _ in model.encoder.layers.named_children()]
-        return [f"encoder.layers.{blocks[len(blocks) // 2 - 1]}", f"encoder.layers.{blocks[-1]}"]
-    return []
+    return spec_of(arch).scan_layers(model)

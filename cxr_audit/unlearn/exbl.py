@@ -24,11 +24,10 @@ class EXBL(Mitigation):
     double_backward = True
     needs = ("artifact_mask",)
     default_lambdas = (0.1, 1.0, 10.0)
-    CAM_LAYER = {"resnet": "layer4", "vgg": "features"}
 
     def prepare(self, model, context, loader):
         super().prepare(model, context, loader)
-        layer = self.options.get("cam_layer") or self.CAM_LAYER.get(context.options.get("family", ""))
+        layer = self.options.get("cam_layer") or context.options.get("cam_layer")
         if layer is None:
             raise UsageError("--method exbl needs --cam-layer for this architecture")
         self._store: dict = {}
