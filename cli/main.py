@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from cxr_audit import __version__
-from cxr_audit.cli import annotate, data_commands, demo, evaluate, gate, reveal, scan, stress, train, unlearn
+from cxr_audit.cli import (annotate, data_commands, demo, evaluate, gate, import_model, reveal, scan, stress, train,
+                           unlearn)
+from cxr_audit.models.architectures import trust_factory
 from cxr_audit.cli._common import friendly_errors, load_config
 
 app = typer.Typer(
@@ -33,14 +35,20 @@ def main(ctx: typer.Context,
          config: Optional[Path] = typer.Option(None, "--config", "-c",
                                                help="TOML/YAML file with a table per command ([scan], [train] ...); "
                                                     "flags on the command line override it."),
+         trust: Optional[list[str]] = typer.Option(None, "--trust-factory",
+                                                   help="Allow checkpoints that name this module:factory of yours "
+                                                        "(code is never imported because a file names it)."),
          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     if config is not None:
         ctx.default_map = load_config(config)
+    for factory in trust or []:
+        trust_factory(factory)
 
 
 app.command("phantom")(data_commands.phantom)
 app.command("inject")(data_commands.inject)
+app.command("import")(import_model.import_model)
 app.command("train")(train.train)
 app.command("scan")(scan.scan)
 app.command("reveal")(reveal.reveal)

@@ -22,15 +22,16 @@ CHECKPOINT_FORMAT = "cxr-audit-checkpoint/1"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, arch: str, class_names: list[str],
-                    prep: Preprocessing, extra: dict | None = None) -> Path:
-    """Save weights + config as a weights-only-loadable dict; written atomically."""
+                    prep: Preprocessing, extra: dict | None = None, multilabel: bool = False) -> Path:
+    """Save weights + config as a weights-only-loadable dict; written atomically. ``multilabel``:
+    the outputs are independent findings (sigmoid per class), not one softmax."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": {"arch": arch, "num_classes": len(class_names), "class_names": list(class_names),
-                   "preprocessing": prep.to_dict()},
+                   "preprocessing": prep.to_dict(), "multilabel": bool(multilabel)},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
