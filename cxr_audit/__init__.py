@@ -15,3 +15,10 @@ def train(*args, **kwargs):
     from cxr_audit.training import train as _train
 
     return _train(*args, **kwargs)
+
+
+def import_model(*args, **kwargs):
+    """See :func:`cxr_audit.models.importing.import_model`: a model trained elsewhere -> checkpoint."""
+    from cxr_audit.models.importing import import_model as _import_model
+
+    return _import_model(*args, **kwargs)

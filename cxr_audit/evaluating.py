@@ -18,6 +18,8 @@ inserted artifacts, computes (keys of ``metrics.json``; ``gate`` thresholds use 
   activations rather than sensitivity, can stay where it was (docs/evaluate.md: z+, γ-box and
   α2β1 all keep the share after RRR/RR-ClArC; "the share falls" is read on the G×I one);
 * with lung masks: ``activation_precision`` (top-5 % relevance pixels inside the lungs);
+* for a multi-label model, per finding (``auroc.NAME``, ``artifact_inserted_auroc_drop.NAME``, ...)
+  and their macro means (:mod:`cxr_audit.evaluate.findings`);
 * with ``annotations``: ``tcav_score`` (share of the artifact class's test samples whose logit
   increases along the CAV; Kim et al., 2018, ICML) and ``tcav_sensitivity`` (mean directional
   derivative).
@@ -25,6 +27,7 @@ inserted artifacts, computes (keys of ``metrics.json``; ``gate`` thresholds use 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from cxr_audit.annotate.store import read_annotations
 from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.evaluate import findings as F
 from cxr_audit.evaluate import metrics as M
 from cxr_audit.evaluate.attack import AttackedSet, artifact_class, inject_attack, paste_attack, victims
 from cxr_audit.evaluate.relevance import relevance_share
@@ -68,6 +72,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     _, config = load_checkpoint(model)
     names = config["class_names"]
     manifest = load_manifest(data, class_names=names)
+    if config.get("multilabel") and not manifest.multilabel:  # the model decides: rows may hold one finding each
+        manifest = dataclasses.replace(manifest, multilabel=True)
     has_splits = {s.split for s in manifest.samples} != {""}
     test = manifest.subset(split) if split and has_splits else manifest
     target = _target_class(artifact_class_name, names, artifact, paste_from, manifest, annotations)
@@ -140,6 +146,8 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
         raise UsageError(f"{ckpt} has classes {config['class_names']}, the first model {names}")
     net = net.to(dev)
     prep = preprocessing_of(config)
+    if inputs.test.multilabel:
+        return _evaluate_findings(net, names, inputs, prep, dev, batch_size)
     batch = inputs.batch(prep)
     images, y = batch["image"], batch["label"].numpy()
     logits = batched_logits(net, images, dev, batch_size)
@@ -193,6 +201,28 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
         out["tcav_score"] = float((sens > 0).mean()) if len(sens) else float("nan")
         out["tcav_sensitivity"] = float(sens.mean()) if len(sens) else float("nan")
         out["cav_layer"] = ann.layer
+    return out
+
+
+def _evaluate_findings(net, names, inputs: _TestInputs, prep, dev, batch_size) -> dict:
+    """Multi-label models: per-finding AUROC/accuracy, clean and artifact-inserted (see
+    :mod:`cxr_audit.evaluate.findings`), flat keys ``METRIC.FINDING`` for tables and ``gate``."""
+    batch = inputs.batch(prep)
+    y = batch["label"].numpy()
+    probs = torch.sigmoid(batched_logits(net, batch["image"], dev, batch_size)).numpy()
+    findings = F.per_finding(probs, y, names)
+    out: dict = {"n": len(inputs.test), "multilabel": True}
+    if inputs.target is not None and (inputs.artifact or inputs.paste_from):
+        attacked = inputs.attacked(prep)
+        row_of = {s.index: r for r, s in enumerate(inputs.test.samples)}
+        rows = np.array([row_of[int(i)] for i in attacked.index])
+        inserted = torch.sigmoid(batched_logits(net, attacked.images, dev, batch_size)).numpy()
+        F.with_inserted(findings, probs, inserted, rows, y, names)
+        out["artifact_class"] = names[inputs.target]
+    keys = list(next(iter(findings.values())))
+    out.update({key: F.macro(findings, key) for key in keys if key != "prevalence"})
+    out.update({f"{key}.{name}": figures[key] for name, figures in findings.items() for key in keys})
+    out["findings"] = findings
     return out
 
 

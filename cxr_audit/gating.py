@@ -14,6 +14,8 @@ Config (TOML or YAML; relative paths are relative to the config file)::
     max_artifact_relevance_share = 0.2
     max_artifact_inserted_drop = 0.05
     min_worst_group_accuracy = 0.8
+    min_auroc.Cardiomegaly = 0.8   # multi-label models: per finding (metric.FINDING)
+    max_artifact_inserted_auroc_drop.Cardiomegaly = 0.05
 
     [gate.annotate]                # optional: scan + annotate first, then use that CAV
     from_column = "artifact"
@@ -39,6 +41,8 @@ from cxr_audit.runtime import now, versions
 METRICS = ("accuracy", "auroc", "worst_group_accuracy", "test_100_h1", "test_100_h2", "test_50_50", "h1_h2_gap",
            "artifact_inserted_accuracy", "artifact_inserted_drop", "victims_inserted_accuracy",
            "artifact_relevance_share", "artifact_gradient_share", "activation_precision", "tcav_score", "tcav_sensitivity")
+#: per-finding metrics of multi-label models (``min_auroc.NAME`` works for any metric above too)
+FINDING_METRICS = ("artifact_inserted_auroc", "artifact_inserted_auroc_drop")
 PATH_KEYS = ("model", "data", "paste_from", "annotations")
 GATE_KEYS = {"model", "data", "split", "artifact", "paste_from", "artifact_class", "annotations", "sources",
              "device", "batch_size", "seed", "attribution", "thresholds", "annotate", "scan"}
@@ -97,15 +101,26 @@ def parse_thresholds(table: dict, where: object = "config") -> list[tuple[str, s
     if not table:
         raise UsageError(f"{where}: [gate.thresholds] is empty; a gate without thresholds would always pass")
     out = []
-    for key, value in table.items():
+    for key, value in _per_finding_keys(table):
         bound, _, metric = key.replace("-", "_").partition("_")
-        if bound not in ("max", "min") or metric not in METRICS:
+        if bound not in ("max", "min") or metric.split(".")[0] not in METRICS + FINDING_METRICS:
             raise UsageError(f"{where}: unknown threshold '{key}' (use max_<metric> or min_<metric>; metrics: "
                              f"{', '.join(METRICS)})")
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise UsageError(f"{where}: threshold '{key}' must be a number, got {value!r}")
         out.append((metric, bound, float(value)))
     return out
+
+
+def _per_finding_keys(table: dict):
+    """``min_auroc.Cardiomegaly = 0.8`` arrives from TOML as ``{"min_auroc": {"Cardiomegaly": 0.8}}``:
+    yield ``("min_auroc.Cardiomegaly", 0.8)`` (finding names keep their spelling)."""
+    for key, value in table.items():
+        if isinstance(value, dict):
+            for finding, threshold in value.items():
+                yield f"{key}.{finding}", threshold
+        else:
+            yield key, value
 
 
 def gate(config: str | Path, out: str | Path, on_stage: Callable[[str], None] | None = None) -> GateResult:

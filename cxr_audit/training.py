@@ -69,7 +69,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
                                      manifest.class_names)
     path = Path(out)
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
-        save_checkpoint(out, model, arch, manifest.class_names, prep,
+        save_checkpoint(out, model, arch, manifest.class_names, prep, multilabel=manifest.multilabel,
                         extra={"options": options, "history": history, "created": now(), "versions": versions()})
     return TrainSummary(path, history, result.seconds, [collapsed] if collapsed else [])
 

@@ -39,16 +39,18 @@ def artifact_class(manifest: Manifest, artifact: dict[int, int] | None = None) -
     totals = np.zeros(manifest.num_classes)
     for s in manifest.samples:
         flag = (artifact or {}).get(s.index, s.artifact or 0)
-        counts[s.label] += flag == 1
-        totals[s.label] += 1
+        for label in s.labels:  # every finding of a multi-label sample
+            counts[label] += flag == 1
+            totals[label] += 1
     if counts.sum() == 0:
         raise UsageError("no artifact samples to tell which class the artifact points to; pass --artifact-class")
     return int(np.argmax(counts / np.maximum(totals, 1)))
 
 
 def victims(manifest: Manifest, target_class: int) -> Manifest:
-    """Samples of the other classes without an artifact: the ones the attack is applied to."""
-    rows = [s for s in manifest.samples if s.label != target_class and not s.artifact]
+    """Samples of the other classes (negative for the finding, multi-label) without an artifact:
+    the ones the attack is applied to."""
+    rows = [s for s in manifest.samples if target_class not in s.labels and not s.artifact]
     return Manifest(rows, manifest.class_names, manifest.source_file, manifest.multilabel)
 
 
