@@ -27,7 +27,6 @@ inserted artifacts, computes (keys of ``metrics.json``; ``gate`` thresholds use 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -71,9 +70,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     say = on_stage or (lambda _: None)
     _, config = load_checkpoint(model)
     names = config["class_names"]
-    manifest = load_manifest(data, class_names=names)
-    if config.get("multilabel") and not manifest.multilabel:  # the model decides: rows may hold one finding each
-        manifest = dataclasses.replace(manifest, multilabel=True)
+    manifest = load_manifest(data, class_names=names, multilabel=config.get("multilabel", False))
     has_splits = {s.split for s in manifest.samples} != {""}
     test = manifest.subset(split) if split and has_splits else manifest
     target = _target_class(artifact_class_name, names, artifact, paste_from, manifest, annotations)

@@ -20,6 +20,7 @@ from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.runtime import now, versions
 from cxr_audit.store.h5 import open_scan, read_meta
+from cxr_audit.store.schema import finding_index
 
 
 def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,
@@ -39,6 +40,9 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     out.mkdir(parents=True, exist_ok=True)
     with open_scan(scan_path) as f:
         meta = read_meta(f)
+        if target not in meta["targets"]:
+            raise UsageError(f"{scan_path} has no heatmaps for target '{target}' (it has: "
+                             f"{', '.join(meta['targets'])}); scan with --target {target}")
         done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
         rows = np.flatnonzero(done)
         index = f["samples/index"][:]
@@ -48,6 +52,11 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         heat = f[f"heatmaps/{target}"][:][rows].astype(np.float32)
         layer_data = {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]}
     names = meta["class_names"]
+    explained = finding_index(target, names)
+    if explained is not None:  # one finding: its positives and negatives are the two groups
+        classes = (labels[:, explained] > 0 if labels.ndim == 2 else labels == explained).astype(np.int64)
+        names = [f"no {names[explained]}", names[explained]]
+        labels = classes
     concepts, n_tested = [], 0
     for i, (layer, (acts, rel)) in enumerate(layer_data.items()):
         findings = rank_concepts(layer, acts, rel, classes[rows], sources[rows], top=top)
@@ -60,7 +69,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         if on_progress:
             on_progress(i + 1, len(layer_data) + 1, "concepts")
     concepts.sort(key=lambda c: -c["suspicion"])
-    concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device)[:top]
+    concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device, explained)[:top]
     level = alarm_level(n_tested)
     source_tests = flag_alarms(concepts, level)
     # alarmed concepts first, then by suspicion weighted by the evidence that the split is real:
@@ -83,7 +92,8 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     _scatter(out / "embedding.png", per_class, names, sources, labels, index)
     if on_progress:
         on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
-    result = {"scan": str(Path(scan_path).resolve()), "target": target, "class_names": names,
+    result = {"scan": str(Path(scan_path).resolve()), "target": target, "explained_output": explained,
+              "class_names": names,
               "sample_ids": [int(index[r]) for r in rows], "embedding": embedding,
               "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
                         "source_tests": source_tests,
@@ -161,7 +171,8 @@ def _source_cell(c: dict) -> str:
     return "" if v is None else f"{v:.2f}" + (" (linked)" if c.get("source_linked") else "")
 
 
-def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, refs: int = 8) -> list[dict]:
+def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, explained: int | None,
+                       refs: int = 8) -> list[dict]:
     """With lung masks, multiply each candidate's suspicion by the share of its conditional
     relevance outside the lungs (:mod:`cxr_audit.reveal.location`) and re-rank: a concept that
     splits a class by where the disease is (left/right lung, size) is real signal, one that
@@ -172,7 +183,7 @@ def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, ref
         members = set(c["members"])
         ranked = [int(index[rows[j]]) for j in np.argsort(-act) if int(index[rows[j]]) in members]
         picks.append((c["layer"], c["channel"], ranked[:refs]))
-    shares = outside_lung_share(scan_path, picks, device)
+    shares = outside_lung_share(scan_path, picks, device, explained)
     if shares is None:
         return concepts
     for c, share in zip(concepts, shares):
@@ -331,7 +342,7 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
         if references:
             ref = concept_reference(scan_path, c["layer"], c["channel"], ids, out / f"concept_{c['id']}_crp.png",
                                     title=f"concept {c['id']}: conditional heatmaps (this channel only) and crops",
-                                    device=device)
+                                    device=device, explained=result["explained_output"])
             parts.append(f"<img src='{ref.name}'>")
     if (out / "embedding.png").exists():
         method = {"tsne": "t-SNE", "umap": "UMAP"}[result.get("embedding", "tsne")]

@@ -28,8 +28,15 @@ from cxr_audit.explain.capture import get_module
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import autocast, now, resolve_device, versions
 from cxr_audit.store.h5 import create_scan_file, open_scan
+from cxr_audit.store.schema import TARGETS, finding_index
 
-TARGETS = ("pred", "true")
+def _explained(target: str, batch: dict, class_names: list[str]) -> torch.Tensor | None:
+    """``(N,)`` output index per sample that ``target`` explains (``None``: the predicted one)."""
+    if target == "pred":
+        return None
+    if target == "true":
+        return batch["label"]
+    return torch.full((len(batch["index"]),), finding_index(target, class_names), dtype=torch.long)
 
 
 @dataclass
@@ -49,20 +56,24 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
          cam_layer: str | None = None, on_progress: Callable[..., None] | None = None) -> ScanSummary:
     """Scan ``data`` (manifest CSV or ImageFolder) with checkpoint ``model`` into ``out`` (.h5).
 
-    ``targets``: which class each heatmap explains, ``pred`` (predicted) and/or ``true`` (label).
+    ``targets``: which class each heatmap explains, ``pred`` (predicted) and/or ``true`` (label), or
+    ``finding:NAME`` (that output's logit for every image: multi-label models). Concept relevances
+    are those of the first target.
     ``layers``: layers whose channel activations (spatial max/mean) and CRP relevances are stored
     (default: early/middle/late layers of the architecture). ``heatmap_size``: stored heatmaps are
     sum-pooled to this size. An existing ``out`` with the same options is resumed; with other
     options it is an error unless ``overwrite``.
     """
     out = Path(out)
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise UsageError(f"targets must be among {TARGETS}, got {list(targets)}")
+    if not targets:
+        raise UsageError(f"targets must be among {TARGETS}, got none")
     dev = resolve_device(device)
     net, config = load_frozen(model, dev)
+    for target in targets:
+        finding_index(target, config["class_names"])
     prep = preprocessing_of(config)
-    manifest = load_manifest(data, class_names=config["class_names"]).subset(split)
+    manifest = load_manifest(data, class_names=config["class_names"],
+                             multilabel=config.get("multilabel", False)).subset(split)
     if "true" in targets and manifest.multilabel:
         raise UsageError("target 'true' needs single-label data; use --target pred")
     layers = list(layers) if layers else default_layers(config["arch"], net)
@@ -108,7 +119,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
                     rows = np.array([row_of[int(i)] for i in batch["index"]])
                     x = batch["image"].to(dev)
                     x = x.contiguous(memory_format=torch.channels_last)
-                    wanted = {t: (None if t == "pred" else batch["label"]) for t in targets}
+                    wanted = {t: _explained(t, batch, config["class_names"]) for t in targets}
                     with autocast(dev, amp, on_cpu=True):
                         expl = explain_batch(attribution, capture, x, wanted, init=init)
                     _write_rows(f, rows, expl, layers, heatmap_size)

@@ -1,6 +1,7 @@
 """Multi-label findings end to end: a shortcut on one of three findings shows on that finding only."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -46,16 +47,50 @@ def findings_data(poisoned, tmp_path_factory):
     return out / "manifest.csv"
 
 
-def test_multilabel_shortcut_is_found_on_its_finding_and_gated_there(findings_data, tmp_path):
-    ckpt = tmp_path / "m.pt"
+@pytest.fixture(scope="module")
+def findings_model(findings_data, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("findings_model") / "m.pt"
     r = runner.invoke(app, ["train", str(findings_data), "--out", str(ckpt), "--arch", "resnet18", "--size", "64",
                             "--epochs", "8", "--batch-size", "16", "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    return ckpt
+
+
+def test_scan_and_reveal_per_finding(findings_data, findings_model, tmp_path):
+    """`scan --target finding:NAME` explains that output; `reveal --target finding:NAME` ranks
+    concepts within its positives: the stamp's concepts retrieve the stamped images for 'lesion'."""
+    from sklearn.metrics import roc_auc_score
+
+    scan = tmp_path / "s.h5"
+    r = runner.invoke(app, ["scan", str(findings_data), "--model", str(findings_model), "--out", str(scan),
+                            "--target", "finding:lesion,finding:tube", "--split", "train", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    import h5py
+
+    with h5py.File(scan) as f:
+        assert f["samples/label"].shape[1] == 3  # multi-hot, as the model is multi-label
+        assert (f["targets/finding:lesion"][:] == ["effusion", "lesion", "tube"].index("lesion")).all()
+    artifact = {i: int(r["artifact"] or 0) for i, r in enumerate(csv.DictReader(open(findings_data)))}
+    for finding in ("lesion", "tube"):
+        out = tmp_path / f"rev-{finding}"
+        r = runner.invoke(app, ["reveal", str(scan), "--out", str(out), "--target", f"finding:{finding}",
+                                "--no-references"])
+        assert r.exit_code == 0, r.output
+        result = json.loads((out / "reveal.json").read_text())
+        assert result["class_names"] == [f"no {finding}", finding]
+        if finding == "lesion":
+            y = [artifact[i] for i in result["sample_ids"]]
+            best = max(roc_auc_score(y, c["scores"]["cav"]) for c in result["concepts"][:3] if "cav" in c["scores"])
+            assert best > 0.9, best
+    r = runner.invoke(app, ["reveal", str(scan), "--out", str(tmp_path / "x"), "--target", "finding:effusion"])
+    assert r.exit_code == 2 and "scan with --target finding:effusion" in r.output
+
+
+def test_multilabel_shortcut_is_found_on_its_finding_and_gated_there(findings_data, findings_model, tmp_path):
+    ckpt = findings_model
     r = runner.invoke(app, ["evaluate", "--model", str(ckpt), "--data", str(findings_data), "--out",
                             str(tmp_path / "ev"), "--artifact", "text", "--artifact-class", "lesion", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    import json
-
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]["model"]
     drops = {f: metrics[f"artifact_inserted_auroc_drop.{f}"] for f in ("lesion", "tube", "effusion")}
     assert drops["lesion"] > 0.2, drops

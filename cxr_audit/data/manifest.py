@@ -73,11 +73,13 @@ class Manifest:
         return sorted({s.source for s in self.samples})
 
 
-def load_manifest(path: str | Path, class_names: list[str] | None = None) -> Manifest:
+def load_manifest(path: str | Path, class_names: list[str] | None = None, multilabel: bool = False) -> Manifest:
     """Load a manifest CSV or an ImageFolder directory.
 
     ``class_names`` (e.g. from a checkpoint) fixes the label order; labels not in it are an error.
-    Without it, class names are the sorted distinct labels.
+    Without it, class names are the sorted distinct labels. ``multilabel=True`` (a multi-label
+    model's data) reads labels as multi-hot even when no row holds two; otherwise a row with
+    ``a|b`` makes the manifest multi-label.
     """
     path = Path(path)
     if path.is_dir():
@@ -93,7 +95,7 @@ def load_manifest(path: str | Path, class_names: list[str] | None = None) -> Man
         raise BadInputError(f"manifest {path} has no rows")
     has_label = "label" in (reader.fieldnames or [])
     raw_labels = [_split_labels(r.get("label", "")) if has_label else [] for r in rows]
-    multilabel = any(len(lbls) > 1 for lbls in raw_labels)
+    multilabel = multilabel or any(len(lbls) > 1 for lbls in raw_labels)
     names = list(class_names) if class_names is not None else _infer_class_names(raw_labels)
     lookup = {n: i for i, n in enumerate(names)}
     root = path.parent

@@ -61,11 +61,12 @@ def heatmap_grid(scan_path: str | Path, rows: list[int], out_png: str | Path, ta
 
 
 def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list[int], out_png: str | Path,
-                      title: str = "", device: str = "cpu") -> Path:
+                      title: str = "", device: str = "cpu", explained: int | None = None) -> Path:
     """Reference images of one concept (relevance maximisation, Achtibat et al., 2023): for each
     sample id, the image, the CRP conditional heatmap (relevance flowing through ``channel`` of
     ``layer`` only) and a crop of the image around that heatmap's peak. Needs the scanned model
-    and data (found through the scan's metadata)."""
+    and data (found through the scan's metadata). ``explained``: the output whose relevance is
+    followed (default: the predicted class; a finding of a multi-label model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +92,9 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
     mask = torch.zeros(channels)
     mask[channel] = 1.0
     with attribution.rules(), capture.attached(attribution.model):
-        heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, mask).cpu().numpy()
+        targets = None if explained is None else torch.full((len(ids),), explained)
+        heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, mask,
+                                    targets=targets).cpu().numpy()
     images = batch["image"][:, 0].numpy()
     fig, axes = plt.subplots(3, len(ids), figsize=(1.7 * len(ids), 5.4), squeeze=False)
     side = prep.size // 3

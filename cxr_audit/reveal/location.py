@@ -25,10 +25,10 @@ from cxr_audit.store.h5 import open_scan, read_meta
 
 
 def outside_lung_share(scan_path: str | Path, concepts: list[tuple[str, int, list[int]]],
-                       device: str = "cpu") -> list[float] | None:
+                       device: str = "cpu", explained: int | None = None) -> list[float] | None:
     """``concepts``: ``(layer, channel, member manifest ids)``; returns one share per concept in
     [0, 1], or ``None`` when the scanned data has no lung masks (``mask`` column) or the model
-    or data are not where the scan says."""
+    or data are not where the scan says. ``explained``: the output followed (default: predicted)."""
     with open_scan(scan_path) as f:
         meta = read_meta(f)
         channels = {layer: f[f"relevances/{layer}"].shape[1] for layer in meta["layers"]}
@@ -52,7 +52,9 @@ def outside_lung_share(scan_path: str | Path, concepts: list[tuple[str, int, lis
         select[channel] = 1.0
         capture = attribution.capture([layer])
         with attribution.rules(), capture.attached(attribution.model):
-            heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, select).cpu().numpy()
+            targets = None if explained is None else torch.full((len(ids),), explained)
+            heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, select,
+                                        targets=targets).cpu().numpy()
         pos = np.clip(heat, 0, None)
         outside = 1.0 - batch["mask"][:, 0].numpy()
         total = pos.sum(axis=(1, 2))

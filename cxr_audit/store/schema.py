@@ -13,7 +13,8 @@
 /samples/error  (N,)      str    non-empty for samples skipped with --skip-bad
 /outputs/logits (N,K)     float32
 /outputs/pred   (N,)      int64
-/heatmaps/<target> (N,S,S) float16  sum-pooled relevance (sums to the input relevance)
+/heatmaps/<target> (N,S,S) float16  sum-pooled relevance (sums to the input relevance);
+                          <target>: pred, true or finding:NAME
 /targets/<target>  (N,)   int64  class explained by that heatmap
 /activations/<layer>/max  (N,C) float32   spatial max
 /activations/<layer>/mean (N,C) float32   spatial mean
@@ -28,9 +29,25 @@ import json
 
 import h5py
 
-from cxr_audit.errors import BadInputError
+from cxr_audit.errors import BadInputError, UsageError
 
 SCHEMA_VERSION = 1
+
+TARGETS = ("pred", "true", "finding:NAME")
+FINDING = "finding:"
+
+
+def finding_index(target: str, class_names: list[str]) -> int | None:
+    """The output index a ``finding:NAME`` target explains; ``None`` for ``pred``/``true``."""
+    if target in ("pred", "true"):
+        return None
+    kind, _, name = target.partition(":")
+    if kind + ":" != FINDING or name not in class_names:
+        raise UsageError(f"target '{target}' is none of pred, true, finding:NAME with NAME one of "
+                         f"{', '.join(class_names)}")
+    return class_names.index(name)
+
+
 REQUIRED_META = ("schema_version", "arch", "layers", "method", "targets", "class_names", "heatmap_size")
 REQUIRED_DATASETS = ("samples/index", "samples/path", "samples/label", "outputs/logits", "outputs/pred", "done")
 
