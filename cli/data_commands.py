@@ -1,4 +1,4 @@
-"""``cxr-audit phantom`` and ``cxr-audit inject``: data with a known shortcut."""
+"""``cxr-audit phantom``, ``inject`` (data with a known shortcut) and ``manifest`` (a folder of images)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,25 @@ def inject(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder to
         manifest = inject_lib.inject(data, out, artifact, prevalence, by=by, splits=split_csv(splits), seed=seed,
                                      on_progress=update)
     console.print(f"new manifest: [bold]{manifest}[/]")
+
+
+@friendly_errors
+def manifest(folder: Path = typer.Argument(..., help="Folder of DICOM/PNG/JPEG images (searched recursively)."),
+             out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write."),
+             tags: Optional[list[str]] = typer.Option(None, "--tag",
+                                                      help="DICOM keyword(s) to record as columns, e.g. "
+                                                           "ViewPosition,Manufacturer,InstitutionName,PatientSex."),
+             source_tag: Optional[str] = typer.Option(None, "--source-tag",
+                                                      help="DICOM keyword whose value becomes the 'source' column "
+                                                           "(what reveal, stress and gate group by)."),
+             labels: Optional[Path] = typer.Option(None, "--labels", help="CSV with path,label (relative paths or "
+                                                                           "file names)."),
+             label_from_folder: bool = typer.Option(False, "--label-from-folder/--no-label-from-folder",
+                                                    help="Label = the first sub-folder's name.")) -> None:
+    """Build a manifest from a folder of images, with DICOM tags (scanner, site, view ...) as columns."""
+    from cxr_audit.data.folder_manifest import build_manifest
+
+    with progress_bar("manifest") as update:
+        path = build_manifest(folder, out, tags=split_csv(tags) or [], source_tag=source_tag, labels_csv=labels,
+                              label_from_folder=label_from_folder, on_progress=update)
+    console.print(f"manifest: [bold]{path}[/]", highlight=False)

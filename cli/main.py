@@ -48,6 +48,7 @@ def main(ctx: typer.Context,
 
 app.command("phantom")(data_commands.phantom)
 app.command("inject")(data_commands.inject)
+app.command("manifest")(data_commands.manifest)
 app.command("import")(import_model.import_model)
 app.command("train")(train.train)
 app.command("scan")(scan.scan)
