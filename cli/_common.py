@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cxr_audit.configfile import read_config_file
@@ -26,10 +27,16 @@ def friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except CxrAuditError as exc:
-            err_console.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # unwritable or full output, a file vanishing under us: the user's to fix
+            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            err_console.print(f"[bold red]error:[/] cannot access{escape(where)}: {escape(exc.strerror or str(exc))}",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: finished rows are saved; rerun the same command to resume")
+            err_console.print("[yellow]interrupted[/]: outputs are written whole or not at all; a scan keeps its "
+                              "finished rows and resumes when you rerun the same command")
             raise typer.Exit(130) from None
 
     return wrapper

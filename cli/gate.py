@@ -24,6 +24,8 @@ def gate(config: Path = typer.Option(..., "--config", "-c", help="Gate config (T
         result = gate_lib(config, out, on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
     except CxrAuditError as exc:  # exit 1 means "the model failed the gate"; bad input must not read so
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # an unwritable --out is an input error too (exit 2), not a failed gate
+        raise UsageError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
     table = Table("check", "value", "threshold", "result")
     for c in result.checks:
         table.add_row(c.metric, f"{c.value:.3f}", f"{'≤' if c.bound == 'max' else '≥'} {c.threshold:g}",

@@ -81,7 +81,12 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
     if cluster is not None:
         seeds = _cluster_members(cluster, reveal_json)
+    both = sorted(set(seeds or []) & set(negatives or []))
+    if both:
+        raise UsageError(f"sample(s) {both} are both --seeds and --negatives")
     out = Path(out)
+    if out.resolve() == Path(scan_path).resolve():
+        raise UsageError(f"--out {out} is the scan itself: annotations go to a new file")
     rng = np.random.default_rng(seed)
     with open_scan(scan_path) as f:
         meta = read_meta(f)

@@ -67,6 +67,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ``metrics.md`` to ``out`` when given."""
     if artifact and paste_from:
         raise UsageError("give --artifact (an injector) or --paste-from (annotated samples), not both")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; evaluate writes a folder (metrics.json, metrics.md)")
     say = on_stage or (lambda _: None)
     _, config = load_checkpoint(model)
     names = config["class_names"]

@@ -112,6 +112,17 @@ def parse_thresholds(table: dict, where: object = "config") -> list[tuple[str, s
     return out
 
 
+def _nan_to_null(obj):
+    """NaN -> None throughout ``obj`` (JSON has no NaN; ``json.dumps`` would write a bare ``NaN``)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_null(v) for v in obj]
+    return obj
+
+
 def _per_finding_keys(table: dict):
     """``min_auroc.Cardiomegaly = 0.8`` arrives from TOML as ``{"min_auroc": {"Cardiomegaly": 0.8}}``:
     yield ``("min_auroc.Cardiomegaly", 0.8)`` (finding names keep their spelling)."""
@@ -128,6 +139,8 @@ def gate(config: str | Path, out: str | Path, on_stage: Callable[[str], None] | 
     and ``summary.md`` to ``out``."""
     cfg = read_gate_config(config)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; gate writes a folder (junit.xml, gate.json, summary.md)")
     out.mkdir(parents=True, exist_ok=True)
     say = on_stage or (lambda _: None)
     annotations = cfg.get("annotations")
@@ -150,10 +163,11 @@ def gate(config: str | Path, out: str | Path, on_stage: Callable[[str], None] | 
     result = GateResult(checks, metrics)
     result.files = {"junit": _write_junit(out / "junit.xml", checks, cfg),
                     "json": out / "gate.json", "summary": out / "summary.md"}
-    (out / "gate.json").write_text(json.dumps(
+    # strict JSON: a metric the run could not compute (NaN) is written as null
+    (out / "gate.json").write_text(json.dumps(_nan_to_null(
         {"passed": result.passed, "checks": [{**c.__dict__, "passed": c.passed} for c in checks],
          "metrics": metrics, "config": {k: str(v) for k, v in cfg.items()}, "created": now(),
-         "versions": versions()}, indent=2, default=str))
+         "versions": versions()}), indent=2, default=str, allow_nan=False))
     (out / "summary.md").write_text(summary_markdown(result, cfg))
     return result
 

@@ -51,6 +51,11 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     manifest = load_manifest(data)
     if manifest.num_classes < 2:
         raise UsageError(f"{data} has a single class ({manifest.class_names}); a classifier needs two or more")
+    unlabelled = [s.index for s in manifest.samples if not s.labels]
+    if unlabelled and not manifest.multilabel:
+        raise UsageError(f"{data}: row {unlabelled[0] + 2} (and {len(unlabelled) - 1} more) has no label; "
+                         "every training image needs one")
+    label_warnings = rare_class_warnings(manifest)
     train_set, val_set = _splits(manifest, train_split, val_split)
     prep = Preprocessing(size=size, channels=channels)
     dev = init_distributed(resolve_device(device))
@@ -71,7 +76,25 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, model, arch, manifest.class_names, prep, multilabel=manifest.multilabel,
                         extra={"options": options, "history": history, "created": now(), "versions": versions()})
-    return TrainSummary(path, history, result.seconds, [collapsed] if collapsed else [])
+    return TrainSummary(path, history, result.seconds, label_warnings + ([collapsed] if collapsed else []))
+
+
+def rare_class_warnings(manifest: Manifest, min_count: int = 5) -> list[str]:
+    """Warnings for classes with fewer than ``min_count`` images or present in only one of several
+    splits: usually a typo in the label column ("covdi") or a NaN that became a class of its own."""
+    counts = {name: 0 for name in manifest.class_names}
+    splits: dict[str, set[str]] = {name: set() for name in manifest.class_names}
+    for s in manifest.samples:
+        for label in s.labels:
+            counts[manifest.class_names[label]] += 1
+            splits[manifest.class_names[label]].add(s.split)
+    all_splits = {s.split for s in manifest.samples}
+    out = [f"class '{n}' has only {c} image(s): a typo or a missing value in the label column?"
+           for n, c in counts.items() if c < min_count]
+    if len(all_splits) > 1:
+        out += [f"class '{n}' appears only in split '{next(iter(sp))}'" for n, sp in splits.items()
+                if len(sp) == 1 and counts[n] >= min_count]
+    return out
 
 
 def single_class_warning(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> str | None:

@@ -97,6 +97,8 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     mitigation.check(context)
     balance = _balance(method, balance, train_set, context)
     freeze_layer = _freeze_layer(freeze, mitigation, context)
+    if any(lam < 0 for lam in ([lambda_] if lambda_ is not None else []) + list(lambdas or [])):
+        raise UsageError("--lambda must be >= 0: a negative penalty rewards the shortcut")
     validation = Validation(train_set, val_set, prep, dev, context, batch_size, seed) if val_set is not None else None
     objective = validation.score if validation else None
     objective_name = validation.description if validation else "none"

@@ -23,6 +23,8 @@ def read_image(path: str | Path) -> np.ndarray:
     Raises :class:`BadInputError` with the file name for missing or unreadable files.
     """
     path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory, not an image")
     if not path.is_file():
         raise BadInputError(f"image not found: {path}")
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
@@ -31,6 +33,8 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             return _pil_to_float(img)
+    except Image.DecompressionBombError as exc:  # a header claiming e.g. 20000 x 20000 pixels
+        raise BadInputError(f"image {path} is too large to decode safely: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path}: {exc}") from None
 

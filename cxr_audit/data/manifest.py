@@ -86,11 +86,14 @@ def load_manifest(path: str | Path, class_names: list[str] | None = None, multil
         return _load_image_folder(path, class_names)
     if not path.is_file():
         raise BadInputError(f"manifest not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise BadInputError(f"manifest {path} has no 'path' column (header: {reader.fieldnames})")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise BadInputError(f"manifest {path} has no 'path' column (header: {reader.fieldnames})")
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise BadInputError(f"manifest {path} is not UTF-8 text (saved as UTF-16? re-save it as UTF-8 CSV)") from None
     if not rows:
         raise BadInputError(f"manifest {path} has no rows")
     has_label = "label" in (reader.fieldnames or [])

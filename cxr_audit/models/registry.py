@@ -36,8 +36,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: str, class_names: 
         "extra": extra or {},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError("... failed writing ...")
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BadInputError(f"cannot write checkpoint {path}: {first}") from None
+    except BaseException:  # an interrupt: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -53,8 +63,9 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
         raise BadInputError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BadInputError(f"cannot load checkpoint {path} (weights-only): {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # torch raises many types for foreign, empty or truncated files
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BadInputError(f"cannot load checkpoint {path} (weights-only): {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise BadInputError(f"{path} is not a cxr-audit checkpoint (train one with `cxr-audit train`)")
     config = payload["config"]

@@ -62,6 +62,8 @@ def open_scan(path: str | Path, mode: str = "r") -> h5py.File:
     try:
         f = h5py.File(path, mode)
     except OSError as exc:
+        if "lock" in str(exc).lower():
+            raise BadInputError(f"scan file {path} is in use by another process (a running scan?)") from None
         raise BadInputError(f"cannot open scan file {path} (corrupt or not HDF5): {exc}") from None
     try:
         validate(f, str(path))
