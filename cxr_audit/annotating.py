@@ -36,7 +36,7 @@ from cxr_audit.data.io import read_image, read_mask, write_png
 from cxr_audit.data.manifest import load_manifest, write_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method
-from cxr_audit.models.registry import load_frozen, preprocessing_of
+from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.store.h5 import open_scan, read_meta
 
@@ -162,10 +162,13 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
                "mask_rule": mask_rule, "mask_reference": mask_reference,
                "mask_complete": mask_complete, "blur": blur,
                "dilate": dilate, "seed": seed}
-    _write_h5(out, meta, scan_path, options, index, scores, labels, thr, cav.direction_, fit_rows, mask_rows,
+    # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
+    stored = np.full(len(labels), -1, np.int8)
+    stored[usable] = labels[usable]
+    _write_h5(out, meta, scan_path, options, index, scores, stored, thr, cav.direction_, fit_rows, mask_rows,
               mask_stack, quality)
     if masks_dir is not None and mask_stack is not None:
-        result.files.update(_write_mask_files(Path(masks_dir), meta, index, labels, mask_rows, mask_stack, scores))
+        result.files.update(_write_mask_files(Path(masks_dir), meta, index, stored, mask_rows, mask_stack, scores))
     result.files["annotations"] = out
     return result
 
@@ -233,6 +236,9 @@ def _masks(meta, rows, index, layer, direction, model, data, device, batch_size,
         raise BadInputError(f"masks need the scanned model; {ckpt} is missing (pass --model)")
     if not data.exists():
         raise BadInputError(f"masks need the scanned data; {data} is missing (pass --data)")
+    if meta.get("checkpoint_sha256") and file_sha256(ckpt) != meta["checkpoint_sha256"]:
+        raise UsageError(f"--model {ckpt} is not the model the scan was made with ({meta['checkpoint']}): the CAV "
+                         "comes from that model's activations, so masks painted with another would be wrong")
     dev = resolve_device(device)
     net, config = load_frozen(ckpt, dev)
     prep = preprocessing_of(config)
@@ -292,6 +298,8 @@ def _write_h5(out, meta, scan_path, options, index, scores, labels, thr, directi
                         "threshold": thr, "options": json.dumps(options), "quality": json.dumps(quality),
                         "created": now(), "versions": json.dumps(versions()), "schema": "cxr-audit-annotations/1"})
         f["samples/index"] = index
+        with h5py.File(scan_path, "r") as scan:  # the paths say which images the labels belong to
+            f["samples/path"] = scan["samples/path"][:]
         f["scores"] = scores.astype(np.float32)
         f["labels"] = labels
         f["fit_rows"] = fit_rows
@@ -315,11 +323,11 @@ def _write_mask_files(masks_dir, meta, index, labels, mask_rows, masks, scores) 
         Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST).save(png)
         mask_path[int(index[r])] = png
     rows = []
-    label_of = {int(i): bool(l) for i, l in zip(index, labels)}
+    label_of = {int(i): int(l) for i, l in zip(index, labels) if l >= 0}  # unknown rows: no artifact value
     for s in manifest.samples:
         rows.append({"path": os.path.relpath(s.path, masks_dir), "label": "|".join(manifest.class_names[l] for l in s.labels),
                      "source": s.source, "split": s.split, "mask": os.path.relpath(s.mask, masks_dir) if s.mask else None,
-                     "artifact": int(label_of.get(s.index, False)),
+                     "artifact": label_of.get(s.index),
                      "artifact_mask": mask_path[s.index].name if s.index in mask_path else None, **s.extra})
     write_manifest(masks_dir / "annotated.csv", rows)
     sheet = _contact_sheet(masks_dir / "contact_sheet.png", manifest, index, mask_rows, masks, scores, meta)

@@ -176,6 +176,7 @@ def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations,
             raise UsageError(f"--cav-scope must be 'class' or 'all', got '{cav_scope}'")
         ann = read_annotations(annotations, layer, None if cav_method == "annotation" else cav_method,
                                within_class=cav_scope == "class")
+        ann.check_samples(train_set.samples)
         context.layer, context.cav = ann.layer, torch.from_numpy(ann.cav)
         context.artifact.update(ann.labels)
         context.cav_scores = ann.scores

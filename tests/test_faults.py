@@ -173,3 +173,54 @@ def test_scan_file_in_use_is_named(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_annotations_of_other_images_are_refused(tmp_path):
+    from cxr_audit.annotate.store import Annotations
+    from cxr_audit.data.manifest import Sample
+
+    def sample(i, name):
+        (tmp_path / name).write_bytes(b"")
+        return Sample(index=i, path=tmp_path / name, labels=(0,))
+
+    ann = Annotations(tmp_path / "a.h5", "layer1", np.ones(4), {0: 1, 1: 0}, {0: 1.0, 1: 0.0}, tmp_path / "s.h5", {},
+                      paths={0: str((tmp_path / "x0.png").resolve()), 1: str((tmp_path / "x1.png").resolve())})
+    ann.check_samples([sample(0, "x0.png"), sample(1, "x1.png")])  # the same images: fine
+    with pytest.raises(UsageError, match="made on other images: manifest row 1"):
+        ann.check_samples([sample(0, "x0.png"), sample(1, "other.png")])
+    with pytest.raises(UsageError, match="1 missing"):
+        ann.check_samples([sample(0, "x0.png"), sample(1, "x1.png"), sample(2, "x2.png")])
+
+
+def test_rows_the_scan_skipped_are_unknown_in_annotations(tmp_path, shortcut_model, poisoned):
+    """`scan --skip-bad` rows used to be labelled "no artifact" (score 0) by annotate."""
+    import csv
+
+    import h5py
+
+    from cxr_audit.annotate.store import read_annotations
+
+    rows = list(csv.DictReader(open(poisoned)))
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    for i, r in enumerate(rows):
+        for key in ("path", "mask", "artifact_mask"):
+            if r.get(key):
+                r[key] = str((poisoned.parent / r[key]).resolve())
+    rows[train[0]]["path"] = str(tmp_path / "broken.png")
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    r = runner.invoke(app, ["scan", str(tmp_path / "m.csv"), "--model", str(shortcut_model), "--out",
+                            str(tmp_path / "s.h5"), "--split", "train", "--skip-bad", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["annotate", str(tmp_path / "s.h5"), "--from-column", "artifact", "--out",
+                            str(tmp_path / "a.h5"), "--masks", str(tmp_path / "masks"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "a.h5") as f:
+        stored = dict(zip(f["samples/index"][:].tolist(), f["labels"][:].tolist()))
+    assert stored[train[0]] == -1 and set(stored.values()) == {-1, 0, 1}
+    assert train[0] not in read_annotations(tmp_path / "a.h5").labels
+    annotated = list(csv.DictReader(open(tmp_path / "masks" / "annotated.csv")))
+    assert annotated[train[0]]["artifact"] == "" and annotated[train[1]]["artifact"] in ("0", "1")

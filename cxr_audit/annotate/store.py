@@ -18,10 +18,26 @@ class Annotations:
     path: Path
     layer: str
     cav: np.ndarray  # (C,) unit direction at ``layer``
-    labels: dict[int, int]  # manifest row -> 0/1
+    labels: dict[int, int]  # manifest row -> 0/1 (rows the scan skipped are absent)
     scores: dict[int, float]  # manifest row -> v · maxpool(a)
     scan: Path
     meta: dict
+    paths: dict[int, str] | None = None  # manifest row -> absolute image path (None: an older file)
+
+    def check_samples(self, samples) -> None:
+        """Refuse ``samples`` (manifest :class:`~cxr_audit.data.manifest.Sample` s) whose rows these
+        annotations label but whose image is another one: annotations of another data set."""
+        paths = self.paths if self.paths is not None else _scan_paths(self.scan)
+        if paths is None:
+            return
+        wrong = [s for s in samples if s.index in paths and str(Path(s.path).resolve()) != paths[s.index]]
+        unlabelled = [s for s in samples if s.index not in paths]
+        if wrong or unlabelled:
+            s = (wrong or unlabelled)[0]
+            seen = paths.get(s.index, "no row")
+            raise UsageError(f"annotations {self.path} were made on other images: manifest row {s.index} is "
+                             f"{s.path}, the annotations have {seen} ({len(wrong)} rows differ, "
+                             f"{len(unlabelled)} missing); annotate the data you unlearn on")
 
 
 def read_annotations(path: str | Path, layer: str | None = None, method: str | None = None,
@@ -48,6 +64,7 @@ def read_annotations(path: str | Path, layer: str | None = None, method: str | N
             scores = f["scores"][:]
             own_layer = str(meta["layer"])
             cav = f[f"cav/{own_layer}"][:]
+            paths = f["samples/path"].asstr()[:].tolist() if "samples/path" in f else None
     except OSError as exc:
         raise BadInputError(f"cannot read annotations {path}: {exc}") from None
     scan = Path(str(meta["scan"]))
@@ -55,9 +72,19 @@ def read_annotations(path: str | Path, layer: str | None = None, method: str | N
     method = method or str(meta.get("method", "signal"))
     if layer != own_layer or method != meta.get("method") or within_class:
         cav = _refit(scan, layer, labels, method, within_class)
-    return Annotations(path, layer, cav.astype(np.float32), dict(zip(index.tolist(), labels.tolist())),
-                       dict(zip(index.tolist(), scores.tolist())), scan,
-                       {k: (json.loads(v) if k in ("options", "quality", "versions") else v) for k, v in meta.items()})
+    known = labels >= 0  # -1: a row the scan skipped (--skip-bad) or did not finish
+    return Annotations(path, layer, cav.astype(np.float32), dict(zip(index[known].tolist(), labels[known].tolist())),
+                       dict(zip(index[known].tolist(), scores[known].tolist())), scan,
+                       {k: (json.loads(v) if k in ("options", "quality", "versions") else v) for k, v in meta.items()},
+                       dict(zip(index.tolist(), paths)) if paths is not None else None)
+
+
+def _scan_paths(scan: Path) -> dict[int, str] | None:
+    """Row -> path from the scan the annotations were made from (older annotation files)."""
+    if not scan.is_file():
+        return None
+    with h5py.File(scan, "r") as f:
+        return dict(zip(f["samples/index"][:].tolist(), f["samples/path"].asstr()[:].tolist()))
 
 
 def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class: bool) -> np.ndarray:
@@ -68,10 +95,12 @@ def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class
             raise UsageError(f"layer '{layer}' was not scanned (scanned: {', '.join(f['activations'].keys())})")
         acts = f[f"activations/{layer}/max"][:]
         classes = f["samples/label"][:]
-    rows = np.arange(len(labels))
-    if within_class and classes.ndim == 1 and labels.any():
-        prevalence = [labels[classes == c].mean() if (classes == c).any() else 0 for c in range(classes.max() + 1)]
-        in_class = np.flatnonzero(classes == int(np.argmax(prevalence)))
+    rows = np.flatnonzero(labels >= 0)
+    if within_class and classes.ndim == 1 and (labels == 1).any():
+        known = labels >= 0
+        prevalence = [(labels[(classes == c) & known] == 1).mean() if ((classes == c) & known).any() else 0
+                      for c in range(classes.max() + 1)]
+        in_class = np.flatnonzero((classes == int(np.argmax(prevalence))) & known)
         if 0 < labels[in_class].sum() < len(in_class) - 1:
             rows = in_class
     return make_cav(method).fit(acts[rows], labels[rows]).direction_
