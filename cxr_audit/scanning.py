@@ -9,6 +9,7 @@ A scan that is killed resumes where it stopped and gives the same file as an uni
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
         done = f["done"][:]
         resumed_from = int(done.sum())
         pending = np.flatnonzero(~done)
+        _check_free_space(f, len(pending), out)
         row_of = {int(idx): r for r, idx in enumerate(f["samples/index"][:])}
         dataset = CxrDataset(manifest, prep, skip_bad=skip_bad, with_masks=False)
         # dataset positions equal scan rows: the manifest subset is stored in order
@@ -128,7 +130,10 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
                     on_progress(completed, len(manifest))
         total_done = int(f["done"][:].sum())
     finally:
-        f.close()
+        try:
+            f.close()
+        except (OSError, RuntimeError):  # after a failed write HDF5 cannot flush again; the done rows are safe
+            pass
     return ScanSummary(out, len(manifest), total_done, skipped, time.perf_counter() - start, resumed_from)
 
 
@@ -190,12 +195,32 @@ def _write_rows(f: h5py.File, rows: np.ndarray, expl, layers: list[str], heatmap
             f[f"activations/{layer}/max"][sl] = expl.act_max[layer].cpu().numpy()
             f[f"activations/{layer}/mean"][sl] = expl.act_mean[layer].cpu().numpy()
             f[f"relevances/{layer}"][sl] = expl.relevances[layer].cpu().numpy()
-        f.flush()
+        f.flush()  # the rows' data reach the disk before they are marked done
         f["done"][sl] = True
         f.flush()
-    except OSError as exc:
-        raise BadInputError(f"cannot write to {f.filename} ({exc}); rows already marked done are kept — "
-                            "free space and rerun the same command to resume") from None
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed flush (e.g. ENOSPC) as RuntimeError
+        full = "No space left" in str(exc) or "errno = 28" in str(exc)
+        raise BadInputError(f"{'disk full' if full else 'cannot write'}: {f.filename}; rows already marked done "
+                            "are kept and the others are not marked — free space and rerun the same command "
+                            "to resume") from None
+
+
+def _check_free_space(f: h5py.File, pending: int, out: Path, margin: float = 1.1) -> None:
+    """Refuse to start when the rows still to scan cannot fit on the output's disk (a full disk
+    mid-scan leaves HDF5 unable to close the file cleanly)."""
+    row_bytes = 0
+
+    def add(_name, obj):
+        nonlocal row_bytes
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] == len(f["done"]):
+            row_bytes += obj.dtype.itemsize * int(np.prod(obj.shape[1:], dtype=np.int64))
+
+    f.visititems(add)
+    need = int(pending * row_bytes * margin)
+    free = shutil.disk_usage(Path(out).resolve().parent).free
+    if need > free:
+        raise BadInputError(f"disk full: the scan needs about {need / 2**20:.1f} MiB for {pending} rows, "
+                            f"{free / 2**20:.1f} MiB are free under {Path(out).resolve().parent}")
 
 
 def _write_error(f: h5py.File, row: int, message: str) -> None:

@@ -224,3 +224,51 @@ def test_rows_the_scan_skipped_are_unknown_in_annotations(tmp_path, shortcut_mod
     assert train[0] not in read_annotations(tmp_path / "a.h5").labels
     annotated = list(csv.DictReader(open(tmp_path / "masks" / "annotated.csv")))
     assert annotated[train[0]]["artifact"] == "" and annotated[train[1]]["artifact"] in ("0", "1")
+
+
+def test_full_disk_during_scan_marks_no_unwritten_row_done(tmp_path, shortcut_model, poisoned, monkeypatch):
+    """Simulated ENOSPC on the third batch's flush: exit 1 with "disk full", the two batches before
+    are done and equal an uninterrupted scan, no later row is marked done; the rerun resumes."""
+    import h5py
+
+    clean = tmp_path / "clean.h5"
+    assert runner.invoke(app, ["scan", str(poisoned), "--model", str(shortcut_model), "--out", str(clean),
+                               "--split", "test", "--batch-size", "8", "--device", "cpu"]).exit_code == 0
+    calls = {"n": 0}
+    real_flush = h5py.File.flush
+
+    def flaky_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 5:  # two flushes per batch: the first flush of batch 3
+            raise RuntimeError("Unable to flush file (file write failed: errno = 28, error message = "
+                               "'No space left on device')")
+        return real_flush(self)
+
+    monkeypatch.setattr(h5py.File, "flush", flaky_flush)
+    broken = tmp_path / "broken.h5"
+    r = runner.invoke(app, ["scan", str(poisoned), "--model", str(shortcut_model), "--out", str(broken),
+                            "--split", "test", "--batch-size", "8", "--device", "cpu"])
+    _one_line_error(r, 1)
+    assert "disk full" in r.output
+    monkeypatch.setattr(h5py.File, "flush", real_flush)
+    with h5py.File(broken) as f, h5py.File(clean) as g:
+        done = f["done"][:]
+        assert done[:16].all() and not done[16:].any()
+        np.testing.assert_allclose(f["activations/layer2/max"][:16], g["activations/layer2/max"][:16], rtol=1e-5)
+    r = runner.invoke(app, ["scan", str(poisoned), "--model", str(shortcut_model), "--out", str(broken),
+                            "--split", "test", "--batch-size", "8", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(broken) as f, h5py.File(clean) as g:
+        assert f["done"][:].all()
+        np.testing.assert_allclose(f["relevances/layer4"][:], g["relevances/layer4"][:], rtol=1e-4, atol=1e-6)
+
+
+def test_scan_refuses_to_start_without_room(tmp_path, shortcut_model, poisoned, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    r = runner.invoke(app, ["scan", str(poisoned), "--model", str(shortcut_model), "--out", str(tmp_path / "s.h5"),
+                            "--split", "test", "--device", "cpu"])
+    _one_line_error(r, 1)
+    assert "disk full: the scan needs about" in r.output
