@@ -22,12 +22,13 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
                                            help="CRP conditional heatmaps and crops per top concept (needs the scanned model)."),
            embedding: str = typer.Option("tsne", "--embedding",
                                          help="2-D embedding of each class's heatmaps: 'tsne' or 'umap'."),
+           virelay: bool = typer.Option(True, "--virelay/--no-virelay",
+                                        help="Write a ViRelAy project (OUT/virelay/project.yaml; needs the scanned images)."),
            device: str = typer.Option("cpu", "--device")) -> None:
     """Rank suspicious concepts and explanation clusters; write reveal.json and an HTML report."""
     with progress_bar("reveal") as update:
         result = reveal_lib(scan, out, target=target, top=top, max_k=max_k, references=references, embedding=embedding,
-                            device=device,
-                            on_progress=update)
+                            device=device, virelay_project=virelay, on_progress=update)
     names = result["class_names"]
     table = Table("concept", "layer:channel", "class", "suspicion", "bimodality z", "alarm", "members",
                   title="most suspicious concepts")
@@ -41,3 +42,6 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
                   f"{result['concepts'][0]['layer']}:{result['concepts'][0]['channel']} "
                   f"--layer {result['concepts'][0]['layer']} --out ann.h5" if result["concepts"] else "no concepts found")
     console.print(f"report: [bold]{Path(out) / 'report.html'}[/]")
+    if (result.get("virelay") or {}).get("project"):
+        console.print(f"ViRelAy project, open with: virelay {result['virelay']['project']}",
+                      highlight=False)

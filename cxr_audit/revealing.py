@@ -13,11 +13,12 @@ import numpy as np
 from scipy.stats import norm
 
 from cxr_audit.annotate.cav import SignalCAV
-from cxr_audit.errors import UsageError
+from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import alarm_level, rank_concepts
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
+from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
 from cxr_audit.runtime import now, versions
 from cxr_audit.store.h5 import open_scan, read_meta
 from cxr_audit.store.schema import finding_index
@@ -25,14 +26,16 @@ from cxr_audit.store.schema import finding_index
 
 def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,
            max_k: int = 8, gallery: int = 8, references: bool = True, embedding: str = "tsne", device: str = "cpu",
-           on_progress: Callable[..., None] | None = None) -> dict:
+           virelay_project: bool = True, on_progress: Callable[..., None] | None = None) -> dict:
     """Analyse a scan; returns the ``reveal.json`` content (also written to ``out_dir``).
 
     Concepts are ranked by suspicion over all scanned layers, those that raise an alarm first
     (:mod:`cxr_audit.reveal.concepts`);
     SpRAy clusters (per explained class) are ranked by how much their mean heatmap differs from
     the rest of the class, times how small they are. With ``references`` (needs the scanned model
-    and data), the report shows each top concept's CRP conditional heatmaps and crops.
+    and data), the report shows each top concept's CRP conditional heatmaps and crops. With
+    ``virelay_project`` (needs the scanned data), ``out_dir/virelay/project.yaml`` is a complete
+    ViRelAy project (:mod:`cxr_audit.reveal.virelay`).
     """
     if embedding not in EMBEDDINGS:  # before any work
         raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
@@ -50,6 +53,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         sources = f["samples/source"].asstr()[:]
         labels = f["samples/label"][:]
         heat = f[f"heatmaps/{target}"][:][rows].astype(np.float32)
+        logits = f["outputs/logits"][:][rows]
         layer_data = {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]}
     names = meta["class_names"]
     explained = finding_index(target, names)
@@ -87,8 +91,10 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     acts, rel = layer_data[middle]
     spaces = {"heatmap": prepare_heatmaps(heat), f"relevance:{middle}": profile_features(rel),
               f"activation:{middle}": profile_features(acts)}
-    clusters, per_class = _clusters(spaces, classes[rows], rows, index, max_k, embedding)
+    clusters, per_class, clustered = _clusters(spaces, classes[rows], rows, index, max_k, embedding)
     _export_virelay(out / "reveal.virelay.h5", per_class, names)
+    virelay = _virelay_project(out / "virelay", meta, names, index[rows], labels[rows], heat, logits,
+                               clustered, per_class, target) if virelay_project else None
     _scatter(out / "embedding.png", per_class, names, sources, labels, index)
     if on_progress:
         on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
@@ -98,7 +104,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
                         "source_tests": source_tests,
                         "source_linked": [c["id"] for c in concepts if c["source_linked"]]},
-              "concepts": concepts, "clusters": clusters,
+              "concepts": concepts, "clusters": clusters, "virelay": virelay,
               "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
               "versions": versions()}
     (out / "reveal.json").write_text(json.dumps(result, indent=1))
@@ -193,13 +199,14 @@ def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, exp
     return sorted(concepts, key=lambda c: -c["suspicion"])
 
 
-def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding) -> tuple[list[dict], dict]:
+def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding) -> tuple[list[dict], dict, dict]:
     """Spectral clusters per explained class in each feature space (``heatmap``, and CRP
     ``relevance:<layer>`` / ``activation:<layer>`` profiles), all ranked together by
     ``distinctness × 4 p (1 - p)``: how different the cluster's mean normalised profile is from
     the rest of its class (half the L1 distance, in [0, 1]) times how much of a minority it is.
-    Returns the clusters and, for the heatmap space, the per-class SpRAy results (embeddings)."""
-    found, per_class = [], {}
+    Returns the clusters, the per-class SpRAy results of the heatmap space (embeddings), and
+    ``{space: {class: (members, SprayResult, cluster id per member)}}`` for the ViRelAy project."""
+    found, per_class, results = [], {}, {}
     for space, all_features in spaces.items():
         for k in np.unique(classes):
             members = np.flatnonzero(classes == k)
@@ -207,6 +214,7 @@ def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedd
                 continue
             features = all_features[members]
             result = spray(features, max_k=max_k)
+            results.setdefault(space, {})[int(k)] = (members, result)
             if space == "heatmap":
                 per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "method": embedding,
                                      "embedding": EMBEDDINGS[embedding](features)}
@@ -219,11 +227,16 @@ def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedd
                 found.append({"space": space, "class_index": int(k), "size": int(len(inside)),
                               "share_of_class": float(share), "distinctness": float(distinct),
                               "suspicion": float(distinct * 4 * share * (1 - share)),
-                              "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k)})
+                              "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k),
+                              "spray_label": c})
     found.sort(key=lambda c: -c["suspicion"])
+    ids = {space: {k: np.full(len(m), -1) for k, (m, _) in per.items()} for space, per in results.items()}
     for rank, c in enumerate(found):
         c["id"] = rank
-    return found, per_class
+        members, result = results[c["space"]][c["class_index"]]
+        ids[c["space"]][c["class_index"]][result.labels == c.pop("spray_label")] = rank
+    clustered = {space: {k: (m, r, ids[space][k]) for k, (m, r) in per.items()} for space, per in results.items()}
+    return found, per_class, clustered
 
 
 def profile_features(values: np.ndarray) -> np.ndarray:
@@ -257,6 +270,48 @@ def _umap(features: np.ndarray) -> np.ndarray:
 
 
 EMBEDDINGS = {"tsne": _tsne, "umap": _umap}
+
+
+def _virelay_project(folder: Path, meta: dict, names, ids, labels, heat, logits, clustered, per_class,
+                     target) -> dict:
+    """Write the ViRelAy project (:mod:`cxr_audit.reveal.virelay`); ``{"project": path}`` or
+    ``{"skipped": reason}`` when the scanned images are not where the scan says."""
+    images = _thumbnails(meta, ids, heat.shape[-1])
+    if images is None:
+        return {"skipped": f"the scanned data {meta['data']} is not readable here"}
+    analyses = {}
+    for space, per in clustered.items():
+        analyses[space] = {}
+        for k, (members, result, cluster_ids) in per.items():
+            embeddings = {"spectral": result.embedding}
+            if space == "heatmap":
+                embeddings[per_class[k]["method"]] = per_class[k]["embedding"]
+            analyses[space][names[k]] = CategoryAnalysis(members, embeddings, result.eigenvalues, cluster_ids)
+    data = ProjectData(name=f"cxr-audit {Path(meta['data']).name}", model=str(meta["arch"]), class_names=names,
+                       images=images, labels=labels, heatmaps=heat, predictions=logits,
+                       attribution_method=str(meta["method"]),
+                       strategy="true_label" if target == "true" else "predicted_label", analyses=analyses)
+    return {"project": str(write_project(folder, data))}
+
+
+def _thumbnails(meta: dict, ids, size: int) -> np.ndarray | None:
+    """``(N, size, size, 3)`` uint8 images of the scanned samples ``ids`` (manifest rows)."""
+    from PIL import Image
+
+    from cxr_audit.data.io import read_image
+    from cxr_audit.data.manifest import load_manifest
+
+    if not Path(meta["data"]).exists():
+        return None
+    try:
+        manifest = load_manifest(meta["data"], class_names=meta["class_names"])
+        out = np.zeros((len(ids), size, size, 3), np.uint8)
+        for n, i in enumerate(ids):
+            gray = Image.fromarray((read_image(manifest[int(i)].path) * 255).astype(np.uint8))
+            out[n] = np.asarray(gray.resize((size, size), Image.BILINEAR))[..., None]
+    except BadInputError:
+        return None
+    return out
 
 
 def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:
