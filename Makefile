@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/cxr-audit demo --out demo-out
 
 test: $(STAMP)
+	$(BIN)/ruff check cxr_audit cli tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -96,7 +96,7 @@ def main() -> None:
     print("\nacceptance (issue #5):")
     print(f"  plain model loses >= 20 points on the artifact-inserted test: {gap0 * 100:.1f} -> "
           f"{'PASS' if gap0 >= 0.2 else 'FAIL'}")
-    for method, r, m in rows:
+    for method, _run, m in rows:
         if method not in ("rrr", "rrclarc"):
             continue
         gap = m["accuracy"] - m["artifact_inserted_accuracy"]

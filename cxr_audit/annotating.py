@@ -32,7 +32,7 @@ from cxr_audit.annotate.masks import (binarise, complete_saturated, concept_heat
                                       parse_threshold, presence_reference)
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
 from cxr_audit.data.dataset import CxrDataset, collate
-from cxr_audit.data.io import read_image, read_mask, write_png
+from cxr_audit.data.io import read_image
 from cxr_audit.data.manifest import load_manifest, write_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method

@@ -45,7 +45,6 @@ from cxr_audit.evaluate import metrics as M
 from cxr_audit.evaluate.attack import AttackedSet, artifact_class, inject_attack, paste_attack, victims
 from cxr_audit.evaluate.relevance import relevance_share
 from cxr_audit.explain import create_method, explain_batch
-from cxr_audit.models.projection import pooled_max
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.training import batched_logits

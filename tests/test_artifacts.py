@@ -26,7 +26,9 @@ def test_phantom_has_lungs_and_disease_brightens_them():
     healthy = [make_phantom(64, False, rng) for _ in range(10)]
     sick = [make_phantom(64, True, rng) for _ in range(10)]
     assert all(0.05 < p.lung_mask.mean() < 0.4 for p in healthy + sick)
-    lung_mean = lambda ps: np.mean([p.image[p.lung_mask].mean() for p in ps])
+    def lung_mean(ps):
+        return np.mean([p.image[p.lung_mask].mean() for p in ps])
+
     assert lung_mean(sick) > lung_mean(healthy) + 0.01
 
 

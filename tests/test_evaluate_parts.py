@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.manifest import load_manifest

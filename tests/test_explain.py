@@ -49,7 +49,7 @@ def test_lrp_conserves_relevance_at_input_and_every_layer(arch):
     target_logit = expl.logits.gather(1, expl.targets["pred"][:, None])[:, 0]
     assert (target_logit.abs() > 1e-3).all()
     torch.testing.assert_close(expl.heatmaps["pred"].sum((1, 2)), target_logit, rtol=0.05, atol=1e-4)
-    for layer, rel in expl.relevances.items():
+    for rel in expl.relevances.values():
         torch.testing.assert_close(rel.sum(1), target_logit, rtol=0.05, atol=1e-4)
     # relevance is spread over the image, not a constant
     assert expl.heatmaps["pred"].std() > 0

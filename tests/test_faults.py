@@ -203,7 +203,7 @@ def test_rows_the_scan_skipped_are_unknown_in_annotations(tmp_path, shortcut_mod
     rows = list(csv.DictReader(open(poisoned)))
     train = [i for i, r in enumerate(rows) if r["split"] == "train"]
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    for i, r in enumerate(rows):
+    for r in rows:
         for key in ("path", "mask", "artifact_mask"):
             if r.get(key):
                 r[key] = str((poisoned.parent / r[key]).resolve())

@@ -3,7 +3,6 @@ the checkpoint records how it was made, and bad requests are one-line errors."""
 
 import json
 
-import pytest
 import torch
 from typer.testing import CliRunner
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from cxr_audit.unlearn.base import Mitigation
