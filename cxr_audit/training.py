@@ -81,7 +81,8 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
 
 def rare_class_warnings(manifest: Manifest, min_count: int = 5) -> list[str]:
     """Warnings for classes with fewer than ``min_count`` images or present in only one of several
-    splits: usually a typo in the label column ("covdi") or a NaN that became a class of its own."""
+    splits (usually a typo in the label column, "covdi", or a NaN that became a class of its own),
+    and for images listed in more than one row."""
     counts = {name: 0 for name in manifest.class_names}
     splits: dict[str, set[str]] = {name: set() for name in manifest.class_names}
     for s in manifest.samples:
@@ -89,7 +90,13 @@ def rare_class_warnings(manifest: Manifest, min_count: int = 5) -> list[str]:
             counts[manifest.class_names[label]] += 1
             splits[manifest.class_names[label]].add(s.split)
     all_splits = {s.split for s in manifest.samples}
-    out = [f"class '{n}' has only {c} image(s): a typo or a missing value in the label column?"
+    seen: dict[str, int] = {}
+    for s in manifest.samples:
+        seen[str(s.path)] = seen.get(str(s.path), 0) + 1
+    repeated = [p for p, c in seen.items() if c > 1]
+    out = [f"{len(repeated)} image(s) appear in more than one manifest row (first: {repeated[0]}): they weigh "
+           f"double in training and may leak across splits"] if repeated else []
+    out += [f"class '{n}' has only {c} image(s): a typo or a missing value in the label column?"
            for n, c in counts.items() if c < min_count]
     if len(all_splits) > 1:
         out += [f"class '{n}' appears only in split '{next(iter(sp))}'" for n, sp in splits.items()

@@ -87,7 +87,10 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
         raise UsageError(f"{model} already carries a P-ClArC projection; unlearn from the original checkpoint")
     prep = preprocessing_of(config)
     dev = init_distributed(resolve_device(device))
-    manifest = load_manifest(data, class_names=config["class_names"])
+    manifest = load_manifest(data, class_names=config["class_names"], multilabel=config.get("multilabel", False))
+    if manifest.multilabel:  # the λ objective and the balancing groups are single-label (issue #16)
+        raise UsageError("unlearn does not support multi-label models yet: audit them with scan/reveal/evaluate "
+                         "--target finding:NAME; to unlearn, train a single-label model for that finding")
     train_set = manifest.subset(train_split) if _has_splits(manifest) else manifest
     val_set = manifest.subset(val_split) if _has_splits(manifest) and val_split in _splits(manifest) else None
 

@@ -85,6 +85,8 @@ def test_train_refuses_blank_labels_and_bad_sizes_and_warns_on_rare_classes(tmp_
     warnings = rare_class_warnings(load_manifest(phantoms.parent / "typo.csv"))
     assert any("'diseaes' has only 1 image" in w for w in warnings)
     assert rare_class_warnings(load_manifest(phantoms)) == []
+    (phantoms.parent / "dup.csv").write_text("\n".join([header] + rows + rows[:3]) + "\n")
+    assert any("3 image(s) appear in more than one" in w for w in rare_class_warnings(load_manifest(phantoms.parent / "dup.csv")))
 
 
 def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):

@@ -112,3 +112,10 @@ max_artifact_inserted_auroc_drop.effusion = 0.15
     checks = {c["metric"]: c["passed"] for c in json.loads((tmp_path / "gate" / "gate.json").read_text())["checks"]}
     assert checks == {"artifact_inserted_auroc_drop.lesion": False, "artifact_inserted_auroc_drop.tube": True,
                       "artifact_inserted_auroc_drop.effusion": True}
+
+
+def test_unlearn_refuses_multilabel_models_in_one_line(findings_data, findings_model, tmp_path):
+    r = runner.invoke(app, ["unlearn", "--model", str(findings_model), "--data", str(findings_data), "--out",
+                            str(tmp_path / "u.pt"), "--method", "rrr", "--lambda", "10", "--device", "cpu"])
+    assert r.exit_code == 2 and "multi-label" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "u.pt").exists()

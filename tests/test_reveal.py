@@ -151,7 +151,7 @@ def test_degenerate_heatmaps_do_not_crash(tmp_path):
     rows = np.arange(30)
     spaces = {"heatmap": prepare_heatmaps(heat), "relevance:x": profile_features(np.zeros((30, 8)))}
     for embedding in ("tsne", "umap"):
-        found, per_class = _clusters(spaces, classes, rows, rows, max_k=4, embedding=embedding)
+        found, per_class, _ = _clusters(spaces, classes, rows, rows, max_k=4, embedding=embedding)
         for data in per_class.values():
             assert np.isfinite(data["embedding"]).all() and data["embedding"].shape == (15, 2)
 
