@@ -37,7 +37,9 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     ``virelay_project`` (needs the scanned data), ``out_dir/virelay/project.yaml`` is a complete
     ViRelAy project (:mod:`cxr_audit.reveal.virelay`).
     """
-    if embedding not in EMBEDDINGS:  # before any work
+    if top < 1 or max_k < 1 or gallery < 1:  # before any work
+        raise UsageError("--top, --max-k and the gallery size must be >= 1")
+    if embedding not in EMBEDDINGS:
         raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

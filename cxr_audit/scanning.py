@@ -68,6 +68,10 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     out = Path(out)
     if not targets:
         raise UsageError(f"targets must be among {TARGETS}, got none")
+    if batch_size < 1 or heatmap_size < 1 or num_workers < 0:
+        raise UsageError("--batch-size and --heatmap-size must be >= 1 and --workers >= 0")
+    if init not in ("logit", "onehot"):
+        raise UsageError(f"--init must be 'logit' or 'onehot', got '{init}'")
     dev = resolve_device(device)
     net, config = load_frozen(model, dev)
     for target in targets:

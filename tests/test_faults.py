@@ -274,3 +274,23 @@ def test_scan_refuses_to_start_without_room(tmp_path, shortcut_model, poisoned, 
                             "--split", "test", "--device", "cpu"])
     _one_line_error(r, 1)
     assert "disk full: the scan needs about" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "0"], "--batch-size and --heatmap-size must be >= 1"),
+    (["--heatmap-size", "0"], "--batch-size and --heatmap-size must be >= 1"),
+    (["--init", "nosuch"], "--init must be 'logit' or 'onehot'"),
+])
+def test_scan_option_errors_are_one_line(tmp_path, shortcut_model, poisoned, args, message):
+    r = runner.invoke(app, ["scan", str(poisoned), "--model", str(shortcut_model), "--out", str(tmp_path / "s.h5"),
+                            "--device", "cpu", *args])
+    _one_line_error(r, 2)
+    assert message in r.output and not (tmp_path / "s.h5").exists()
+
+
+def test_reveal_refuses_empty_rankings(tmp_path):
+    from cxr_audit.revealing import reveal
+
+    for kwargs in ({"top": 0}, {"max_k": 0}):
+        with pytest.raises(UsageError, match="must be >= 1"):
+            reveal(tmp_path / "missing.h5", tmp_path / "out", **kwargs)
