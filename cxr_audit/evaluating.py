@@ -66,6 +66,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ``metrics.md`` to ``out`` when given."""
     if artifact and paste_from:
         raise UsageError("give --artifact (an injector) or --paste-from (annotated samples), not both")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file; evaluate writes a folder (metrics.json, metrics.md)")
     say = on_stage or (lambda _: None)
@@ -75,6 +77,10 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     has_splits = {s.split for s in manifest.samples} != {""}
     test = manifest.subset(split) if split and has_splits else manifest
     target = _target_class(artifact_class_name, names, artifact, paste_from, manifest, annotations)
+    unknown = sorted(set(sources or ()) - {s.source for s in test.samples})
+    if unknown:
+        raise UsageError(f"--sources {', '.join(unknown)} not in the test data (sources: "
+                         f"{', '.join(sorted({s.source for s in test.samples}))})")
     result = EvaluationResult()
     labels = {"model": model} | ({"compare": compare} if compare else {})
     inputs = _TestInputs(test, target, artifact, paste_from, names, seed)

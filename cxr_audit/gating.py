@@ -92,6 +92,11 @@ def read_gate_config(path: str | Path) -> dict:
             cfg[key] = p if p.is_absolute() else (path.parent / p).resolve()
             if not cfg[key].exists():
                 raise UsageError(f"{path}: {key} = {cfg[key]} does not exist")
+    for key in ("batch_size", "seed"):
+        if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool)):
+            raise UsageError(f"{path}: [gate] {key} must be an integer, got {cfg[key]!r}")
+    if "sources" in cfg and (not isinstance(cfg["sources"], list) or len(cfg["sources"]) != 2):
+        raise UsageError(f"{path}: [gate] sources must be a list of two source names, got {cfg['sources']!r}")
     cfg["thresholds"] = parse_thresholds(cfg.get("thresholds") or {}, path)
     return cfg
 

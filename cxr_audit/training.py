@@ -47,6 +47,8 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
+    if num_workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {num_workers}")
     seed_everything(seed)
     manifest = load_manifest(data)
     if manifest.num_classes < 2:

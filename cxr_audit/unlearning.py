@@ -81,6 +81,8 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     nothing.
     """
     say = on_stage or (lambda _: None)
+    if Path(out).resolve() == Path(model).resolve():
+        raise UsageError(f"--out {out} is the input model: write the unlearned model to a new file")
     seed_everything(seed)
     net, config = load_checkpoint(model)
     if config.get("projection"):

@@ -294,3 +294,32 @@ def test_reveal_refuses_empty_rankings(tmp_path):
     for kwargs in ({"top": 0}, {"max_k": 0}):
         with pytest.raises(UsageError, match="must be >= 1"):
             reveal(tmp_path / "missing.h5", tmp_path / "out", **kwargs)
+
+
+def test_more_silent_passes_and_tracebacks_are_refused(tmp_path, shortcut_model, poisoned):
+    """Found by this session's own sweep: each used to exit 0 (wrongly) or with a traceback."""
+    before = shortcut_model.read_bytes()
+    cases = [
+        (["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(shortcut_model),
+          "--method", "balance", "--device", "cpu"], 2, "is the input model"),
+        (["evaluate", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(tmp_path / "e"),
+          "--sources", "a,b", "--device", "cpu"], 2, "not in the test data"),
+        (["evaluate", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(tmp_path / "e"),
+          "--batch-size", "0", "--device", "cpu"], 2, "--batch-size must be >= 1"),
+        (["train", str(poisoned), "--out", str(tmp_path / "m.pt"), "--workers", "-1", "--device", "cpu"], 2,
+         "--workers must be >= 0"),
+        (["inject", str(poisoned), "--out", str(tmp_path / "inj"), "--artifact", "text", "--prevalence",
+          "disease=0.5", "--split", "nosuch"], 2, "--split nosuch not in"),
+    ]
+    for args, code, message in cases:
+        r = runner.invoke(app, args)
+        _one_line_error(r, code)
+        assert message in r.output, (args[0], r.output)
+    assert shortcut_model.read_bytes() == before
+    for body, message in (('batch_size = "abc"', "batch_size must be an integer"), ("seed = [1]", "seed must be"),
+                          ('sources = "a"', "sources must be a list")):
+        (tmp_path / "g.toml").write_text(f'[gate]\nmodel = "{shortcut_model}"\ndata = "{poisoned}"\n{body}\n'
+                                         '[gate.thresholds]\nmin_accuracy = 0.5\n')
+        r = runner.invoke(app, ["gate", "--config", str(tmp_path / "g.toml"), "--out", str(tmp_path / "g")])
+        _one_line_error(r, 2)
+        assert message in r.output

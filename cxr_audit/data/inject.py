@@ -57,6 +57,10 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
     if by != "source:label" and any(":" in k for k in prevalence):
         raise UsageError("prevalence keys of the form SOURCE:CLASS need --by source:label")
     manifest = load_manifest(data)
+    unknown = sorted(set(splits or ()) - {s.split for s in manifest.samples})
+    if unknown:
+        raise UsageError(f"--split {', '.join(unknown)} not in {data} (splits: "
+                         f"{', '.join(sorted({s.split for s in manifest.samples}))})")
     source_dir = (manifest.source_file if Path(data).is_dir() else Path(data).parent).resolve()
     if Path(out_dir).resolve() == source_dir:
         raise UsageError(f"--out {out_dir} is the input's folder: it would overwrite the original manifest; "
