@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -49,9 +50,19 @@ def _one_line(exc: Exception) -> str:
     return last.split("Error: ", 1)[1] if last.startswith("cxr_audit.errors.") else last
 
 
+#: seconds between progress lines when stderr is not a terminal (CI logs, nohup, pipes)
+LOG_INTERVAL = 10.0
+
+
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[..., None]]:
-    """Yield an ``on_progress(done, total, status="")`` callback that drives a rich bar."""
+    """Yield an ``on_progress(done, total, status="")`` callback: a rich bar on a terminal, else a
+    plain line at most every :data:`LOG_INTERVAL` seconds and one at the end (rich draws nothing
+    in a non-interactive log until it finishes)."""
+    if not err_console.is_terminal:
+        with _progress_lines(description) as update:
+            yield update
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
     with Progress(*columns, console=err_console, transient=False) as bar:
@@ -61,6 +72,27 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
             bar.update(task, completed=done, total=total, status=status)
 
         yield update
+
+
+@contextmanager
+def _progress_lines(description: str) -> Iterator[Callable[..., None]]:
+    start = time.monotonic()
+    state = {"last": None, "line": None}
+
+    def line(done: int, total: int, status: str) -> str:
+        share = f" ({100 * done / total:.0f} %)" if total else ""
+        return f"{description}: {done}/{total or '?'}{share} {status} [{time.monotonic() - start:.0f} s]".rstrip()
+
+    def update(done: int, total: int, status: str = "") -> None:
+        state["line"] = line(done, total, status)
+        now = time.monotonic()
+        if state["last"] is None or now - state["last"] >= LOG_INTERVAL:
+            err_console.print(state["line"], highlight=False, markup=False)
+            state["last"] = now
+
+    yield update
+    if state["line"] is not None and state["last"] is not None:
+        err_console.print(state["line"], highlight=False, markup=False)  # the final state
 
 
 def load_config(path: Path) -> dict:

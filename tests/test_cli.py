@@ -98,3 +98,16 @@ def test_train_warns_when_the_model_predicts_one_class(tmp_path, monkeypatch):
     r = run("train", tmp_path / "ph" / "manifest.csv", "--out", tmp_path / "m.pt", "--size", 32, "--epochs", 1,
             "--device", "cpu")
     assert r.exit_code == 0 and "warning" in r.output and "has not learned" in r.output, r.output
+
+
+def test_progress_lines_in_non_interactive_logs(tmp_path, monkeypatch):
+    """stderr is not a terminal under CliRunner (as in CI): plain progress lines, throttled."""
+    import cxr_audit.cli._common as common
+
+    r = run("phantom", "--out", str(tmp_path / "ph"), "--n", "20", "--size", "32")
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("phantoms: ")]
+    assert lines[-1].startswith("phantoms: 20/20 (100 %)") and len(lines) <= 3  # first, last (throttled between)
+    monkeypatch.setattr(common, "LOG_INTERVAL", 0.0)
+    r = run("phantom", "--out", str(tmp_path / "ph2"), "--n", "20", "--size", "32")
+    assert len([l for l in r.output.splitlines() if l.startswith("phantoms: ")]) >= 20
