@@ -46,7 +46,7 @@ from cxr_audit.evaluate.attack import AttackedSet, artifact_class, inject_attack
 from cxr_audit.evaluate.relevance import relevance_share
 from cxr_audit.explain import create_method, explain_batch
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
-from cxr_audit.runtime import now, resolve_device, versions
+from cxr_audit.runtime import now, resolve_device, versions, write_text_atomic
 from cxr_audit.training import batched_logits
 from cxr_audit.unlearn.rrclarc import spatial_mean
 
@@ -96,10 +96,10 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                    "artifact_class": names[target] if target is not None else None,
                    "annotations": str(annotations) if annotations else None, "cav_method": cav_method,
                    "attribution": attribution, "seed": seed}
-        (out / "metrics.json").write_text(json.dumps(
+        write_text_atomic(out / "metrics.json", json.dumps(
             {"metrics": result.metrics, "options": options, "created": now(), "versions": versions()},
             indent=2, default=_jsonable))
-        (out / "metrics.md").write_text(markdown_table(result.metrics, labels))
+        write_text_atomic(out / "metrics.md", markdown_table(result.metrics, labels))
         result.files = {"json": out / "metrics.json", "markdown": out / "metrics.md"}
     return result
 

@@ -36,7 +36,7 @@ from typing import Callable
 from cxr_audit.configfile import read_config_file
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluating import evaluate
-from cxr_audit.runtime import now, versions
+from cxr_audit.runtime import now, versions, write_text_atomic
 
 METRICS = ("accuracy", "auroc", "worst_group_accuracy", "test_100_h1", "test_100_h2", "test_50_50", "h1_h2_gap",
            "artifact_inserted_accuracy", "artifact_inserted_drop", "victims_inserted_accuracy",
@@ -169,11 +169,11 @@ def gate(config: str | Path, out: str | Path, on_stage: Callable[[str], None] | 
     result.files = {"junit": _write_junit(out / "junit.xml", checks, cfg),
                     "json": out / "gate.json", "summary": out / "summary.md"}
     # strict JSON: a metric the run could not compute (NaN) is written as null
-    (out / "gate.json").write_text(json.dumps(_nan_to_null(
+    write_text_atomic(out / "gate.json", json.dumps(_nan_to_null(
         {"passed": result.passed, "checks": [{**c.__dict__, "passed": c.passed} for c in checks],
          "metrics": metrics, "config": {k: str(v) for k, v in cfg.items()}, "created": now(),
          "versions": versions()}), indent=2, default=str, allow_nan=False))
-    (out / "summary.md").write_text(summary_markdown(result, cfg))
+    write_text_atomic(out / "summary.md", summary_markdown(result, cfg))
     return result
 
 

@@ -19,7 +19,7 @@ from cxr_audit.reveal.concepts import alarm_level, rank_concepts
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
-from cxr_audit.runtime import now, versions
+from cxr_audit.runtime import now, versions, write_text_atomic
 from cxr_audit.store.h5 import open_scan, read_meta
 from cxr_audit.store.schema import finding_index
 
@@ -109,7 +109,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "concepts": concepts, "clusters": clusters, "virelay": virelay,
               "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
               "versions": versions()}
-    (out / "reveal.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(out / "reveal.json", json.dumps(result, indent=1))
     _report(out, scan_path, result, index, gallery, references, device)
     return result
 

@@ -25,7 +25,7 @@ from cxr_audit.data.manifest import Manifest, load_manifest, write_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import metrics as M
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
-from cxr_audit.runtime import now, resolve_device, versions
+from cxr_audit.runtime import now, resolve_device, versions, write_text_atomic
 from cxr_audit.training import predict, train
 
 
@@ -91,9 +91,9 @@ def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None
                             "test_50_50": M.accuracy(pred[rows], y[rows]), "train_per_class": per_class})
     options = {"data": str(data), "sources": [h1, h2], "positive": manifest.class_names[pos], "grid": list(grid),
                "per_class": per_class, "arch": arch, "size": size, "epochs": epochs, "seed": seed}
-    (out / "stress.json").write_text(json.dumps({"rows": result.rows, "options": options, "created": now(),
+    write_text_atomic(out / "stress.json", json.dumps({"rows": result.rows, "options": options, "created": now(),
                                                  "versions": versions()}, indent=2))
-    (out / "stress.md").write_text(stress_markdown(result.rows, h1, h2, manifest.class_names[pos]))
+    write_text_atomic(out / "stress.md", stress_markdown(result.rows, h1, h2, manifest.class_names[pos]))
     result.files = {"json": out / "stress.json", "markdown": out / "stress.md",
                     "plot": _plot(out / "stress.png", result.rows, h1, h2, manifest.class_names[pos])}
     return result

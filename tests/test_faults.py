@@ -323,3 +323,32 @@ def test_more_silent_passes_and_tracebacks_are_refused(tmp_path, shortcut_model,
         r = runner.invoke(app, ["gate", "--config", str(tmp_path / "g.toml"), "--out", str(tmp_path / "g")])
         _one_line_error(r, 2)
         assert message in r.output
+
+
+def test_unwritable_outputs_of_phantom_and_evaluate(shortcut_model, poisoned):
+    r = runner.invoke(app, ["phantom", "--out", "/proc/no-such-dir/ph", "--n", "4", "--size", "32"])
+    _one_line_error(r, 1)
+    r = runner.invoke(app, ["evaluate", "--model", str(shortcut_model), "--data", str(poisoned), "--out",
+                            "/proc/no-such-dir/ev", "--device", "cpu"])
+    _one_line_error(r, 1)
+    assert "/proc/no-such-dir" in r.output
+
+
+def test_text_outputs_are_replaced_whole(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous file, not half of a new one (nor a .tmp)."""
+    from pathlib import Path
+
+    from cxr_audit.runtime import write_text_atomic
+
+    target = tmp_path / "reveal.json"
+    target.write_text('{"old": true}')
+
+    def failing_write(self, text, encoding=None):
+        open(self, "w").write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", failing_write)
+    with pytest.raises(OSError):
+        write_text_atomic(target, '{"new": true, "long": "' + "x" * 1000 + '"}')
+    monkeypatch.undo()
+    assert target.read_text() == '{"old": true}' and sorted(p.name for p in tmp_path.iterdir()) == ["reveal.json"]

@@ -21,6 +21,7 @@ from cxr_audit.data.artifacts import get_artifact
 from cxr_audit.data.io import read_image, write_png
 from cxr_audit.data.manifest import Manifest, load_manifest, write_manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.runtime import write_text_atomic
 
 
 def parse_prevalence(spec: str) -> dict[str, float]:
@@ -98,7 +99,7 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
                        artifact_mask=os.path.relpath(s.artifact_mask, out) if s.artifact_mask else None)
         rows.append(row)
     write_manifest(out / "manifest.csv", rows)
-    (out / "inject.json").write_text(json.dumps(
+    write_text_atomic(out / "inject.json", json.dumps(
         {"source_manifest": str(Path(data).resolve()), "artifact": artifact, "prevalence": prevalence,
          "by": by, "splits": splits, "seed": seed, "injected": len(chosen)}, indent=2))
     return out / "manifest.csv"

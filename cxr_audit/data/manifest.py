@@ -176,8 +176,10 @@ def write_manifest(path: str | Path, rows: list[dict[str, object]]) -> None:
     for row in rows:
         keys.extend(k for k in row if k not in keys)
     columns = [c for c in KNOWN_COLUMNS if c in keys] + [k for k in keys if k not in KNOWN_COLUMNS]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    tmp = path.with_name(path.name + ".tmp")  # a later command never reads a half-written manifest
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    tmp.replace(path)
