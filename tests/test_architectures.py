@@ -102,3 +102,26 @@ def test_trusted_factory_gets_only_the_arguments_it_takes(tmp_path):
         trust_factory("no_such_module_xyz:f")
     with pytest.raises(UsageError, match="failed"):
         trust_factory("os.path:join").build(2, 1, 32)  # accepts **kwargs? no: join(a, *p) gets nothing it takes
+
+
+def test_cli_factory_models_load_only_when_trusted(tmp_path, phantoms):
+    """`train --arch module:factory` records the factory; later commands refuse the checkpoint until
+    the user names the factory with `--trust-factory` (loading a file never imports code)."""
+    from typer.testing import CliRunner
+
+    from cxr_audit.cli.main import app
+    from cxr_audit.models import architectures
+
+    runner = CliRunner()
+    factory = "torchvision.models:squeezenet1_0"
+    r = runner.invoke(app, ["train", str(phantoms), "--out", str(tmp_path / "m.pt"), "--arch", factory, "--size", "64",
+                            "--channels", "3", "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    architectures._REGISTRY.pop(factory)  # a new process: nothing registered yet
+    scan = ["scan", str(phantoms), "--model", str(tmp_path / "m.pt"), "--out", str(tmp_path / "s.h5"),
+            "--split", "test", "--device", "cpu"]
+    r = runner.invoke(app, scan)
+    assert r.exit_code == 1 and f"--trust-factory {factory}" in r.output
+    r = runner.invoke(app, ["--trust-factory", factory, *scan, "--layer", "features.12"])
+    assert r.exit_code == 0, r.output
+    architectures._REGISTRY.pop(factory, None)

@@ -157,12 +157,14 @@ def test_cli_import_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data/covid-two-source not present")
-@pytest.mark.parametrize("factory,arch", [(tvm.densenet121, "densenet121"), (tvm.resnet50, "resnet50")])
-def test_user_models_on_real_cxrs_run_the_whole_audit(tmp_path, factory, arch):
+@pytest.mark.parametrize("factory,arch,size,epochs", [(tvm.densenet121, "densenet121", 128, 2),
+                                                      (tvm.resnet50, "resnet50", 128, 2),
+                                                      (tvm.densenet121, "densenet121", 224, 1)])
+def test_user_models_on_real_cxrs_run_the_whole_audit(tmp_path, factory, arch, size, epochs):
     """Acceptance: a densenet121 and a resnet50 trained by a plain loop on the real two-hospital
-    images, saved as bare state_dicts, go import -> scan -> reveal -> annotate -> evaluate."""
-    size = 128
-    model, names = _plain_torch_training(SHARED_DATA / "manifest.csv", size, factory, epochs=2)
+    images, saved as bare state_dicts, go import -> scan -> reveal -> annotate -> evaluate (and
+    densenet121 at 224 px, the field's usual input)."""
+    model, names = _plain_torch_training(SHARED_DATA / "manifest.csv", size, factory, epochs=epochs)
     torch.save(model.state_dict(), tmp_path / "user.pth")
     ckpt = tmp_path / "m.pt"
     rows = list(csv.DictReader(open(SHARED_DATA / "manifest.csv")))
