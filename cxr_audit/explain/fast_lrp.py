@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cxr_audit.models.architectures import replace_submodule
+
 EPSILON = 1e-6
 
 
@@ -227,8 +229,8 @@ def _fold_batchnorm(model: nn.Module) -> None:
     reference LRP gives them with zennit's ``Norm`` rule."""
     for conv_name, bn_name in conv_batchnorm_pairs(model):
         fused = fuse_conv_bn_eval(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        _set_submodule(model, conv_name, fused)
-        _set_submodule(model, bn_name, nn.Identity())
+        replace_submodule(model, conv_name, fused)
+        replace_submodule(model, bn_name, nn.Identity())
 
 
 def lrp_model(model: nn.Module) -> tuple[nn.Module, FlatInputConv]:
@@ -244,13 +246,7 @@ def lrp_model(model: nn.Module) -> tuple[nn.Module, FlatInputConv]:
     for i, (name, module) in enumerate(convs):
         wrapper = FlatInputConv(module) if i == 0 else ZPlusConv(module)
         first = wrapper if i == 0 else first
-        _set_submodule(model, name, wrapper)
+        replace_submodule(model, name, wrapper)
     for name, module in linears:
-        _set_submodule(model, name, EpsilonLinear(module))
+        replace_submodule(model, name, EpsilonLinear(module))
     return model, first
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
