@@ -13,10 +13,9 @@ import csv
 from pathlib import Path
 from typing import Callable
 
+from cxr_audit.data.io import is_dicom
 from cxr_audit.data.manifest import IMAGE_SUFFIXES, write_manifest
 from cxr_audit.errors import BadInputError, UsageError
-
-DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 
 def dicom_tags(path: Path, tags: list[str]) -> dict[str, str]:
@@ -40,19 +39,9 @@ def _text(element) -> str:
     return str(value).strip()
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if path.suffix:
-        return False
-    with open(path, "rb") as fh:  # DICOM files without a suffix: "DICM" after the 128-byte preamble
-        fh.seek(128)
-        return fh.read(4) == b"DICM"
-
-
 def _images(folder: Path) -> list[Path]:
     files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and _is_dicom(p))]
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and is_dicom(p))]
 
 
 def _read_labels(labels_csv: Path) -> dict[str, str]:
@@ -89,7 +78,7 @@ def build_manifest(folder: str | Path, out: str | Path, *, tags: list[str] = (),
             row["label"] = labels.get(str(rel).replace("\\", "/"), labels.get(path.name, ""))
         elif label_from_folder:
             row["label"] = rel.parts[0] if len(rel.parts) > 1 else ""
-        values = dicom_tags(path, wanted) if wanted and _is_dicom(path) else {t: "" for t in wanted}
+        values = dicom_tags(path, wanted) if wanted and is_dicom(path) else {t: "" for t in wanted}
         if source_tag:
             row["source"] = values[source_tag]
         row.update({t: values[t] for t in tags})
@@ -98,9 +87,7 @@ def build_manifest(folder: str | Path, out: str | Path, *, tags: list[str] = (),
             on_progress(i + 1, len(images))
     if labels is not None and not any(r["label"] for r in rows):
         raise BadInputError(f"no image under {folder} is named in {labels_csv} (match by relative path or file name)")
-    tmp = out.with_name(out.name + ".tmp")
-    write_manifest(tmp, rows)
-    tmp.replace(out)
+    write_manifest(out, rows)  # written whole or not at all
     return out
 
 

@@ -27,7 +27,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise BadInputError(f"{path} is a directory, not an image")
     if not path.is_file():
         raise BadInputError(f"image not found: {path}")
-    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+    if is_dicom(path):
         return read_dicom(path)
     try:
         with Image.open(path) as img:
@@ -37,6 +37,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise BadInputError(f"image {path} is too large to decode safely: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInputError(f"cannot read image {path}: {exc}") from None
+
+
+def is_dicom(path: str | Path) -> bool:
+    """A DICOM file: by suffix, or "DICM" after the 128-byte preamble (files without a suffix)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(Path(path))
 
 
 def _has_dicom_preamble(path: Path) -> bool:
