@@ -100,6 +100,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
             if name not in layers:
                 raise UsageError(f"layer '{name}' is not in the scan (scanned: {', '.join(layers)})")
         index = f["samples/index"][:]
+        paths = f["samples/path"][:]  # recorded with the labels: which images they belong to
         done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
         acts = f[f"activations/{layer}/max"][:]
         mask_acts = f[f"activations/{mask_layer}/max"][:]
@@ -165,8 +166,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
     stored = np.full(len(labels), -1, np.int8)
     stored[usable] = labels[usable]
-    _write_h5(out, meta, scan_path, options, index, scores, stored, thr, cav.direction_, fit_rows, mask_rows,
-              mask_stack, quality)
+    _write_h5(out, meta, scan_path, options, (index, paths), scores, stored, thr, cav.direction_, fit_rows,
+              mask_rows, mask_stack, quality)
     if masks_dir is not None and mask_stack is not None:
         result.files.update(_write_mask_files(Path(masks_dir), meta, index, stored, mask_rows, mask_stack, scores))
     result.files["annotations"] = out
@@ -287,8 +288,9 @@ def _batch(dataset, index, rows) -> dict:
     return collate([dataset[int(index[r])] for r in rows])
 
 
-def _write_h5(out, meta, scan_path, options, index, scores, labels, thr, direction, fit_rows, mask_rows, masks,
+def _write_h5(out, meta, scan_path, options, samples, scores, labels, thr, direction, fit_rows, mask_rows, masks,
               quality) -> None:
+    """``samples``: the scan's ``(index, path)`` arrays, stored so readers can match labels to images."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     with h5py.File(tmp, "w") as f:
@@ -297,9 +299,7 @@ def _write_h5(out, meta, scan_path, options, index, scores, labels, thr, directi
                         "arch": meta["arch"], "layer": options["layer"], "method": options["method"],
                         "threshold": thr, "options": json.dumps(options), "quality": json.dumps(quality),
                         "created": now(), "versions": json.dumps(versions()), "schema": "cxr-audit-annotations/1"})
-        f["samples/index"] = index
-        with h5py.File(scan_path, "r") as scan:  # the paths say which images the labels belong to
-            f["samples/path"] = scan["samples/path"][:]
+        f["samples/index"], f["samples/path"] = samples
         f["scores"] = scores.astype(np.float32)
         f["labels"] = labels
         f["fit_rows"] = fit_rows
