@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import random
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,9 +103,6 @@ def is_main_process() -> bool:
 def write_text_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader (a later command,
     CI) sees the old file or the whole new one, never a half-written one."""
-    import os
-    from pathlib import Path
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -212,11 +212,11 @@ def _write_rows(f: h5py.File, rows: np.ndarray, expl, layers: list[str], heatmap
 def _check_free_space(f: h5py.File, pending: int, out: Path, margin: float = 1.1) -> None:
     """Refuse to start when the rows still to scan cannot fit on the output's disk (a full disk
     mid-scan leaves HDF5 unable to close the file cleanly)."""
-    row_bytes = 0
+    rows, row_bytes = len(f["done"]), 0
 
     def add(_name, obj):
         nonlocal row_bytes
-        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] == len(f["done"]):
+        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] == rows:
             row_bytes += obj.dtype.itemsize * int(np.prod(obj.shape[1:], dtype=np.int64))
 
     f.visititems(add)

@@ -34,7 +34,6 @@ from cxr_audit.errors import BadInputError, UsageError
 SCHEMA_VERSION = 1
 
 TARGETS = ("pred", "true", "finding:NAME")
-FINDING = "finding:"
 
 
 def finding_index(target: str, class_names: list[str]) -> int | None:
@@ -42,7 +41,7 @@ def finding_index(target: str, class_names: list[str]) -> int | None:
     if target in ("pred", "true"):
         return None
     kind, _, name = target.partition(":")
-    if kind + ":" != FINDING or name not in class_names:
+    if kind != "finding" or name not in class_names:
         raise UsageError(f"target '{target}' is none of pred, true, finding:NAME with NAME one of "
                          f"{', '.join(class_names)}")
     return class_names.index(name)
