@@ -177,8 +177,7 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
     if target is not None and (artifact or paste_from):
         attacked = inputs.attacked(prep)
         inserted = pred.copy()
-        row_of = {s.index: r for r, s in enumerate(test.samples)}
-        rows = np.array([row_of[int(i)] for i in attacked.index])
+        rows = attacked.rows_in(test)
         attacked_pred = batched_logits(net, attacked.images, dev, batch_size).argmax(1).numpy()
         inserted[rows] = attacked_pred
         out["artifact_class"] = names[target]
@@ -218,8 +217,7 @@ def _evaluate_findings(net, names, inputs: _TestInputs, prep, dev, batch_size) -
     out: dict = {"n": len(inputs.test), "multilabel": True}
     if inputs.target is not None and (inputs.artifact or inputs.paste_from):
         attacked = inputs.attacked(prep)
-        row_of = {s.index: r for r, s in enumerate(inputs.test.samples)}
-        rows = np.array([row_of[int(i)] for i in attacked.index])
+        rows = attacked.rows_in(inputs.test)
         inserted = torch.sigmoid(batched_logits(net, attacked.images, dev, batch_size)).numpy()
         F.with_inserted(findings, probs, inserted, rows, y, names)
         out["artifact_class"] = names[inputs.target]

@@ -80,8 +80,6 @@ def init_distributed(device: torch.device) -> torch.device:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL with one
     GPU per process (``cuda:LOCAL_RANK``) on CUDA, gloo on CPU. Returns the device to use; outside
     torchrun returns ``device`` unchanged."""
-    import os
-
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -238,9 +238,8 @@ class Validation:
             targets = victims(val_set, artifact_class(train_set, context.artifact))
             if len(targets):
                 attacked = paste_attack(targets, train_set, prep, seed=seed)
-                row_of = {s.index: r for r, s in enumerate(val_set.samples)}
                 self.inserted = self.images.clone()
-                self.inserted[torch.tensor([row_of[int(i)] for i in attacked.index])] = attacked.images
+                self.inserted[torch.from_numpy(attacked.rows_in(val_set))] = attacked.images
         self.groups, _ = group_ids(val_set, context.artifact)
         if self.inserted is not None:
             self.description = "mean balanced accuracy on validation and artifact-inserted validation"

@@ -32,6 +32,11 @@ class AttackedSet:
     labels: torch.Tensor  # (N,)
     index: np.ndarray  # (N,) manifest rows
 
+    def rows_in(self, manifest: Manifest) -> np.ndarray:
+        """``(N,)`` positions of the attacked samples within ``manifest``'s samples (e.g. the test set)."""
+        position = {s.index: r for r, s in enumerate(manifest.samples)}
+        return np.array([position[int(i)] for i in self.index])
+
 
 def artifact_class(manifest: Manifest, artifact: dict[int, int] | None = None) -> int:
     """The class whose samples carry the artifact most often (what the shortcut points to)."""
