@@ -6,6 +6,7 @@ Enough for a user or the demo to get a model to audit; checkpoints are weights-o
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,7 +58,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     if unlabelled and not manifest.multilabel:
         raise UsageError(f"{data}: row {unlabelled[0] + 2} (and {len(unlabelled) - 1} more) has no label; "
                          "every training image needs one")
-    label_warnings = rare_class_warnings(manifest)
+    label_warnings = manifest_warnings(manifest)
     train_set, val_set = _splits(manifest, train_split, val_split)
     prep = Preprocessing(size=size, channels=channels)
     dev = init_distributed(resolve_device(device))
@@ -81,28 +82,23 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     return TrainSummary(path, history, result.seconds, label_warnings + ([collapsed] if collapsed else []))
 
 
-def rare_class_warnings(manifest: Manifest, min_count: int = 5) -> list[str]:
-    """Warnings for classes with fewer than ``min_count`` images or present in only one of several
-    splits (usually a typo in the label column, "covdi", or a NaN that became a class of its own),
-    and for images listed in more than one row."""
-    counts = {name: 0 for name in manifest.class_names}
-    splits: dict[str, set[str]] = {name: set() for name in manifest.class_names}
+def manifest_warnings(manifest: Manifest, min_count: int = 5) -> list[str]:
+    """Warnings for images listed in more than one row, and for classes with fewer than
+    ``min_count`` images or present in only one of several splits (usually a typo in the label
+    column, "covdi", or a NaN that became a class of its own)."""
+    repeated = [p for p, n in Counter(str(s.path) for s in manifest.samples).items() if n > 1]
+    counts = Counter(label for s in manifest.samples for label in s.labels)
+    splits: dict[int, set[str]] = {}
     for s in manifest.samples:
         for label in s.labels:
-            counts[manifest.class_names[label]] += 1
-            splits[manifest.class_names[label]].add(s.split)
-    all_splits = {s.split for s in manifest.samples}
-    seen: dict[str, int] = {}
-    for s in manifest.samples:
-        seen[str(s.path)] = seen.get(str(s.path), 0) + 1
-    repeated = [p for p, c in seen.items() if c > 1]
+            splits.setdefault(label, set()).add(s.split)
     out = [f"{len(repeated)} image(s) appear in more than one manifest row (first: {repeated[0]}): they weigh "
            f"double in training and may leak across splits"] if repeated else []
-    out += [f"class '{n}' has only {c} image(s): a typo or a missing value in the label column?"
-           for n, c in counts.items() if c < min_count]
-    if len(all_splits) > 1:
-        out += [f"class '{n}' appears only in split '{next(iter(sp))}'" for n, sp in splits.items()
-                if len(sp) == 1 and counts[n] >= min_count]
+    out += [f"class '{n}' has only {counts[k]} image(s): a typo or a missing value in the label column?"
+            for k, n in enumerate(manifest.class_names) if counts[k] < min_count]
+    if len({s.split for s in manifest.samples}) > 1:
+        out += [f"class '{n}' appears only in split '{next(iter(splits[k]))}'" for k, n in enumerate(manifest.class_names)
+                if len(splits.get(k, ())) == 1 and counts[k] >= min_count]
     return out
 
 

@@ -80,13 +80,13 @@ def test_train_refuses_blank_labels_and_bad_sizes_and_warns_on_rare_classes(tmp_
     assert "image size" in r.output
     typo = [header, with_label(rows[0], "diseaes")] + rows[1:]
     (phantoms.parent / "typo.csv").write_text("\n".join(typo) + "\n")
-    from cxr_audit.training import rare_class_warnings
+    from cxr_audit.training import manifest_warnings
 
-    warnings = rare_class_warnings(load_manifest(phantoms.parent / "typo.csv"))
+    warnings = manifest_warnings(load_manifest(phantoms.parent / "typo.csv"))
     assert any("'diseaes' has only 1 image" in w for w in warnings)
-    assert rare_class_warnings(load_manifest(phantoms)) == []
+    assert manifest_warnings(load_manifest(phantoms)) == []
     (phantoms.parent / "dup.csv").write_text("\n".join([header] + rows + rows[:3]) + "\n")
-    assert any("3 image(s) appear in more than one" in w for w in rare_class_warnings(load_manifest(phantoms.parent / "dup.csv")))
+    assert any("3 image(s) appear in more than one" in w for w in manifest_warnings(load_manifest(phantoms.parent / "dup.csv")))
 
 
 def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
