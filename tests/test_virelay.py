@@ -68,6 +68,7 @@ def _virelay_python() -> Path | None:
 
 
 OPEN_PROJECT = """
+import sys
 from virelay.model import Workspace
 ws = Workspace()
 ws.add_project(sys.argv[1])
@@ -88,11 +89,18 @@ print("OK", len(project.get_analysis_methods()), count)
 """
 
 
-@pytest.mark.slow
-def test_real_virelay_opens_the_project(revealed):
+@pytest.fixture(scope="module")
+def virelay_python() -> Path:
+    """The ViRelAy venv's interpreter; the test is skipped, saying why, where none can be made."""
     python = _virelay_python()
     if python is None:
         pytest.skip("no Python >= 3.11.13 on this machine for ViRelAy 1.0")
+    return python
+
+
+@pytest.mark.slow
+def test_real_virelay_opens_the_project(revealed, virelay_python):
+    python = virelay_python
     _, folder = revealed
     r = subprocess.run([str(python), "-c", OPEN_PROJECT, str(folder / "project.yaml")], capture_output=True,
                        text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -102,15 +110,13 @@ def test_real_virelay_opens_the_project(revealed):
 
 
 @pytest.mark.slow
-def test_virelay_server_serves_the_project(revealed):
+def test_virelay_server_serves_the_project(revealed, virelay_python):
     """`virelay project.yaml` starts and serves projects, images and heatmaps (loopback only)."""
     import socket
     import time
     import urllib.request
 
-    python = _virelay_python()
-    if python is None:
-        pytest.skip("no Python >= 3.11.13 on this machine for ViRelAy 1.0")
+    python = virelay_python
     _, folder = revealed
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
