@@ -66,12 +66,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     options it is an error unless ``overwrite``.
     """
     out = Path(out)
-    if not targets:
-        raise UsageError(f"targets must be among {TARGETS}, got none")
-    if batch_size < 1 or heatmap_size < 1 or num_workers < 0:
-        raise UsageError("--batch-size and --heatmap-size must be >= 1 and --workers >= 0")
-    if init not in ("logit", "onehot"):
-        raise UsageError(f"--init must be 'logit' or 'onehot', got '{init}'")
+    _check_options(targets, batch_size, heatmap_size, num_workers, init)
     dev = resolve_device(device)
     net, config = load_frozen(model, dev)
     for target in targets:
@@ -81,16 +76,11 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
                              multilabel=config.get("multilabel", False)).subset(split)
     if "true" in targets and manifest.multilabel:
         raise UsageError("target 'true' needs single-label data; use --target pred")
-    layers = list(layers) if layers else default_layers(config["arch"], net)
-    for layer in layers:
-        get_module(net, layer)
+    layers = _layers_to_record(layers, config["arch"], net)
     heatmap_size = min(heatmap_size, prep.size)
     options = {"layers": layers, "method": method, "targets": list(targets), "heatmap_size": heatmap_size,
                "split": split, "init": init, "cam_layer": cam_layer, "amp": bool(amp)}
-    meta = {"arch": config["arch"], "checkpoint": str(Path(model).resolve()),
-            "checkpoint_sha256": file_sha256(model), "data": str(Path(data).resolve()),
-            "class_names": config["class_names"], "preprocessing": prep.to_dict(), "options": options,
-            "created": now(), "versions": versions(), **options}
+    meta = _scan_meta(model, data, config, prep, options)
 
     autocast(dev, amp, on_cpu=True)  # refuses --amp on a CPU without bf16 kernels before any file is written
     # NHWC convolutions are faster on CUDA and on oneDNN CPUs alike (vgg16 LRP step -22 % on CPU)
@@ -108,37 +98,90 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
         pending = np.flatnonzero(~done)
         _check_free_space(f, len(pending), out)
         row_of = {int(idx): r for r, idx in enumerate(f["samples/index"][:])}
-        dataset = CxrDataset(manifest, prep, skip_bad=skip_bad, with_masks=False)
         # dataset positions equal scan rows: the manifest subset is stored in order
-        loader = DataLoader(Subset(dataset, pending.tolist()), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=collate)
-        skipped: list[tuple[int, str]] = []
-        completed = resumed_from
-        if on_progress:
-            on_progress(completed, len(manifest))
+        loader = DataLoader(Subset(CxrDataset(manifest, prep, skip_bad=skip_bad, with_masks=False), pending.tolist()),
+                            batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+        explainer = _BatchExplainer(attribution, capture, dev, amp, init, tuple(targets), config["class_names"],
+                                    layers, heatmap_size)
         with attribution.rules(), capture.attached(attribution.model):
-            for batch in loader:
-                for idx, message in batch["errors"]:
-                    _write_error(f, row_of[idx], message)
-                    skipped.append((idx, message))
-                if "image" in batch:
-                    rows = np.array([row_of[int(i)] for i in batch["index"]])
-                    x = batch["image"].to(dev)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    wanted = {t: _explained(t, batch, config["class_names"]) for t in targets}
-                    with autocast(dev, amp, on_cpu=True):
-                        expl = explain_batch(attribution, capture, x, wanted, init=init)
-                    _write_rows(f, rows, expl, layers, heatmap_size)
-                completed += len(batch["errors"]) + (len(batch["index"]) if "index" in batch else 0)
-                if on_progress:
-                    on_progress(completed, len(manifest))
+            skipped = _scan_pending(f, loader, row_of, explainer, resumed_from, len(manifest), on_progress)
         total_done = int(f["done"][:].sum())
     finally:
-        try:
-            f.close()
-        except (OSError, RuntimeError):  # after a failed write HDF5 cannot flush again; the done rows are safe
-            pass
+        _close_after_writes(f)
     return ScanSummary(out, len(manifest), total_done, skipped, time.perf_counter() - start, resumed_from)
+
+
+def _layers_to_record(layers: list[str] | None, arch: str, net) -> list[str]:
+    """The given layers (each must exist) or the architecture's default early/middle/late ones."""
+    layers = list(layers) if layers else default_layers(arch, net)
+    for layer in layers:
+        get_module(net, layer)
+    return layers
+
+
+def _close_after_writes(f: h5py.File) -> None:
+    try:
+        f.close()
+    except (OSError, RuntimeError):  # after a failed write HDF5 cannot flush again; the done rows are safe
+        pass
+
+
+def _scan_meta(model, data, config: dict, prep, options: dict) -> dict:
+    """What ``/meta`` records: the model (path, sha256), the data, classes, preprocessing, options."""
+    return {"arch": config["arch"], "checkpoint": str(Path(model).resolve()),
+            "checkpoint_sha256": file_sha256(model), "data": str(Path(data).resolve()),
+            "class_names": config["class_names"], "preprocessing": prep.to_dict(), "options": options,
+            "created": now(), "versions": versions(), **options}
+
+
+def _check_options(targets, batch_size: int, heatmap_size: int, num_workers: int, init: str) -> None:
+    """One-line errors for option values, before any model or file is touched."""
+    if not targets:
+        raise UsageError(f"targets must be among {TARGETS}, got none")
+    if batch_size < 1 or heatmap_size < 1 or num_workers < 0:
+        raise UsageError("--batch-size and --heatmap-size must be >= 1 and --workers >= 0")
+    if init not in ("logit", "onehot"):
+        raise UsageError(f"--init must be 'logit' or 'onehot', got '{init}'")
+
+
+@dataclass
+class _BatchExplainer:
+    """Explains one batch for every target and writes its rows: the scan's per-batch options."""
+
+    attribution: object
+    capture: object
+    device: torch.device
+    amp: bool
+    init: str
+    targets: tuple[str, ...]
+    class_names: list[str]
+    layers: list[str]
+    heatmap_size: int
+
+    def __call__(self, f: h5py.File, rows: np.ndarray, batch: dict) -> None:
+        x = batch["image"].to(self.device).contiguous(memory_format=torch.channels_last)
+        wanted = {t: _explained(t, batch, self.class_names) for t in self.targets}
+        with autocast(self.device, self.amp, on_cpu=True):
+            expl = explain_batch(self.attribution, self.capture, x, wanted, init=self.init)
+        _write_rows(f, rows, expl, self.layers, self.heatmap_size)
+
+
+def _scan_pending(f, loader, row_of: dict[int, int], explainer: _BatchExplainer, completed: int, total: int,
+                  on_progress) -> list[tuple[int, str]]:
+    """Run ``loader``'s batches through ``explainer``; record unreadable samples; returns them."""
+    skipped: list[tuple[int, str]] = []
+    if on_progress:
+        on_progress(completed, total)
+    for batch in loader:
+        for idx, message in batch["errors"]:
+            _write_error(f, row_of[idx], message)
+            skipped.append((idx, message))
+        if "image" in batch:
+            explainer(f, np.array([row_of[int(i)] for i in batch["index"]]), batch)
+        completed += len(batch["errors"]) + (len(batch["index"]) if "index" in batch else 0)
+        if on_progress:
+            on_progress(completed, total)
+    return skipped
 
 
 def _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep, targets,
