@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,39 +43,10 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
         raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-        if target not in meta["targets"]:
-            raise UsageError(f"{scan_path} has no heatmaps for target '{target}' (it has: "
-                             f"{', '.join(meta['targets'])}); scan with --target {target}")
-        done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
-        rows = np.flatnonzero(done)
-        index = f["samples/index"][:]
-        classes = f[f"targets/{target}"][:]
-        sources = f["samples/source"].asstr()[:]
-        labels = f["samples/label"][:]
-        heat = f[f"heatmaps/{target}"][:][rows].astype(np.float32)
-        logits = f["outputs/logits"][:][rows]
-        layer_data = {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]}
-    names = meta["class_names"]
-    explained = finding_index(target, names)
-    if explained is not None:  # one finding: its positives and negatives are the two groups
-        classes = (labels[:, explained] > 0 if labels.ndim == 2 else labels == explained).astype(np.int64)
-        names = [f"no {names[explained]}", names[explained]]
-        labels = classes
-    concepts, n_tested = [], 0
-    for i, (layer, (acts, rel)) in enumerate(layer_data.items()):
-        findings = rank_concepts(layer, acts, rel, classes[rows], sources[rows], top=top)
-        n_tested += len(findings)
-        for finding in findings:
-            record = asdict(finding)
-            record["members"] = [int(index[rows[m]]) for m in finding.members]
-            record["scores"] = {"activation_max": [float(v) for v in acts[:, finding.channel]]}
-            concepts.append(record)
-        if on_progress:
-            on_progress(i + 1, len(layer_data) + 1, "concepts")
+    v = _read_scan(scan_path, target)
+    concepts, n_tested = _rank_layers(v, top, on_progress)
     concepts.sort(key=lambda c: -c["suspicion"])
-    concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], index, rows, device, explained)[:top]
+    concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], v.index, v.rows, device, v.explained)[:top]
     level = alarm_level(n_tested)
     source_tests = flag_alarms(concepts, level)
     # alarmed concepts first, then by suspicion weighted by the evidence that the split is real:
@@ -86,32 +57,88 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts.sort(key=lambda c: (not c["alarm"], -c["rank_score"]))
     for rank, c in enumerate(concepts):
         c["id"] = rank
-    earliest, (earliest_acts, _) = next(iter(layer_data.items()))
-    _member_cav_scores(concepts, earliest, earliest_acts, index[rows])
+    earliest, (earliest_acts, _) = next(iter(v.layer_data.items()))
+    _member_cav_scores(concepts, earliest, earliest_acts, v.index[v.rows])
     # one concept layer: the middle scanned one, as annotate's default
-    middle = list(layer_data)[len(layer_data) // 2]
-    acts, rel = layer_data[middle]
-    spaces = {"heatmap": prepare_heatmaps(heat), f"relevance:{middle}": profile_features(rel),
+    middle = list(v.layer_data)[len(v.layer_data) // 2]
+    acts, rel = v.layer_data[middle]
+    spaces = {"heatmap": prepare_heatmaps(v.heat), f"relevance:{middle}": profile_features(rel),
               f"activation:{middle}": profile_features(acts)}
-    clusters, per_class, clustered = _clusters(spaces, classes[rows], rows, index, max_k, embedding)
-    _export_virelay(out / "reveal.virelay.h5", per_class, names)
-    virelay = _virelay_project(out / "virelay", meta, names, index[rows], labels[rows], heat, logits,
-                               clustered, per_class, target) if virelay_project else None
-    _scatter(out / "embedding.png", per_class, names, sources, labels, index)
+    clusters, per_class, clustered = _clusters(spaces, v.classes[v.rows], v.rows, v.index, max_k, embedding)
+    _export_virelay(out / "reveal.virelay.h5", per_class, v.names)
+    virelay = _virelay_project(out / "virelay", v.meta, v.names, v.index[v.rows], v.labels[v.rows], v.heat,
+                               v.logits, clustered, per_class, target) if virelay_project else None
+    _scatter(out / "embedding.png", per_class, v.names, v.sources, v.labels, v.index)
     if on_progress:
-        on_progress(len(layer_data) + 1, len(layer_data) + 1, "clusters")
-    result = {"scan": str(Path(scan_path).resolve()), "target": target, "explained_output": explained,
-              "class_names": names,
-              "sample_ids": [int(index[r]) for r in rows], "embedding": embedding,
+        on_progress(len(v.layer_data) + 1, len(v.layer_data) + 1, "clusters")
+    result = {"scan": str(Path(scan_path).resolve()), "target": target, "explained_output": v.explained,
+              "class_names": v.names,
+              "sample_ids": [int(v.index[r]) for r in v.rows], "embedding": embedding,
               "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
                         "source_tests": source_tests,
                         "source_linked": [c["id"] for c in concepts if c["source_linked"]]},
               "concepts": concepts, "clusters": clusters, "virelay": virelay,
-              "prevalence": _prevalence(labels[rows], sources[rows], names), "created": now(),
+              "prevalence": _prevalence(v.labels[v.rows], v.sources[v.rows], v.names), "created": now(),
               "versions": versions()}
     write_text_atomic(out / "reveal.json", json.dumps(result, indent=1))
-    _report(out, scan_path, result, index, gallery, references, device)
+    _report(out, scan_path, result, v.index, gallery, references, device)
     return result
+
+
+@dataclass
+class ScanView:
+    """What reveal reads from a scan: ``rows`` (finished, readable rows), per-row ``index``,
+    ``classes`` (the explained class, or a finding's 0/1), ``sources``, ``labels``; for ``rows``
+    only: ``heat (n, S, S)``, ``logits (n, K)`` and ``layer_data[layer] = (activation max, relevance)``."""
+
+    meta: dict
+    rows: np.ndarray
+    index: np.ndarray
+    classes: np.ndarray
+    sources: np.ndarray
+    labels: np.ndarray
+    heat: np.ndarray
+    logits: np.ndarray
+    layer_data: dict
+    names: list[str]
+    explained: int | None  # the finding a ``finding:NAME`` target explains
+
+
+def _read_scan(scan_path, target: str) -> ScanView:
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+        if target not in meta["targets"]:
+            raise UsageError(f"{scan_path} has no heatmaps for target '{target}' (it has: "
+                             f"{', '.join(meta['targets'])}); scan with --target {target}")
+        rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
+        labels = f["samples/label"][:]
+        view = ScanView(meta, rows, f["samples/index"][:], f[f"targets/{target}"][:], f["samples/source"].asstr()[:],
+                        labels, f[f"heatmaps/{target}"][:][rows].astype(np.float32), f["outputs/logits"][:][rows],
+                        {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]},
+                        meta["class_names"], finding_index(target, meta["class_names"]))
+    k = view.explained
+    if k is not None:  # one finding: its positives and negatives are the two groups
+        view.classes = (labels[:, k] > 0 if labels.ndim == 2 else labels == k).astype(np.int64)
+        view.names = [f"no {view.names[k]}", view.names[k]]
+        view.labels = view.classes
+    return view
+
+
+def _rank_layers(v: ScanView, top: int, on_progress) -> tuple[list[dict], int]:
+    """Candidate concepts of every scanned layer as records (members as manifest ids) and the
+    number of concepts tested (for the alarm's Bonferroni level)."""
+    concepts, n_tested = [], 0
+    for i, (layer, (acts, rel)) in enumerate(v.layer_data.items()):
+        findings = rank_concepts(layer, acts, rel, v.classes[v.rows], v.sources[v.rows], top=top)
+        n_tested += len(findings)
+        for finding in findings:
+            record = asdict(finding)
+            record["members"] = [int(v.index[v.rows[m]]) for m in finding.members]
+            record["scores"] = {"activation_max": [float(a) for a in acts[:, finding.channel]]}
+            concepts.append(record)
+        if on_progress:
+            on_progress(i + 1, len(v.layer_data) + 1, "concepts")
+    return concepts, n_tested
 
 
 def _member_cav_scores(concepts: list[dict], layer: str, acts: np.ndarray, row_ids: np.ndarray) -> None:
