@@ -167,12 +167,7 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
         out["source_accuracy"] = M.group_accuracy(pred, y, src.tolist())
     pair = sources or (tuple(kinds) if len(kinds) == 2 else None)
     if pair:
-        h1, h2 = pair
-        out["test_100_h1"], out["test_100_h2"] = M.accuracy(pred[src == h1], y[src == h1]), M.accuracy(pred[src == h2], y[src == h2])
-        rows = M.balanced_two_source(src, h1, h2, np.random.default_rng(seed))
-        out["test_50_50"] = M.accuracy(pred[rows], y[rows])
-        out["h1_h2_gap"] = abs(out["test_100_h1"] - out["test_100_h2"])
-        out["sources"] = list(pair)
+        out.update(_two_source_metrics(pred, y, src, pair, seed))
 
     if target is not None and (artifact or paste_from):
         attacked = inputs.attacked(prep)
@@ -204,6 +199,17 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
         out["tcav_score"] = float((sens > 0).mean()) if len(sens) else float("nan")
         out["tcav_sensitivity"] = float(sens.mean()) if len(sens) else float("nan")
         out["cav_layer"] = ann.layer
+    return out
+
+
+def _two_source_metrics(pred: np.ndarray, y: np.ndarray, src: np.ndarray, pair, seed: int) -> dict:
+    """Test-100H1 / Test-100H2 / Test-50-50 of Gautam et al. (2022) and the H1-H2 gap."""
+    h1, h2 = pair
+    out = {"test_100_h1": M.accuracy(pred[src == h1], y[src == h1]), "test_100_h2": M.accuracy(pred[src == h2], y[src == h2])}
+    rows = M.balanced_two_source(src, h1, h2, np.random.default_rng(seed))
+    out["test_50_50"] = M.accuracy(pred[rows], y[rows])
+    out["h1_h2_gap"] = abs(out["test_100_h1"] - out["test_100_h2"])
+    out["sources"] = list(pair)
     return out
 
 

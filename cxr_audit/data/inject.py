@@ -24,6 +24,18 @@ from cxr_audit.errors import UsageError
 from cxr_audit.runtime import write_text_atomic
 
 
+def _check_inputs(manifest: Manifest, data, out_dir, splits) -> None:
+    """Splits that exist, and an output folder that is not the input's (it would overwrite it)."""
+    unknown = sorted(set(splits or ()) - {s.split for s in manifest.samples})
+    if unknown:
+        raise UsageError(f"--split {', '.join(unknown)} not in {data} (splits: "
+                         f"{', '.join(sorted({s.split for s in manifest.samples}))})")
+    source_dir = (manifest.source_file if Path(data).is_dir() else Path(data).parent).resolve()
+    if Path(out_dir).resolve() == source_dir:
+        raise UsageError(f"--out {out_dir} is the input's folder: it would overwrite the original manifest; "
+                         "choose a new folder")
+
+
 def parse_prevalence(spec: str) -> dict[str, float]:
     """``"disease=0.5,healthy=0"`` -> dict; a bare number ``"0.3"`` -> ``{"*": 0.3}``."""
     out: dict[str, float] = {}
@@ -58,14 +70,7 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
     if by != "source:label" and any(":" in k for k in prevalence):
         raise UsageError("prevalence keys of the form SOURCE:CLASS need --by source:label")
     manifest = load_manifest(data)
-    unknown = sorted(set(splits or ()) - {s.split for s in manifest.samples})
-    if unknown:
-        raise UsageError(f"--split {', '.join(unknown)} not in {data} (splits: "
-                         f"{', '.join(sorted({s.split for s in manifest.samples}))})")
-    source_dir = (manifest.source_file if Path(data).is_dir() else Path(data).parent).resolve()
-    if Path(out_dir).resolve() == source_dir:
-        raise UsageError(f"--out {out_dir} is the input's folder: it would overwrite the original manifest; "
-                         "choose a new folder")
+    _check_inputs(manifest, data, out_dir, splits)
     art = get_artifact(artifact)
     groups = _groups(manifest, by)
     _check_keys(prevalence, groups, by)
