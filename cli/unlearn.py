@@ -11,6 +11,7 @@ from rich.table import Table
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
+from cxr_audit.unlearning import DEFAULT_METHOD
 from cxr_audit.unlearning import unlearn as unlearn_lib
 
 
@@ -20,8 +21,9 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                                       help="Manifest CSV (train/val splits; artifact/artifact_mask/mask columns as "
                                            "the method needs, e.g. the annotated.csv of `annotate --masks`)."),
             out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write."),
-            method: str = typer.Option("rrclarc", "--method",
-                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. See docs/unlearn.md."),
+            method: str = typer.Option(DEFAULT_METHOD, "--method",
+                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, dfr, refits only "
+                                            "the last layer (seconds); see docs/unlearn.md for the benchmark."),
             annotations: Optional[Path] = typer.Option(None, "--annotations", "-a",
                                                        help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels)."),
             layer: Optional[str] = typer.Option(None, "--layer",
@@ -39,6 +41,12 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
             output: Optional[str] = typer.Option(None, "--output",
                                                  help="What RR-ClArC/RRR differentiate: random, target, max, logprob."),
             cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Grad-CAM layer for eXBL."),
+            option: Optional[list[str]] = typer.Option(None, "--option",
+                                                       help="Method option KEY=VALUE, repeatable (dfr: C; jtt: "
+                                                            "upweight; rrclarc: per_position; exbl: margin, good, bad)."),
+            keep_worse: bool = typer.Option(False, "--keep-worse",
+                                            help="Write the result even when it scores worse than the input on "
+                                                 "the validation objective (default: refuse, write nothing)."),
             epochs: int = typer.Option(5, "--epochs"),
             sweep_epochs: Optional[int] = typer.Option(None, "--sweep-epochs",
                                                        help="Epochs per λ candidate (default: --epochs; the best "
@@ -62,10 +70,12 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                              cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
                              output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
                              batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
-                             num_workers=workers, on_progress=update,
+                             num_workers=workers, options=parse_options(option), keep_worse=keep_worse,
+                             on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
     if result.sweep:
-        table = Table("λ", "objective", "clean val bal. accuracy", title="λ sweep")
+        table = Table(result.strength_name, "objective", "clean val bal. accuracy",
+                      title=f"{result.strength_name} sweep")
         for row in result.sweep:
             mark = " ←" if row["lambda"] == result.lambda_ else ""
             table.add_row(f"{row['lambda']:g}{mark}", f"{row['objective']:.3f}",
@@ -77,5 +87,29 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
             table.add_row(str(rec["epoch"]), f"{rec['train_loss']:.4f}", f"{rec['penalty']:.4g}",
                           f"{rec['val_score']:.3f}" if "val_score" in rec else "-")
         console.print(table)
+    if result.before:
+        console.print(_before_after(result))
     chosen = f", λ={result.lambda_:g}" if result.lambda_ else ""
     console.print(f"checkpoint: [bold]{result.checkpoint}[/] ({method}{chosen})")
+
+
+def parse_options(pairs: Optional[list[str]]) -> dict[str, str]:
+    """``["C=0.1", "per_position=false"]`` -> dict; the method converts and checks the values."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option must be KEY=VALUE, got '{pair}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _before_after(result) -> Table:
+    """The validation figures the result was chosen and judged on, input vs output."""
+    table = Table("validation", "input", "unlearned", title=f"judged on: {result.objective}")
+    names = {"objective": "objective", "clean_balanced_accuracy": "balanced accuracy without the artifact",
+             "inserted_balanced_accuracy": "balanced accuracy, artifact inserted"}
+    for key, name in names.items():
+        if key in result.before:
+            table.add_row(name, f"{result.before[key]:.3f}", f"{result.after[key]:.3f}")
+    return table

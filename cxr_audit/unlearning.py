@@ -1,20 +1,14 @@
-"""``unlearn``: fine-tune a checkpoint with a mitigation so it stops using a shortcut.
+"""``unlearn``: change a checkpoint so it stops using a shortcut, and prove it on validation.
 
 1. Gather what the method needs (:class:`~cxr_audit.unlearn.base.Context`): the CAV and artifact
-   labels of an ``annotate`` output, artifact masks and lung masks from the manifest.
-2. When the method has a strength and none is given, sweep λ over the method's grid: one run per
-   λ from the same start, each as long as the final run (short runs favour small λ: a strong
-   penalty first disrupts the model, then recovers), and keep the best run by the validation
-   objective at bounded clean loss — no retraining. ``sweep_epochs`` < ``epochs`` trades that for
-   time: short runs choose λ, then one full run trains it.
-3. Save a checkpoint that records the method, λ, the sweep, the source checkpoint and every
-   option.
-
-Validation objective (higher is better): the mean of the balanced accuracy on the validation
-split and on the same split with the artifact inserted into every image of the other classes
-(pasted from annotated training samples by their masks) when artifact masks exist; otherwise
-worst-group accuracy; otherwise accuracy. Balanced, so that a model that escapes the penalty by
-predicting one class for everything (what too large a λ does) scores no better than chance.
+   labels of an ``annotate`` output, artifact masks and lung masks from the manifest, the
+   training split and the validation objective (:mod:`cxr_audit.unlearn.validation`).
+2. Methods that fit in closed form (DFR) or only edit the model (P-ClArC) do so; methods that
+   fine-tune get their strength λ from :mod:`cxr_audit.unlearn.sweep` when none is given.
+3. Judge the result on the validation objective against the input model. A result that is worse
+   is not written (:class:`NotImprovedError`): the input stays as it is and the message names
+   what to try. Otherwise save a checkpoint that records the method, λ, the sweep, the before
+   and after figures, the source checkpoint and every option.
 """
 
 from __future__ import annotations
@@ -26,21 +20,29 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cxr_audit.annotate.store import read_annotations
-from cxr_audit.data.dataset import CxrDataset, collate, load_batch
+from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.manifest import Manifest, load_manifest
-from cxr_audit.errors import UsageError
-from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
+from cxr_audit.errors import CxrAuditError, UsageError
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
-from cxr_audit.training import batched_logits
 from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
+from cxr_audit.unlearn.base import TrainingData
 from cxr_audit.unlearn.engine import fit
+from cxr_audit.unlearn.sweep import choose, sweep_lambdas
+from cxr_audit.unlearn.validation import Validation
+
+DEFAULT_METHOD = "dfr"
+
+
+class NotImprovedError(CxrAuditError):
+    """The unlearned model scores worse than its input on the validation objective (exit code 3)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -51,17 +53,38 @@ class UnlearnResult:
     sweep: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     seconds_per_step: float = 0.0
+    before: dict = field(default_factory=dict)  # validation figures of the input model
+    after: dict = field(default_factory=dict)  # ... and of the written one
+    objective: str = "none"
+    strength_name: str = "λ"
 
 
-def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = "rrclarc", *,
-            annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal", cav_scope: str = "class", lambda_: float | None = None,
-            lambdas: list[float] | None = None, balance: str = "none", freeze: str = "auto",
-            output: str | None = None, epochs: int = 5, sweep_epochs: int | None = None, batch_size: int = 32,
-            lr: float = 1e-3, weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
+@dataclass
+class _Outcome:
+    """What a method's run produced: the λ it used, the sweep, the history, checkpoint extras."""
+
+    lambda_: float | None = None
+    sweep: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    seconds_per_step: float = 0.0
+    extra: dict | None = None
+
+
+def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, *,
+            annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal",
+            cav_scope: str = "class", lambda_: float | None = None, lambdas: list[float] | None = None,
+            balance: str = "none", freeze: str = "auto", output: str | None = None, options: dict | None = None,
+            epochs: int = 5, sweep_epochs: int | None = None, batch_size: int = 32, lr: float = 1e-3,
+            weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
             val_split: str = "val", seed: int = 0, device: str = "auto", amp: bool = True, num_workers: int = 0,
-            cam_layer: str | None = None, on_progress: Callable[..., None] | None = None,
+            cam_layer: str | None = None, keep_worse: bool = False, on_progress: Callable[..., None] | None = None,
             on_stage: Callable[[str], None] | None = None) -> UnlearnResult:
-    """Fine-tune ``model`` on ``data`` with mitigation ``method``; write the checkpoint ``out``.
+    """Remove the shortcut from ``model`` with mitigation ``method`` on ``data``; write ``out``.
+
+    ``options``: method-specific options (e.g. ``{"C": 0.1}`` for DFR, ``{"per_position": False}``
+    for RR-ClArC), checked against the method's declared option types. ``keep_worse``: write the
+    result even when it is worse than the input on the validation objective (otherwise
+    :class:`NotImprovedError`, nothing written).
 
     ``freeze``: ``auto`` (up to the CAV layer for methods that need it, e.g. RR-ClArC),
     ``none``, or a layer name. ``output`` selects what RR-ClArC/RRR differentiate
@@ -83,83 +106,136 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     say = on_stage or (lambda _: None)
     if Path(out).resolve() == Path(model).resolve():
         raise UsageError(f"--out {out} is the input model: write the unlearned model to a new file")
+    if any(lam < 0 for lam in ([lambda_] if lambda_ is not None else []) + list(lambdas or [])):
+        raise UsageError("--lambda must be >= 0: a negative penalty rewards the shortcut")
     seed_everything(seed)
     net, config = load_checkpoint(model)
     if config.get("projection"):
         raise UsageError(f"{model} already carries a P-ClArC projection; unlearn from the original checkpoint")
     prep = preprocessing_of(config)
     dev = init_distributed(resolve_device(device))
+    manifest, train_set, val_set = _splits_of(data, config, train_split, val_split)
+    context = _context(manifest, train_set, config, annotations, layer, cav_method, cav_scope)
+    options = {**{k: v for k, v in {"output": output, "seed": seed, "cam_layer": cam_layer}.items() if v is not None},
+               **(options or {})}
+    mitigation = get_mitigation(method, **options)
+    mitigation.check(context)
+    say(f"reading the validation split ('{val_split}')" if val_set is not None else "no validation split")
+    validation = Validation(train_set, val_set, prep, dev, context, batch_size, seed) if val_set is not None else None
+    context.data = TrainingData(train_set, prep, dev, batch_size, seed, validation)
+    start_state = copy.deepcopy(net.state_dict())
+    net = net.to(dev)
+    before = validation.summary(net) if validation else {}
+    run = dict(context=context, balance=_balance(method, balance, train_set, context, mitigation, net),
+               batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, amp=amp,
+               freeze=_freeze_layer(freeze, mitigation, context), num_workers=num_workers)
+    if not mitigation.trains:
+        say(f"{method}: {mitigation.edit_description} (no training)")
+        loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
+        mitigation.prepare(net, context, loader)
+        outcome = _Outcome(sweep=list(getattr(mitigation, "sweep", [])))
+    else:
+        outcome = _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, validation, run, say,
+                             lambda_=lambda_, lambdas=lambdas, epochs=epochs, sweep_epochs=sweep_epochs,
+                             patience=patience, val_split=val_split, on_progress=on_progress)
+    if outcome.extra is None:
+        outcome.extra = mitigation.finish(net)
+    after = _after(net, outcome.extra, validation)
+    _refuse_if_worse(method, before, after, keep_worse, validation)
+    record = {"method": method, "lambda": outcome.lambda_, "lambda_sweep": outcome.sweep,
+              "objective": validation.description if validation else "none", "before": before, "after": after,
+              "balance": run["balance"].mode if run["balance"] else "none", "freeze": run["freeze"],
+              "layer": context.layer, "annotations": str(Path(annotations).resolve()) if annotations else None,
+              "cav_method": cav_method, "cav_scope": cav_scope, "source_checkpoint": str(Path(model).resolve()),
+              "source_sha256": file_sha256(model), "data": str(Path(data).resolve()), "epochs": epochs,
+              "sweep_epochs": sweep_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+              "seed": seed, "amp": amp, **options, **mitigation.summary()}
+    if is_main_process():  # under torchrun every rank holds the same weights; one writes them
+        save_checkpoint(out, net, config["arch"], config["class_names"], prep,
+                        extra={**outcome.extra, "unlearn": record, "history": outcome.history, "created": now(),
+                               "versions": versions()})
+    return UnlearnResult(Path(out), method, outcome.lambda_, outcome.sweep, outcome.history, outcome.seconds_per_step,
+                         before, after, record["objective"], mitigation.strength_name)
+
+
+def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Manifest, Manifest, Manifest | None]:
+    """``(manifest, training split, validation split or None)``."""
     manifest = load_manifest(data, class_names=config["class_names"], multilabel=config.get("multilabel", False))
     if manifest.multilabel:  # the λ objective and the balancing groups are single-label (issue #16)
         raise UsageError("unlearn does not support multi-label models yet: audit them with scan/reveal/evaluate "
                          "--target finding:NAME; to unlearn, train a single-label model for that finding")
     train_set = manifest.subset(train_split) if _has_splits(manifest) else manifest
     val_set = manifest.subset(val_split) if _has_splits(manifest) and val_split in _splits(manifest) else None
+    return manifest, train_set, val_set
 
-    context = _context(manifest, train_set, config, annotations, layer, cav_method, cav_scope)
-    options = {k: v for k, v in {"output": output, "seed": seed, "cam_layer": cam_layer}.items() if v is not None}
-    mitigation = get_mitigation(method, **options)
-    mitigation.check(context)
-    balance = _balance(method, balance, train_set, context)
-    freeze_layer = _freeze_layer(freeze, mitigation, context)
-    if any(lam < 0 for lam in ([lambda_] if lambda_ is not None else []) + list(lambdas or [])):
-        raise UsageError("--lambda must be >= 0: a negative penalty rewards the shortcut")
-    validation = Validation(train_set, val_set, prep, dev, context, batch_size, seed) if val_set is not None else None
-    objective = validation.score if validation else None
-    objective_name = validation.description if validation else "none"
-    start_state = copy.deepcopy(net.state_dict())
-    net = net.to(dev)
-    run = dict(context=context, balance=balance, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-               amp=amp, freeze=freeze_layer, num_workers=num_workers)
 
-    sweep: list[dict] = []
-    chosen = lambda_
-    extra = None  # what the checkpoint must carry to rebuild the model (P-ClArC's projection)
-    if not mitigation.trains:
-        say(f"{method}: computing the projection (no training)")
-        loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
-        mitigation.prepare(net, context, loader)
-        chosen = None
-        history, seconds_per_step = [], 0.0
-    else:
-        grid = lambdas or list(mitigation.default_lambdas)
-        if chosen is None and grid:
-            if objective is None:
-                raise UsageError(f"choosing λ for {method} needs a validation split ('{val_split}'); "
-                                 "add one or pass --lambda")
-            short = sweep_epochs is not None and sweep_epochs < epochs
-            say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} "
-                f"({sweep_epochs if short else epochs} epoch(s) each)")
-            sweep, models = _sweep(net, start_state, train_set, prep, dev, method, options, grid,
-                                   sweep_epochs if short else epochs, validation, run, patience, on_progress)
-            chosen = _choose(sweep)
-            if not short:  # every candidate was a full run: keep the chosen one instead of retraining
-                best = models[chosen]
-                net.load_state_dict(best["state"])
-                history, seconds_per_step, extra = best["history"], best["seconds_per_step"], best["extra"]
-            else:
-                net.load_state_dict(start_state)
-        if extra is None:
-            say(f"fine-tuning with {method}" + (f", λ={chosen:g}" if chosen else "")
-                + (f", frozen up to {freeze_layer}" if freeze_layer else ""))
-            result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=chosen or 0.0, epochs=epochs,
-                         val_score=objective, patience=patience, on_progress=on_progress, **run)
-            history, seconds_per_step = result.history, result.seconds_per_step
-    if extra is None:
-        extra = mitigation.finish(net)
-    record = {"method": method, "lambda": chosen, "lambda_sweep": sweep, "objective": objective_name,
-              "balance": balance.mode if balance else "none", "freeze": freeze_layer, "layer": context.layer,
-              "annotations": str(Path(annotations).resolve()) if annotations else None, "cav_method": cav_method, "cav_scope": cav_scope,
-              "source_checkpoint": str(Path(model).resolve()), "source_sha256": file_sha256(model),
-              "data": str(Path(data).resolve()), "epochs": epochs, "sweep_epochs": sweep_epochs,
-              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed, "amp": amp,
-              **options}
-    path = Path(out)
-    if is_main_process():  # under torchrun every rank holds the same weights; one writes them
-        save_checkpoint(out, net, config["arch"], config["class_names"], prep,
-                        extra={**extra, "unlearn": record, "history": history, "created": now(),
-                               "versions": versions()})
-    return UnlearnResult(path, method, chosen, sweep, history, seconds_per_step)
+def _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, validation, run, say, *, lambda_,
+               lambdas, epochs, sweep_epochs, patience, val_split, on_progress) -> _Outcome:
+    """Train with ``mitigation``; λ from the sweep when ``lambda_`` is None and the method has a grid."""
+    method, outcome = mitigation.name, _Outcome(lambda_=lambda_)
+    grid = lambdas or list(mitigation.default_lambdas)
+    if lambda_ is None and grid:
+        if validation is None:
+            raise UsageError(f"choosing λ for {method} needs a validation split ('{val_split}'); add one or pass --lambda")
+        short = sweep_epochs is not None and sweep_epochs < epochs
+        say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} ({sweep_epochs if short else epochs} epoch(s) each)")
+        outcome.sweep, models = sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
+                                              sweep_epochs if short else epochs, validation, run, patience,
+                                              _labelled(on_progress, "sweep"))
+        outcome.lambda_ = choose(outcome.sweep)
+        if not short:  # every candidate was a full run: keep the chosen one instead of retraining
+            best = models[outcome.lambda_]
+            net.load_state_dict(best["state"])
+            outcome.history, outcome.seconds_per_step, outcome.extra = (best["history"], best["seconds_per_step"],
+                                                                        best["extra"])
+            return outcome
+        net.load_state_dict(start_state)
+    say(f"fine-tuning with {method}" + (f", λ={outcome.lambda_:g}" if outcome.lambda_ else "")
+        + (f", frozen up to {run['freeze']}" if run["freeze"] else ""))
+    result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=outcome.lambda_ or 0.0, epochs=epochs,
+                 val_score=validation.score if validation else None, patience=patience, on_progress=on_progress,
+                 **run)
+    outcome.history, outcome.seconds_per_step = result.history, result.seconds_per_step
+    return outcome
+
+
+def _labelled(on_progress, stage: str):
+    """``on_progress`` with ``stage`` in front of its message (the sweep's runs say which λ)."""
+    if on_progress is None:
+        return None
+    return lambda done, total, message="": on_progress(done, total, f"{stage}: {message}")
+
+
+def _after(net, extra: dict, validation: Validation | None) -> dict:
+    """Validation figures of the result as it will load (with a P-ClArC projection installed)."""
+    if validation is None:
+        return {}
+    if "projection" not in extra:
+        return validation.summary(net)
+    from cxr_audit.models.projection import install_projection
+
+    handle = install_projection(net, **{k: extra["projection"][k] for k in extra["projection"]})
+    try:
+        return validation.summary(net)
+    finally:
+        handle.remove()
+
+
+def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation) -> None:
+    if not before or keep_worse or after["objective"] >= before["objective"]:
+        return
+    inserted = ""
+    if "inserted_balanced_accuracy" in before:
+        inserted = (f", artifact-inserted {before['inserted_balanced_accuracy']:.3f} → "
+                    f"{after['inserted_balanced_accuracy']:.3f}")
+    raise NotImprovedError(
+        f"{method} made the model worse on its validation objective ({validation.description}: "
+        f"{before['objective']:.3f} → {after['objective']:.3f}; clean balanced accuracy "
+        f"{before['clean_balanced_accuracy']:.3f} → {after['clean_balanced_accuracy']:.3f}{inserted}); nothing was "
+        "written and the input is unchanged. Try another --method (dfr, rrclarc, balance), more --epochs, or — when "
+        "the model has no signal beyond the artifact (clean accuracy near chance) — retrain it from scratch on data "
+        "where the artifact is balanced (`cxr-audit train --balance resample` on the annotated manifest); "
+        "--keep-worse writes the result anyway")
 
 
 def _has_splits(manifest: Manifest) -> bool:
@@ -205,13 +281,23 @@ def _earliest_scanned_layer(annotations) -> str | None:
         return None  # read_annotations reports unreadable files with a proper message
 
 
-def _balance(method: str, mode: str, train_set: Manifest, context: Context) -> GroupBalance | None:
+def _balance(method: str, mode: str, train_set: Manifest, context: Context, mitigation,
+             net) -> GroupBalance | None:
+    """Group balancing from ``--balance``, or the groups the method itself balances (JTT's error set)."""
+    index = np.array([s.index for s in train_set.samples])
+    own = mitigation.training_groups(net, context)
+    if own is not None:
+        if mode != "none":
+            raise UsageError(f"--method {method} sets its own sampling; drop --balance {mode}")
+        if len(np.unique(own)) < 2:  # e.g. JTT without training errors: uniform sampling
+            return None
+        return GroupBalance(mitigation.balance_mode).fit(own, index, mitigation.sample_weights(own))
     if method == "balance" and mode == "none":
         mode = "reweight"
     if mode == "none":
         return None
     groups, _ = group_ids(train_set, context.artifact)
-    return GroupBalance(mode).fit(groups, np.array([s.index for s in train_set.samples]))
+    return GroupBalance(mode).fit(groups, index)
 
 
 def _freeze_layer(freeze: str, mitigation, context: Context) -> str | None:
@@ -222,102 +308,3 @@ def _freeze_layer(freeze: str, mitigation, context: Context) -> str | None:
     return freeze
 
 
-class Validation:
-    """The validation split, read once and held in memory: the sweep's objective (:meth:`score`)
-    and its clean bound (:meth:`clean`). See the module docstring for the objective."""
-
-    def __init__(self, train_set: Manifest, val_set: Manifest, prep, dev, context: Context, batch_size: int,
-                 seed: int):
-        batch = load_batch(val_set, prep, with_masks=False)
-        self.images, self.labels = batch["image"], batch["label"]
-        self.dev, self.batch_size = dev, batch_size
-        clean = torch.tensor([not context.artifact.get(s.index, s.artifact or 0) for s in val_set.samples])
-        self.clean_rows = clean if clean.any() else torch.ones_like(clean)
-        self.inserted = None
-        if any(s.artifact == 1 and s.artifact_mask is not None for s in train_set.samples):
-            targets = victims(val_set, artifact_class(train_set, context.artifact))
-            if len(targets):
-                attacked = paste_attack(targets, train_set, prep, seed=seed)
-                self.inserted = self.images.clone()
-                self.inserted[torch.from_numpy(attacked.rows_in(val_set))] = attacked.images
-        self.groups, _ = group_ids(val_set, context.artifact)
-        if self.inserted is not None:
-            self.description = "mean balanced accuracy on validation and artifact-inserted validation"
-        elif len(np.unique(self.groups)) >= 2:
-            self.description = "worst-group validation accuracy"
-        else:
-            self.description = "validation accuracy"
-
-    def _logits(self, model, images: torch.Tensor) -> torch.Tensor:
-        return batched_logits(model, images, self.dev, self.batch_size)
-
-    def score(self, model) -> float:
-        pred = self._logits(model, self.images).argmax(1)
-        if self.inserted is not None:
-            inserted = self._logits(model, self.inserted).argmax(1)
-            return (balanced_accuracy(pred, self.labels) + balanced_accuracy(inserted, self.labels)) / 2
-        hit = (pred == self.labels).numpy()
-        if len(np.unique(self.groups)) >= 2:
-            return float(min(hit[self.groups == g].mean() for g in np.unique(self.groups)))
-        return float(hit.mean())
-
-    def clean(self, model) -> tuple[float, float]:
-        """``(cross-entropy, balanced accuracy)`` on the validation samples without the artifact."""
-        logits = self._logits(model, self.images[self.clean_rows])
-        labels = self.labels[self.clean_rows]
-        return float(F.cross_entropy(logits, labels)), balanced_accuracy(logits.argmax(1), labels)
-
-
-def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean recall over the classes present: a model that collapses to one class scores 1/K."""
-    return float(np.mean([(pred[labels == c] == c).float().mean().item() for c in labels.unique()]))
-
-
-def _sweep(net, start_state, train_set, prep, dev, method, options, grid, epochs, validation: Validation, run,
-           patience, on_progress) -> tuple[list[dict], dict[float, dict]]:
-    """One run per λ from the same start: ``(rows for the record, {λ: {state, history, ...}})``.
-
-    Only the runs :func:`_choose` could still pick are kept (the best bounded one and the best
-    overall), so memory holds at most two extra copies of the weights, not one per λ."""
-    rows, models = [], {}
-    base_loss, base_acc = validation.clean(net)
-    for lam in grid:
-        net.load_state_dict(start_state)
-        mitigation = get_mitigation(method, **options)
-        try:
-            result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs,
-                         val_score=validation.score, patience=patience, on_progress=on_progress, **run)
-            extra = mitigation.finish(net)
-            loss, acc = validation.clean(net)
-            rows.append({"lambda": lam, "objective": validation.score(net), "clean_val_accuracy": acc,
-                         "start_clean_val_accuracy": base_acc, "clean_val_loss": loss, "start_clean_val_loss": base_loss,
-                         "best_epoch": result.best_epoch})
-            models[lam] = {"state": copy.deepcopy(net.state_dict()), "history": result.history,
-                           "seconds_per_step": result.seconds_per_step, "extra": extra}
-        except Exception as exc:  # a λ that diverges is a result of the sweep, not a failure of it
-            _remove_hooks(mitigation, net)
-            rows.append({"lambda": lam, "objective": float("-inf"), "clean_val_accuracy": 0.0,
-                         "start_clean_val_accuracy": base_acc, "clean_val_loss": float("inf"),
-                         "start_clean_val_loss": base_loss, "error": str(exc).splitlines()[0]})
-            models[lam] = {"state": start_state, "history": [], "seconds_per_step": 0.0, "extra": {}}
-        keep = {_choose(rows), _choose(rows, bounded_only=False)}
-        models = {lam_: m for lam_, m in models.items() if lam_ in keep}
-    return rows, models
-
-
-def _remove_hooks(mitigation, net) -> None:
-    try:
-        mitigation.finish(net)
-    except AttributeError:  # failed before prepare() installed anything
-        pass
-
-
-def _choose(sweep: list[dict], bounded_only: bool = True) -> float:
-    """Best objective among the runs whose balanced accuracy on the artifact-free validation
-    samples stays within 3 points of the start (bounded clean loss); all runs if none does; ties
-    go to the smaller λ. Accuracy, not cross-entropy: a penalty that makes the model less
-    confident raises the loss of samples it still classifies right."""
-    bounded = [r for r in sweep if r["clean_val_accuracy"] >= r["start_clean_val_accuracy"] - 0.03] if bounded_only \
-        else []
-    bounded = bounded or sweep
-    return max(bounded, key=lambda r: (round(r["objective"], 6), -r["lambda"]))["lambda"]

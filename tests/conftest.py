@@ -38,13 +38,18 @@ def shortcut_model(poisoned, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def rrr_model(shortcut_model, poisoned, tmp_path_factory) -> Path:
-    """The shortcut model after `cxr-audit unlearn --method rrr` with the true artifact masks."""
+    """The shortcut model after `cxr-audit unlearn --method rrr` with the true artifact masks.
+
+    This phantom model has no signal beyond the stamp (chance on clean validation images), so
+    on the poisoned validation split the unlearned model scores lower than the input and
+    `unlearn` would refuse it; ``--keep-worse`` writes it, since these tests measure the removal."""
     from typer.testing import CliRunner
 
     from cxr_audit.cli.main import app
 
     out = tmp_path_factory.mktemp("rrr") / "rrr.pt"
     r = CliRunner().invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
-                                 "--method", "rrr", "--lambda", "100", "--epochs", "3", "--device", "cpu"])
+                                 "--method", "rrr", "--lambda", "100", "--epochs", "3", "--device", "cpu",
+                                 "--keep-worse"])
     assert r.exit_code == 0, r.output
     return out

@@ -43,16 +43,23 @@ def shift_along(a: torch.Tensor, v: torch.Tensor, reference: float, select: torc
 
 
 class ConceptProjection:
-    """A forward hook that applies :func:`shift_along` to every sample (P-ClArC)."""
+    """A forward hook that applies :func:`shift_along` to every sample (P-ClArC), or only to the
+    samples whose ``v·maxpool(a)`` exceeds ``threshold`` (reactive P-ClArC): the others — where
+    the artifact is not detected — pass unchanged."""
 
-    def __init__(self, direction: torch.Tensor, reference: float):
+    def __init__(self, direction: torch.Tensor, reference: float, threshold: float | None = None):
         self.direction = torch.as_tensor(direction, dtype=torch.float32)
         self.reference = float(reference)
+        self.threshold = None if threshold is None else float(threshold)
 
     def __call__(self, _module, _inputs, output):
-        return shift_along(output, self.direction, self.reference)
+        select = None
+        if self.threshold is not None:
+            select = pooled_max(output) @ self.direction.to(output) > self.threshold
+        return shift_along(output, self.direction, self.reference, select)
 
 
-def install_projection(model: nn.Module, layer: str, direction, reference: float):
+def install_projection(model: nn.Module, layer: str, direction, reference: float, threshold: float | None = None):
     """Register a :class:`ConceptProjection` on ``model.<layer>``; returns the hook handle."""
-    return model.get_submodule(layer).register_forward_hook(ConceptProjection(torch.as_tensor(direction), reference))
+    hook = ConceptProjection(torch.as_tensor(direction), reference, threshold)
+    return model.get_submodule(layer).register_forward_hook(hook)

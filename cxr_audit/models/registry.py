@@ -88,7 +88,8 @@ def load_checkpoint(path: str | Path, arch: str | None = None,
     if projection:  # a P-ClArC model: the saved projection is part of the model
         from cxr_audit.models.projection import install_projection
 
-        install_projection(model, projection["layer"], torch.tensor(projection["direction"]), projection["reference"])
+        install_projection(model, projection["layer"], torch.tensor(projection["direction"]), projection["reference"],
+                           projection.get("threshold"))
         config = {**config, "projection": projection}
     return model.eval(), config
 

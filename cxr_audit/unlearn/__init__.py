@@ -5,11 +5,14 @@ one line in :data:`MITIGATIONS`. Group balancing (``--balance``) composes with e
 """
 
 from cxr_audit.errors import UsageError
+from cxr_audit.unlearn.augment import Augment
 from cxr_audit.unlearn.balance import BALANCE_MODES, GroupBalance
 from cxr_audit.unlearn.base import Context, Mitigation
-from cxr_audit.unlearn.clarc import AClArC, PClArC
+from cxr_audit.unlearn.clarc import AClArC, PClArC, ReactivePClArC
+from cxr_audit.unlearn.dfr import DFR
 from cxr_audit.unlearn.exbl import EXBL
 from cxr_audit.unlearn.isnet import ISNet
+from cxr_audit.unlearn.jtt import JTT
 from cxr_audit.unlearn.rrclarc import RRClArC
 from cxr_audit.unlearn.rrr import RRR
 
@@ -21,7 +24,7 @@ class Balance(Mitigation):
 
 
 MITIGATIONS: dict[str, type[Mitigation]] = {
-    cls.name: cls for cls in (Mitigation, RRR, RRClArC, PClArC, AClArC, ISNet, EXBL, Balance)
+    cls.name: cls for cls in (DFR, Augment, Mitigation, RRR, RRClArC, PClArC, ReactivePClArC, AClArC, ISNet, EXBL, JTT, Balance)
 }
 
 

@@ -46,11 +46,14 @@ class GroupBalance:
         self.mode = mode
         self.eta = eta
 
-    def fit(self, groups: np.ndarray, index: np.ndarray) -> "GroupBalance":
-        """``groups (N,)`` and the manifest row index of each sample ``(N,)``."""
+    def fit(self, groups: np.ndarray, index: np.ndarray, weights: np.ndarray | None = None) -> "GroupBalance":
+        """``groups (N,)`` and the manifest row index of each sample ``(N,)``; ``weights (N,)``
+        replace the equal-group-mass weights (JTT's upweighting factor)."""
         self.group_of_ = dict(zip(index.tolist(), groups.tolist()))
         self.n_groups_ = int(groups.max()) + 1 if len(groups) else 0
-        self.weight_of_ = dict(zip(index.tolist(), balanced_weights(groups).tolist())) if len(groups) else {}
+        if weights is None and len(groups):
+            weights = balanced_weights(groups)
+        self.weight_of_ = dict(zip(index.tolist(), np.asarray(weights, float).tolist())) if len(groups) else {}
         self.q_ = torch.full((self.n_groups_,), 1.0 / max(self.n_groups_, 1))
         if self.mode != "none" and self.n_groups_ < 2:
             raise UsageError("--balance needs two or more groups (sources or artifact labels) in the training data")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from cxr_audit.data.dataset import Preprocessing
+from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
 
 
@@ -35,6 +37,21 @@ class Context:
     has_artifact_masks: bool = False
     has_foreground_masks: bool = False
     options: dict = field(default_factory=dict)
+    data: TrainingData | None = None
+
+
+@dataclass
+class TrainingData:
+    """What methods that fit in closed form (DFR) or inspect the input model first (JTT) read:
+    the training split, how to load it, and the validation objective (``score_logits``,
+    ``clean_logits``, ``images``, ``inserted``; see :class:`cxr_audit.unlearning.Validation`)."""
+
+    train_set: Manifest
+    prep: Preprocessing
+    device: torch.device
+    batch_size: int = 32
+    seed: int = 0
+    validation: object | None = None
 
 
 class Mitigation:
@@ -42,7 +59,9 @@ class Mitigation:
 
     Subclasses set ``name``, ``needs`` (any of ``"cav"``, ``"artifact_mask"``, ``"mask"``,
     ``"artifact_labels"``), ``default_lambdas`` (the sweep grid; empty = no strength to tune),
-    and override :meth:`penalty`.
+    ``option_types`` (the options ``--option KEY=VALUE`` may set, with their types), and
+    override :meth:`forward` (a loss term), :meth:`prepare` (an edit without training) or
+    :meth:`training_groups` (a sampling scheme).
     """
 
     name = "none"
@@ -53,9 +72,33 @@ class Mitigation:
     #: the penalty differentiates a gradient (double backprop): attention must then use the
     #: plain-math kernel, the fused CPU/flash kernels have no second derivative
     double_backward: bool = False
+    #: options every method accepts (set from the CLI's own flags) and this method's own ones
+    common_options: dict[str, type] = {"seed": int, "output": str, "cam_layer": str}
+    option_types: dict[str, type] = {}
+    strength_name = "λ"  # what the sweep varies, for tables
+    edit_description = "editing the model"  # what a method that does not train does, for the log
+    balance_mode = "resample"  # how :meth:`training_groups` are balanced
 
     def __init__(self, **options):
-        self.options = options
+        known = {**self.common_options, **self.option_types}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UsageError(f"--method {self.name} has no option {', '.join(unknown)}"
+                             + (f" (options: {', '.join(self.option_types)})" if self.option_types else ""))
+        self.options = {key: _convert(key, value, known[key]) for key, value in options.items()}
+
+    def training_groups(self, model: nn.Module, context: Context):
+        """Group id per training sample ``(N,)`` that the engine balances (:attr:`balance_mode`),
+        or ``None`` (the default; ``--balance`` decides)."""
+        return None
+
+    def sample_weights(self, groups):
+        """Per-sample weights ``(N,)`` for :meth:`training_groups`, or ``None`` (equal group mass)."""
+        return None
+
+    def summary(self) -> dict:
+        """What the checkpoint's ``unlearn`` record should add about this run (e.g. DFR's C)."""
+        return dict(getattr(self, "record", {}))
 
     def check(self, context: Context) -> None:
         """Raise :class:`UsageError` naming what is missing, before any training starts."""
@@ -88,6 +131,20 @@ class Mitigation:
         """Remove training hooks; return what the checkpoint must record to rebuild the model
         (e.g. P-ClArC's projection), or ``{}``."""
         return {}
+
+
+def _convert(key: str, value, kind: type):
+    """``value`` (a string from the CLI, or already typed) as ``kind``; one-line error otherwise."""
+    if not isinstance(value, str) or kind is str:
+        return value
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return kind(value)
+    except ValueError:
+        raise UsageError(f"--option {key}={value}: expected {kind.__name__}") from None
 
 
 def require_grad_output(module: nn.Module, store: dict, key: str = "act"):

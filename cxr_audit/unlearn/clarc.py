@@ -45,6 +45,7 @@ class PClArC(Mitigation):
     name = "pclarc"
     needs = ("cav",)
     trains = False
+    edit_description = "computing the projection"
 
     def prepare(self, model, context, loader):
         super().prepare(model, context, loader)
@@ -53,6 +54,22 @@ class PClArC(Mitigation):
     def finish(self, model):
         return {"projection": {"layer": self.context.layer, "direction": self.context.cav.tolist(),
                                "reference": self.references["clean"]}}
+
+
+class ReactivePClArC(PClArC):
+    """Reactive P-ClArC (Bareeva, Dreyer, Pahde, Samek & Lapuschkin, 2024, "Reactive Model
+    Correction: Mitigating Harm to Task-Relevant Features via Conditional Bias Suppression",
+    CVPR Workshops, arXiv:2404.09601): the projection acts only on samples in which the artifact
+    is detected — ``v·maxpool(a)`` above the midpoint between the clean-sample and artifact-sample
+    means — so images without the artifact keep every feature, including the class evidence
+    that lies along the CAV (what makes plain P-ClArC cost clean accuracy)."""
+
+    name = "rpclarc"
+
+    def finish(self, model):
+        out = super().finish(model)
+        out["projection"]["threshold"] = (self.references["clean"] + self.references["artifact"]) / 2
+        return out
 
 
 class AClArC(Mitigation):

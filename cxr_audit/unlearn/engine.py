@@ -34,6 +34,10 @@ from cxr_audit.unlearn.balance import GroupBalance
 from cxr_audit.unlearn.base import Context, Mitigation
 
 
+class DivergedError(BadInputError):
+    """The training loss became non-finite (a penalty too strong, a learning rate too high)."""
+
+
 @dataclass
 class FitResult:
     history: list[dict] = field(default_factory=list)
@@ -157,7 +161,7 @@ def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torc
             if penalty is not None and lambda_:
                 loss = loss + lambda_ * penalty.float()
             if not torch.isfinite(loss):
-                raise BadInputError(f"the training loss became {loss.item()} at epoch {epoch + 1} "
+                raise DivergedError(f"the training loss became {loss.item()} at epoch {epoch + 1} "
                                     f"(λ={lambda_:g} too large, or the learning rate too high)")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

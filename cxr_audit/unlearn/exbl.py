@@ -24,6 +24,7 @@ class EXBL(Mitigation):
     double_backward = True
     needs = ("artifact_mask",)
     default_lambdas = (0.1, 1.0, 10.0)
+    option_types = {"margin": float, "good": str, "bad": str}
 
     def prepare(self, model, context, loader):
         super().prepare(model, context, loader)

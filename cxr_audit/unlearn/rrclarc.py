@@ -33,6 +33,7 @@ class RRClArC(Mitigation):
     double_backward = True
     needs = ("cav",)
     default_lambdas = (1e3, 1e4, 1e5, 1e6, 1e7)
+    option_types = {"per_position": bool}
     freeze_by_default = True
 
     def prepare(self, model, context, loader):

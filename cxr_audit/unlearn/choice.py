@@ -1,0 +1,14 @@
+"""The rule that picks a strength (λ, or DFR's C) from a sweep's rows, shared by every method."""
+
+from __future__ import annotations
+
+
+def choose(sweep: list[dict], bounded_only: bool = True) -> float:
+    """Best objective among the runs whose balanced accuracy on the artifact-free validation
+    samples stays within 3 points of the start (bounded clean loss); all runs if none does; ties
+    go to the smaller λ. Accuracy, not cross-entropy: a penalty that makes the model less
+    confident raises the loss of samples it still classifies right."""
+    bounded = [r for r in sweep if r["clean_val_accuracy"] >= r["start_clean_val_accuracy"] - 0.03] if bounded_only \
+        else []
+    bounded = bounded or sweep
+    return max(bounded, key=lambda r: (round(r["objective"], 6), -r["lambda"]))["lambda"]

@@ -1,0 +1,57 @@
+"""Just Train Twice (Liu, Haghgoo, Chen, Raghunathan, Koh, Sagawa, Liang & Finn, 2021, "Just Train
+Twice: Improving Group Robustness without Training Group Information", ICML, arXiv:2107.09044).
+
+The first model's training errors are mostly the minority groups — here the samples the
+shortcut gets wrong (the disease image without the stamp). JTT trains again with that error set
+upsampled. The user's checkpoint is the first model (the paper's identification model), and the
+second run fine-tunes it instead of training from scratch. It needs no artifact annotation at
+all, which is its use: a shortcut nobody has named yet.
+
+The paper tunes the upweighting factor λ_up; the default here gives the error set the same total
+sampling mass as the rest (λ_up = #correct / #errors), one closed-form choice instead of a sweep
+of full trainings. Option ``upweight`` sets λ_up directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cxr_audit.data.dataset import CxrDataset, collate
+from cxr_audit.unlearn.base import Mitigation
+
+
+class JTT(Mitigation):
+    """Fine-tune with the input model's misclassified training samples upsampled. With no
+    training error it samples uniformly, i.e. it is plain fine-tuning (``--method none``)."""
+
+    name = "jtt"
+    option_types = {"upweight": float}
+
+    def training_groups(self, model, context):
+        errors = training_errors(model, context.data)
+        self.record = {"error_set": int(errors.sum()), "train_samples": len(errors)}
+        return errors.astype(int)
+
+    def sample_weights(self, groups: np.ndarray) -> np.ndarray | None:
+        """λ_up for the error set and 1 for the rest when ``upweight`` is set; else equal mass."""
+        if "upweight" not in self.options:
+            return None
+        return np.where(groups == 1, self.options["upweight"], 1.0)
+
+
+@torch.no_grad()
+def training_errors(model, data) -> np.ndarray:
+    """``(N,)`` bool: which training samples ``model`` misclassifies (eval mode)."""
+    loader = DataLoader(CxrDataset(data.train_set, data.prep, with_masks=False), batch_size=data.batch_size,
+                        collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    wrong = []
+    try:
+        for batch in loader:
+            wrong.append((model(batch["image"].to(data.device)).argmax(1).cpu() != batch["label"]).numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(wrong) if wrong else np.zeros(0, bool)

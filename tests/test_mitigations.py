@@ -1,0 +1,181 @@
+"""DFR, JTT and reactive P-ClArC (issue #15), the sweep's failure path and unlearn's refusal to
+present a worse model as fixed."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+from cxr_audit.cli.main import app
+from cxr_audit.errors import UsageError
+from cxr_audit.models.architectures import build_model, names
+from cxr_audit.models.head import find_head, penultimate_features
+from cxr_audit.models.projection import ConceptProjection
+from cxr_audit.unlearn import MITIGATIONS, get_mitigation
+from cxr_audit.unlearn.dfr import fit_head
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("arch", names())
+def test_the_head_of_every_architecture_is_found_and_its_input_gives_the_logits(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 1, 64).eval()
+    x = torch.randn(2, 1, 64, 64)
+    name, head = find_head(model, x)
+    feats = penultimate_features(model, head, x, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(head(feats), model(x), atol=1e-5), name
+
+
+def test_a_model_whose_output_is_not_a_linear_layer_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2), nn.Softmax(1))
+    with pytest.raises(UsageError, match="linear layer"):
+        find_head(model, torch.randn(2, 1, 4, 4))
+
+
+def _shortcut_features(n=400, seed=0):
+    """Feature 0 carries the class weakly, feature 1 is an artifact present in 90 % of class 1
+    and (as counterfactual copies) in class 0 too; features 2.. are noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    art = (y == 1) & (rng.random(n) < 0.9)
+    x = rng.normal(0, 1, (n, 6))
+    x[:, 0] += 1.5 * y
+    x[:, 1] += 4 * art
+    # counterfactuals: every artifact-free sample again with the artifact
+    clean = np.flatnonzero(~art)
+    xc = x[clean].copy()
+    xc[:, 1] += 4
+    feats = np.concatenate([x, xc])
+    labels = np.concatenate([y, y[clean]])
+    groups = 2 * labels + np.concatenate([art.astype(int), np.ones(len(clean), int)])
+    return torch.from_numpy(feats).float(), labels, groups
+
+
+def test_dfr_head_ignores_the_artifact_once_groups_are_balanced():
+    feats, labels, groups = _shortcut_features()
+    weight, bias = fit_head(feats, labels, groups, c=1.0, seed=0, num_classes=2)
+    direction = weight[1] - weight[0]  # the logit difference's weights
+    assert direction[0] > 0.5  # the class feature is used ...
+    assert abs(direction[1]) < 0.25 * direction[0]  # ... the artifact hardly
+    # the same regression on the real samples alone (class-balanced; no group "class 0 with the
+    # artifact" exists) leans on the artifact
+    w0, _ = fit_head(feats[:400], labels[:400], labels[:400], 1.0, 0, 2)
+    assert (w0[1] - w0[0])[1] > 2 * abs(direction[1])
+
+
+def test_dfr_folds_the_standardisation_into_raw_feature_weights():
+    """The written head gives the same decision as the regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+
+    feats, labels, groups = _shortcut_features()
+    weight, bias = fit_head(feats, labels, groups, c=0.3, seed=0, num_classes=2)
+    x = feats.double().numpy()
+    mean, std = x.mean(0), x.std(0)
+    lr = LogisticRegression(C=0.3, l1_ratio=1.0, solver="liblinear", max_iter=2000, random_state=0)
+    from cxr_audit.unlearn.balance import balanced_weights
+
+    lr.fit((x - mean) / std, labels, sample_weight=balanced_weights(groups))
+    ours = (feats @ weight.T + bias).argmax(1).numpy()
+    assert (ours == lr.predict((x - mean) / std)).mean() == 1.0
+
+
+def test_reactive_projection_leaves_samples_without_the_artifact_untouched():
+    v = torch.tensor([1.0, 0.0])
+    hook = ConceptProjection(v, reference=0.0, threshold=1.0)
+    a = torch.zeros(3, 2, 2, 2)
+    a[1, 0] = 5.0  # the artifact along v in sample 1 only
+    a[2, 1] = 3.0  # class evidence orthogonal to v
+    out = hook(None, None, a)
+    assert torch.equal(out[0], a[0]) and torch.equal(out[2], a[2])  # inert where nothing is detected
+    assert float(out[1, 0].amax()) == pytest.approx(0.0)  # shifted to the clean reference
+    always = ConceptProjection(v, reference=-1.0)(None, None, a)
+    assert not torch.equal(always[0], a[0])  # plain P-ClArC shifts every sample
+
+
+def test_every_mitigation_checks_its_options():
+    for cls in MITIGATIONS.values():
+        with pytest.raises(UsageError, match="no option"):
+            cls(not_an_option=1)
+    assert get_mitigation("dfr", C="0.5").options["C"] == 0.5
+    assert get_mitigation("rrclarc", per_position="false").options["per_position"] is False
+    with pytest.raises(UsageError, match="expected float"):
+        get_mitigation("jtt", upweight="many")
+
+
+def test_jtt_upsamples_exactly_the_error_set(shortcut_model, poisoned):
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+    from cxr_audit.unlearn.base import Context, TrainingData
+    from cxr_audit.unlearn.jtt import JTT, training_errors
+
+    model, config = load_checkpoint(shortcut_model)
+    train = load_manifest(poisoned, config["class_names"]).subset("train")
+    data = TrainingData(train, preprocessing_of(config), torch.device("cpu"), 32)
+    errors = training_errors(model, data)
+    # a naive re-count: predictions one image at a time
+    from cxr_audit.data.dataset import load_batch
+
+    batch = load_batch(train, data.prep, with_masks=False)
+    with torch.no_grad():
+        naive = np.array([int(model.eval()(batch["image"][i:i + 1]).argmax()) != int(batch["label"][i])
+                          for i in range(len(train))])
+    assert (errors == naive).all()
+    jtt = JTT(upweight="20")
+    groups = jtt.training_groups(model, Context(num_classes=2, data=data))
+    weights = jtt.sample_weights(groups)
+    assert set(np.unique(weights[groups == 1])) <= {20.0} and set(np.unique(weights[groups == 0])) <= {1.0}
+
+
+def test_dfr_from_the_cli_changes_only_the_head_and_records_its_choice(shortcut_model, poisoned, tmp_path):
+    out = tmp_path / "dfr.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--method", "dfr", "--device", "cpu", "--keep-worse"])
+    assert r.exit_code == 0, r.output
+    assert "judged on" in r.output and "C sweep" in r.output
+    before = torch.load(shortcut_model, weights_only=True)["state_dict"]
+    payload = torch.load(out, weights_only=True)
+    after, record = payload["state_dict"], payload["extra"]["unlearn"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert record["C"] in MITIGATIONS["dfr"].C_GRID and record["counterfactual"] == "paste"
+    assert set(record["before"]) >= {"objective", "clean_balanced_accuracy"} and record["after"]
+
+
+def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model, poisoned, tmp_path, monkeypatch):
+    import cxr_audit.unlearning as unlearning
+
+    def worse(net, extra, validation):
+        return {"objective": -1.0, "clean_balanced_accuracy": 0.0}
+
+    monkeypatch.setattr(unlearning, "_after", worse)
+    out = tmp_path / "never.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--method", "dfr", "--option", "C=1", "--device", "cpu"])
+    assert r.exit_code == 3, r.output
+    assert "worse" in r.output and "nothing was written" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_a_sweep_in_which_every_lambda_diverges_fails_loudly(shortcut_model, poisoned, tmp_path):
+    out = tmp_path / "diverged.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--method", "rrr", "--lambdas", "1e38,1e39", "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code != 0 and "diverged" in r.output, r.output
+    assert not out.exists()
+
+
+def test_the_sweep_does_not_swallow_other_errors(shortcut_model, poisoned, tmp_path, monkeypatch):
+    import cxr_audit.unlearn.sweep as sweep
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a diverging λ")
+
+    monkeypatch.setattr(sweep, "fit", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        from cxr_audit.unlearning import unlearn
+
+        unlearn(shortcut_model, poisoned, tmp_path / "x.pt", "rrr", lambdas=[1.0, 10.0], epochs=1, device="cpu")
+    assert not (tmp_path / "x.pt").exists()
