@@ -22,6 +22,9 @@ gap that is gone; "cost" is each method's wall time over one plain fine-tune of 
 result (worse than its input on its own validation objective).
 
     .venv/bin/python benchmarks/mitigation.py --datasets real phantoms pure --archs resnet18 --seeds 0 1 2
+    .venv/bin/python benchmarks/mitigation.py --methods augment rrclarc rrclarc:layer=layer4 --seeds 0
+
+A method may carry `unlearn` keyword arguments after a colon (``rrclarc:layer=layer4,freeze=none``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,20 @@ def measure(checkpoint, data: Path, positive: str, device: str, seed: int) -> di
     return {"clean": m["accuracy"], "inserted": m["artifact_inserted_accuracy"], "worst": worst}
 
 
+def parse_variant(method: str) -> tuple[str, dict]:
+    """``"rrclarc:layer=layer4,lambda_=1e5"`` -> ``("rrclarc", {"layer": "layer4", "lambda_": 100000.0})``:
+    a method with `unlearn` keyword arguments other than its defaults (numbers parsed)."""
+    name, _, rest = method.partition(":")
+    settings = {}
+    for pair in filter(None, rest.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            settings[key] = value
+    return name, settings
+
+
 def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     """Every method on one (data set, architecture, seed); one row per method."""
     from cxr_audit.unlearning import unlearn
@@ -89,9 +106,10 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     rows = [{"dataset": kind, "arch": arch, "seed": seed, "method": "(trained)", **reference}]
     plain = None
     for method in args.methods:
+        name, settings = parse_variant(method)
         start = time.perf_counter()
-        r = unlearn(base, annotated, work / f"{method}.pt", method, annotations=annotations, epochs=args.unlearn_epochs,
-                    device=args.device, seed=seed, keep_worse=True)
+        r = unlearn(base, annotated, work / f"{method.replace(':', '_')}.pt", name, annotations=annotations,
+                    epochs=args.unlearn_epochs, device=args.device, seed=seed, keep_worse=True, **settings)
         seconds = time.perf_counter() - start
         plain = seconds if method == "none" else plain
         m = measure(r.checkpoint, data, positive, args.device, seed)

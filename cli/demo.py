@@ -19,11 +19,11 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder 
          n: int = typer.Option(500, "--n", help="Number of phantom images."),
          size: int = typer.Option(64, "--size", help="Image side in pixels."),
          epochs: int = typer.Option(8, "--epochs", help="Epochs to train the shortcut model."),
-         unlearn_epochs: int = typer.Option(4, "--unlearn-epochs", help="Epochs of RR-ClArC fine-tuning."),
+         unlearn_epochs: int = typer.Option(4, "--unlearn-epochs", help="Epochs of unlearning fine-tuning."),
          seed: int = typer.Option(0, "--seed"),
          device: str = typer.Option("auto", "--device")) -> None:
     """The whole loop on generated data with a planted shortcut: train, scan, reveal, annotate,
-    unlearn (RR-ClArC), evaluate before/after. A few minutes on a laptop CPU."""
+    unlearn (the default method, augment), evaluate before/after. A few minutes on a laptop CPU."""
     with progress_bar("demo") as update:
         result = run_demo(out, arch=arch, artifact=artifact, n=n, size=size, epochs=epochs,
                           unlearn_epochs=unlearn_epochs, seed=seed,
@@ -32,7 +32,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder 
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
     console.print(table)
-    table = Table("metric", "before", "after RR-ClArC", "change", title="2. … and unlearned (test split)")
+    table = Table("metric", "before", "after unlearn", "change", title="2. … and unlearned (test split)")
     for key, (before, after) in result.comparison.items():
         table.add_row(key.replace("_", " "), f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
     console.print(table)

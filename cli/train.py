@@ -24,11 +24,15 @@ def train(data: Path = typer.Argument(..., help="Manifest CSV (with optional spl
           seed: int = typer.Option(0, "--seed"),
           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
           amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
-          workers: int = typer.Option(0, "--workers", help="DataLoader worker processes.")) -> None:
+          workers: int = typer.Option(0, "--workers", help="DataLoader worker processes."),
+          balance: str = typer.Option("none", "--balance",
+                                      help="Equal weight per (source, label) group, or (artifact, label) with one "
+                                           "source: none, reweight, resample, groupdro.")) -> None:
     """Train a classifier from scratch (no hub weights); the checkpoint records every option."""
     with progress_bar(f"train {arch}") as update:
         summary = train_lib(data, out, arch, size=size, channels=channels, epochs=epochs, batch_size=batch_size,
-                            lr=lr, seed=seed, device=device, amp=amp, num_workers=workers, on_progress=update)
+                            lr=lr, seed=seed, device=device, amp=amp, num_workers=workers, balance=balance,
+                            on_progress=update)
     table = Table("epoch", "train loss", "val accuracy")
     for rec in summary.history:
         table.add_row(str(rec["epoch"]), f"{rec['train_loss']:.4f}",

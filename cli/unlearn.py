@@ -22,8 +22,9 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                                            "the method needs, e.g. the annotated.csv of `annotate --masks`)."),
             out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write."),
             method: str = typer.Option(DEFAULT_METHOD, "--method",
-                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, dfr, refits only "
-                                            "the last layer (seconds); see docs/unlearn.md for the benchmark."),
+                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, augment, fine-tunes "
+                                            "with the annotated artifact pasted into the other classes' images until "
+                                            "it predicts nothing; docs/unlearn.md has the benchmark."),
             annotations: Optional[Path] = typer.Option(None, "--annotations", "-a",
                                                        help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels)."),
             layer: Optional[str] = typer.Option(None, "--layer",

@@ -19,7 +19,7 @@ from cxr_audit.evaluating import evaluate
 from cxr_audit.report.figures import heatmap_grid
 from cxr_audit.scanning import scan
 from cxr_audit.training import train
-from cxr_audit.unlearning import unlearn
+from cxr_audit.unlearning import DEFAULT_METHOD, unlearn
 
 
 COMPARED = ("accuracy", "artifact_inserted_accuracy", "artifact_inserted_drop", "artifact_relevance_share",
@@ -40,7 +40,7 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
              on_progress: Callable[..., None] | None = None) -> DemoResult:
     """Phantoms → artifact in ``prevalence`` of the *disease* training/validation images → train →
     scan → heatmap figure → reveal (ranked concepts, HTML report) → annotate from 5 artifact
-    examples (labels, masks) → unlearn with RR-ClArC (λ from a sweep) → evaluate before/after on
+    examples (labels, masks) → unlearn with counterfactual artifact augmentation (the default method) → evaluate before/after on
     the clean test split and with the artifact drawn on every *healthy* test image.
 
     ``metrics`` holds what was found; ``comparison`` the before/after evaluation."""
@@ -90,11 +90,10 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
     result.files["contact sheet"] = ann.files["contact_sheet"]
     result.files["annotated manifest"] = ann.files["manifest"]
 
-    say("unlearning with RR-ClArC (λ chosen by a sweep on the validation split)")
-    fixed = unlearn(summary.checkpoint, ann.files["manifest"], out / "unlearned.pt", "rrclarc",
+    say(f"unlearning with {DEFAULT_METHOD} (the default: the annotated stamp pasted into healthy images)")
+    fixed = unlearn(summary.checkpoint, ann.files["manifest"], out / "unlearned.pt", DEFAULT_METHOD,
                     annotations=out / "annotations.h5", epochs=unlearn_epochs, device=device, seed=seed,
                     on_progress=on_progress)
-    result.metrics["RR-ClArC λ (chosen by sweep)"] = fixed.lambda_
     result.files["unlearned model"] = fixed.checkpoint
 
     say("evaluating before/after: clean test, and the artifact drawn on every healthy test image")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -39,8 +40,12 @@ class TrainSummary:
 def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: int = 128, channels: int = 1,
           epochs: int = 5, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
           train_split: str = "train", val_split: str = "val", device: str = "auto", amp: bool = True,
-          num_workers: int = 0, on_progress: Callable[..., None] | None = None) -> TrainSummary:
+          num_workers: int = 0, balance: str = "none", on_progress: Callable[..., None] | None = None) -> TrainSummary:
     """Train ``arch`` from scratch on ``data`` and save the checkpoint to ``out``.
+
+    ``balance`` (``reweight``, ``resample``, ``groupdro``) gives every (source, label) group —
+    (artifact, label) with one source, from the ``artifact`` column — the same weight: what to
+    do when a model learned nothing but a source's or an artifact's cue.
 
     When the manifest has a ``split`` column, ``train_split`` rows train and ``val_split`` rows
     are evaluated after every epoch (the best epoch's weights are kept); otherwise all rows
@@ -67,12 +72,12 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
     result = fit(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, seed=seed, amp=amp, val_score=val_score, num_workers=num_workers,
-                 on_progress=on_progress)
+                 balance=_group_balance(balance, train_set), on_progress=on_progress)
     history = [{"epoch": r["epoch"], "train_loss": r["train_loss"],
                 **({"val_accuracy": r["val_score"]} if "val_score" in r else {})} for r in result.history]
     options = {"arch": arch, "size": size, "channels": channels, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "weight_decay": weight_decay, "seed": seed, "data": str(Path(data).resolve()),
-               "train_split": train_split, "val_split": val_split, "amp": amp}
+               "train_split": train_split, "val_split": val_split, "amp": amp, "balance": balance}
     collapsed = single_class_warning(*predict(model, val_set or train_set, prep, dev, batch_size),
                                      manifest.class_names)
     path = Path(out)
@@ -80,6 +85,16 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
         save_checkpoint(out, model, arch, manifest.class_names, prep, multilabel=manifest.multilabel,
                         extra={"options": options, "history": history, "created": now(), "versions": versions()})
     return TrainSummary(path, history, result.seconds, label_warnings + ([collapsed] if collapsed else []))
+
+
+def _group_balance(mode: str, train_set: Manifest):
+    from cxr_audit.unlearn.balance import GroupBalance, group_ids
+
+    balance = GroupBalance(mode)  # checks the mode's name
+    if mode == "none":
+        return None
+    groups, _ = group_ids(train_set, {})
+    return balance.fit(groups, np.array([s.index for s in train_set.samples]))
 
 
 def manifest_warnings(manifest: Manifest, min_count: int = 5) -> list[str]:

@@ -36,7 +36,7 @@ from cxr_audit.unlearn.engine import fit
 from cxr_audit.unlearn.sweep import choose, sweep_lambdas
 from cxr_audit.unlearn.validation import Validation
 
-DEFAULT_METHOD = "dfr"
+DEFAULT_METHOD = "augment"
 
 
 class NotImprovedError(CxrAuditError):
@@ -141,7 +141,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     if outcome.extra is None:
         outcome.extra = mitigation.finish(net)
     after = _after(net, outcome.extra, validation)
-    _refuse_if_worse(method, before, after, keep_worse, validation)
+    _refuse_if_worse(method, before, after, keep_worse, validation, context.num_classes)
     record = {"method": method, "lambda": outcome.lambda_, "lambda_sweep": outcome.sweep,
               "objective": validation.description if validation else "none", "before": before, "after": after,
               "balance": run["balance"].mode if run["balance"] else "none", "freeze": run["freeze"],
@@ -221,21 +221,24 @@ def _after(net, extra: dict, validation: Validation | None) -> dict:
         handle.remove()
 
 
-def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation) -> None:
+def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation, num_classes: int) -> None:
     if not before or keep_worse or after["objective"] >= before["objective"]:
         return
     inserted = ""
-    if "inserted_balanced_accuracy" in before:
+    if "inserted_balanced_accuracy" in before and "inserted_balanced_accuracy" in after:
         inserted = (f", artifact-inserted {before['inserted_balanced_accuracy']:.3f} → "
                     f"{after['inserted_balanced_accuracy']:.3f}")
+    if after["clean_balanced_accuracy"] <= 1 / num_classes + 0.05:  # at chance once the artifact is gone
+        advice = ("without the artifact the result is at chance, so the model has no signal beyond the artifact: "
+                  "retrain from scratch with `cxr-audit train --balance resample` on the annotated manifest, and "
+                  "check that the label is visible in images without the artifact")
+    else:
+        advice = "try another --method (augment, dfr, rrclarc) or more --epochs"
     raise NotImprovedError(
         f"{method} made the model worse on its validation objective ({validation.description}: "
-        f"{before['objective']:.3f} → {after['objective']:.3f}; clean balanced accuracy "
+        f"{before['objective']:.3f} → {after['objective']:.3f}; balanced accuracy without the artifact "
         f"{before['clean_balanced_accuracy']:.3f} → {after['clean_balanced_accuracy']:.3f}{inserted}); nothing was "
-        "written and the input is unchanged. Try another --method (dfr, rrclarc, balance), more --epochs, or — when "
-        "the model has no signal beyond the artifact (clean accuracy near chance) — retrain it from scratch on data "
-        "where the artifact is balanced (`cxr-audit train --balance resample` on the annotated manifest); "
-        "--keep-worse writes the result anyway")
+        f"written, the input is unchanged. {advice[0].upper() + advice[1:]}; --keep-worse writes the result anyway")
 
 
 def _has_splits(manifest: Manifest) -> bool:

@@ -93,7 +93,7 @@ def test_torchrun_unlearn_on_cpu(small, tmp_path):
     base = train(small, tmp_path / "m.pt", "vgg11", size=32, epochs=1, device="cpu").checkpoint
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "cxr_audit.cli.main", "unlearn", "--model", str(base), "--data", str(small), "--out",
-           str(tmp_path / "u.pt"), "--method", "rrr", "--lambda", "10", "--epochs", "1", "--device", "cpu"]
+           str(tmp_path / "u.pt"), "--method", "rrr", "--lambda", "10", "--epochs", "1", "--device", "cpu", "--keep-worse"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.load(tmp_path / "u.pt", weights_only=True)["extra"]["unlearn"]["method"] == "rrr"

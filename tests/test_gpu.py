@@ -34,7 +34,8 @@ def test_cuda_amp_training_and_amp_scan(poisoned, tmp_path):
 
 
 @requires_cuda
-@pytest.mark.parametrize("method", ["rrr", "rrclarc", "isnet", "exbl", "aclarc", "pclarc"])
+@pytest.mark.parametrize("method", ["rrr", "rrclarc", "isnet", "exbl", "aclarc", "pclarc", "rpclarc", "augment", "dfr",
+                                    "jtt"])
 def test_cuda_amp_unlearn_every_method(shortcut_model, poisoned, tmp_path, method):
     """bf16 autocast with double backprop on CUDA: finite losses, a loadable checkpoint."""
     from cxr_audit.annotating import annotate
@@ -44,7 +45,7 @@ def test_cuda_amp_unlearn_every_method(shortcut_model, poisoned, tmp_path, metho
     s = scan(shortcut_model, poisoned, tmp_path / "s.h5", split="train", device="cuda").path
     annotate(s, tmp_path / "a.h5", from_column="artifact", masks=False, device="cuda")
     r = unlearn(shortcut_model, poisoned, tmp_path / "u.pt", method, annotations=tmp_path / "a.h5", lambda_=10.0,
-                epochs=1, device="cuda", amp=True)
+                epochs=1, device="cuda", amp=True, keep_worse=True)
     assert all(np.isfinite(h["train_loss"]) for h in r.history)
     m = evaluate(r.checkpoint, poisoned, artifact="text", artifact_class_name="disease", device="cuda").metrics["model"]
     assert 0 <= m["artifact_relevance_share"] <= 1

@@ -148,7 +148,7 @@ def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model
     import cxr_audit.unlearning as unlearning
 
     def worse(net, extra, validation):
-        return {"objective": -1.0, "clean_balanced_accuracy": 0.0}
+        return {"objective": -1.0, "clean_balanced_accuracy": 0.0, "inserted_balanced_accuracy": 0.0}
 
     monkeypatch.setattr(unlearning, "_after", worse)
     out = tmp_path / "never.pt"
@@ -179,3 +179,59 @@ def test_the_sweep_does_not_swallow_other_errors(shortcut_model, poisoned, tmp_p
 
         unlearn(shortcut_model, poisoned, tmp_path / "x.pt", "rrr", lambdas=[1.0, 10.0], epochs=1, device="cpu")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_paste_probabilities_equalise_the_artifact_prevalence_across_classes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 3000)
+    flags = (rng.random(3000) < np.array([0.05, 0.8, 0.3])[labels]).astype(int)
+    from cxr_audit.unlearn.augment import paste_probabilities
+
+    q = paste_probabilities(labels, flags, 3)
+    after = flags | ((rng.random(3000) < q[labels]) & (flags == 0))  # naive simulation of the pasting
+    prevalence = [after[labels == c].mean() for c in range(3)]
+    assert max(prevalence) - min(prevalence) < 0.05
+    assert q[np.argmax([flags[labels == c].mean() for c in range(3)])] == 0  # the artifact's class: untouched
+    assert (paste_probabilities(labels, np.zeros(3000, int), 3) == 0).all()  # no artifact: nothing pasted
+
+
+def test_augment_pastes_only_into_artifact_free_images_at_their_class_rate():
+    from cxr_audit.unlearn.augment import Augment
+    from cxr_audit.unlearn.base import Context
+
+    aug = Augment()
+    aug.context = Context(num_classes=2, artifact={0: 0, 1: 1, 2: 0, 3: 0})
+    aug.q = torch.tensor([1.0, 0.0])  # paste into every clean image of class 0, never into class 1
+    aug.donor_images, aug.donor_masks = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    aug.donor_masks[..., :2, :2] = 1
+    aug.generator = torch.Generator().manual_seed(0)
+    seen = {}
+
+    def model(images):
+        seen["x"] = images
+        return images.flatten(1)[:, :2]
+
+    x = torch.zeros(4, 1, 4, 4)
+    aug.forward(model, {"index": torch.tensor([0, 1, 2, 3]), "label": torch.tensor([0, 0, 1, 0])}, x)
+    pasted = seen["x"][:, 0, :2, :2].amax(dim=(1, 2))
+    assert pasted.tolist() == [1.0, 0.0, 0.0, 1.0]  # row 1 already has it, row 2 is class 1
+    assert float(seen["x"][:, :, 2:, 2:].abs().sum()) == 0  # outside the mask nothing changes
+    assert float(x.abs().sum()) == 0  # the batch itself is not modified in place
+
+
+def test_augment_from_the_cli_removes_the_reliance_on_the_stamp(shortcut_model, poisoned, tmp_path):
+    out = tmp_path / "aug.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--epochs", "2", "--device", "cpu", "--keep-worse"])  # the default method
+    assert r.exit_code == 0, r.output
+    record = torch.load(out, weights_only=True)["extra"]["unlearn"]
+    assert record["method"] == "augment" and record["paste_probability"]["healthy"] > 0.5
+    before = torch.load(shortcut_model, weights_only=True)["state_dict"]
+    after = torch.load(out, weights_only=True)["state_dict"]
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])  # every layer trains
+    from cxr_audit.evaluating import evaluate
+
+    m0, m1 = (evaluate(c, poisoned, artifact="text", artifact_class_name="disease", device="cpu").metrics["model"]
+              for c in (shortcut_model, out))
+    assert m0["artifact_inserted_drop"] >= 0.2
+    assert m1["artifact_inserted_drop"] <= 0.5 * m0["artifact_inserted_drop"]

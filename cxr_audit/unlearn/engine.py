@@ -172,7 +172,8 @@ def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torc
             sums["penalty"] += float(penalty.detach()) * len(x) if penalty is not None else 0.0
             sums["n"] += len(x)
             if on_progress:
-                on_progress(result.steps, total, f"epoch {epoch + 1}/{epochs} loss {sums['loss'] / sums['n']:.3f}")
+                seen = f" val objective {best_score:.3f}" if best_score > -math.inf else ""
+                on_progress(result.steps, total, f"epoch {epoch + 1}/{epochs} loss {sums['loss'] / sums['n']:.3f}{seen}")
         record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
                   "penalty": sums["penalty"] / max(sums["n"], 1)}
         if val_score is not None:

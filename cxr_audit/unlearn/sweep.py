@@ -29,7 +29,8 @@ def sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
         mitigation = get_mitigation(method, **options)
         try:
             result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs,
-                         val_score=validation.score, patience=patience, on_progress=on_progress, **run)
+                         val_score=validation.score, patience=patience, on_progress=_with_lambda(on_progress, lam),
+                         **run)
             extra = mitigation.finish(net)
             loss, acc = validation.clean(net)
             rows.append({"lambda": lam, "objective": validation.score(net), "clean_val_accuracy": acc,
@@ -49,6 +50,13 @@ def sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
         raise DivergedError(f"every λ of the sweep ({', '.join(f'{g:g}' for g in grid)}) diverged, the first with: "
                             f"{rows[0]['error']}; nothing was written — pass smaller --lambdas or a lower --lr")
     return rows, models
+
+
+def _with_lambda(on_progress, lam: float):
+    """``on_progress`` whose message says which candidate is training."""
+    if on_progress is None:
+        return None
+    return lambda done, total, message="": on_progress(done, total, f"λ={lam:g} {message}")
 
 
 def _remove_hooks(mitigation, net) -> None:
