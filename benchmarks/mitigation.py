@@ -135,7 +135,8 @@ def summarise(rows: list[dict]) -> str:
 
     lines = ["| data | arch | method | clean acc. | inserted acc. | gap closed | clean Δ | worst-group Δ | cost × plain "
              "| refused | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["dataset"], r["arch"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] != "(trained)"))
+    order = list(dict.fromkeys(r["method"] for r in rows))  # "(trained)" first, then as run
+    keys = sorted({(r["dataset"], r["arch"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1], order.index(k[2])))
     for key in keys:
         group = [r for r in rows if (r["dataset"], r["arch"], r["method"]) == key]
         trained = key[2] == "(trained)"
@@ -147,6 +148,11 @@ def summarise(rows: list[dict]) -> str:
                         f"{sum(r['refused'] for r in group)}/{len(group)} |")
                      + f" {len(group)} |")
     return "\n".join(lines)
+
+
+def table_from(paths: list[Path]) -> str:
+    """The summary table of earlier runs' ``--json`` files (e.g. one per architecture)."""
+    return summarise([row for p in paths for row in json.loads(Path(p).read_text())])
 
 
 def main() -> None:
@@ -162,7 +168,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write every row here")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="only print the table of these --json files")
     args = parser.parse_args()
+    if args.table:
+        print(table_from(args.table))
+        return
     if "none" not in args.methods:
         args.methods = ["none", *args.methods]  # the cost baseline
 
