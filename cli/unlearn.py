@@ -45,6 +45,9 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
             option: Optional[list[str]] = typer.Option(None, "--option",
                                                        help="Method option KEY=VALUE, repeatable (dfr: C; jtt: "
                                                             "upweight; rrclarc: per_position; exbl: margin, good, bad)."),
+            target: Optional[str] = typer.Option(None, "--target",
+                                                 help="Multi-label models: finding:NAME, the finding whose shortcut "
+                                                      "to remove (augment or none)."),
             keep_worse: bool = typer.Option(False, "--keep-worse",
                                             help="Write the result even when it scores worse than the input on "
                                                  "the validation objective (default: refuse, write nothing)."),
@@ -71,7 +74,7 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                              cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
                              output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
                              batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
-                             num_workers=workers, options=parse_options(option), keep_worse=keep_worse,
+                             num_workers=workers, options=parse_options(option), keep_worse=keep_worse, target=target,
                              on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
     if result.sweep:

@@ -77,9 +77,14 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
             epochs: int = 5, sweep_epochs: int | None = None, batch_size: int = 32, lr: float = 1e-3,
             weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
             val_split: str = "val", seed: int = 0, device: str = "auto", amp: bool = True, num_workers: int = 0,
-            cam_layer: str | None = None, keep_worse: bool = False, on_progress: Callable[..., None] | None = None,
+            cam_layer: str | None = None, keep_worse: bool = False, target: str | None = None,
+            on_progress: Callable[..., None] | None = None,
             on_stage: Callable[[str], None] | None = None) -> UnlearnResult:
     """Remove the shortcut from ``model`` with mitigation ``method`` on ``data``; write ``out``.
+
+    ``target``: ``finding:NAME`` — required for multi-label models: the finding whose shortcut
+    is removed (the loss stays over every finding; the method and the validation objective see
+    that finding's positives and negatives).
 
     ``options``: method-specific options (e.g. ``{"C": 0.1}`` for DFR, ``{"per_position": False}``
     for RR-ClArC), checked against the method's declared option types. ``keep_worse``: write the
@@ -116,6 +121,11 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     dev = init_distributed(resolve_device(device))
     manifest, train_set, val_set = _splits_of(data, config, train_split, val_split)
     context = _context(manifest, train_set, config, annotations, layer, cav_method, cav_scope)
+    context.finding = _finding(target, manifest, method)
+    if context.finding is not None:
+        context.num_classes = 2  # the finding's negatives and positives
+        if balance != "none":
+            raise UsageError("--balance is for single-label models (its groups are classes)")
     options = {**{k: v for k, v in {"output": output, "seed": seed, "cam_layer": cam_layer}.items() if v is not None},
                **(options or {})}
     mitigation = get_mitigation(method, **options)
@@ -149,7 +159,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
               "cav_method": cav_method, "cav_scope": cav_scope, "source_checkpoint": str(Path(model).resolve()),
               "source_sha256": file_sha256(model), "data": str(Path(data).resolve()), "epochs": epochs,
               "sweep_epochs": sweep_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "seed": seed, "amp": amp, **options, **mitigation.summary()}
+              "seed": seed, "amp": amp, "target": target, **options, **mitigation.summary()}
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, net, config["arch"], config["class_names"], prep,
                         extra={**outcome.extra, "unlearn": record, "history": outcome.history, "created": now(),
@@ -161,12 +171,30 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
 def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Manifest, Manifest, Manifest | None]:
     """``(manifest, training split, validation split or None)``."""
     manifest = load_manifest(data, class_names=config["class_names"], multilabel=config.get("multilabel", False))
-    if manifest.multilabel:  # the λ objective and the balancing groups are single-label (issue #16)
-        raise UsageError("unlearn does not support multi-label models yet: audit them with scan/reveal/evaluate "
-                         "--target finding:NAME; to unlearn, train a single-label model for that finding")
     train_set = manifest.subset(train_split) if _has_splits(manifest) else manifest
     val_set = manifest.subset(val_split) if _has_splits(manifest) and val_split in _splits(manifest) else None
     return manifest, train_set, val_set
+
+
+def _finding(target: str | None, manifest: Manifest, method: str) -> int | None:
+    """The finding index a multi-label run unlearns; checks that the method can."""
+    from cxr_audit.store.schema import finding_index
+    from cxr_audit.unlearn import MITIGATIONS
+
+    if not manifest.multilabel:
+        if target is not None:
+            raise UsageError("--target finding:NAME is for multi-label models; this one is single-label")
+        return None
+    if target is None:
+        raise UsageError(f"a multi-label model: say which finding's shortcut to remove with --target finding:NAME "
+                         f"({', '.join(manifest.class_names)})")
+    supported = [name for name, cls in MITIGATIONS.items() if cls.multilabel]
+    if method in MITIGATIONS and not MITIGATIONS[method].multilabel:
+        raise UsageError(f"--method {method} does not support multi-label models yet; use {', '.join(supported)}")
+    k = finding_index(target, manifest.class_names)
+    if k is None:
+        raise UsageError(f"--target must be finding:NAME for unlearn, got '{target}'")
+    return k
 
 
 def _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, validation, run, say, *, lambda_,

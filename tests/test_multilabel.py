@@ -119,3 +119,32 @@ def test_unlearn_refuses_multilabel_models_in_one_line(findings_data, findings_m
                             str(tmp_path / "u.pt"), "--method", "rrr", "--lambda", "10", "--device", "cpu"])
     assert r.exit_code == 2 and "multi-label" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "u.pt").exists()
+
+
+def test_unlearn_removes_one_findings_shortcut_with_augment(findings_data, findings_model, tmp_path):
+    """--target finding:lesion: the stamp is pasted into lesion-negative images; the inserted-AUROC
+    drop of 'lesion' shrinks, the checkpoint records the finding, and methods that cannot act on
+    one finding are refused in one line."""
+    out = tmp_path / "u.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(findings_model), "--data", str(findings_data), "--out", str(out),
+                            "--target", "finding:lesion", "--epochs", "2", "--device", "cpu", "--keep-worse"])
+    assert r.exit_code == 0, r.output
+    import torch
+
+    record = torch.load(out, weights_only=True)["extra"]["unlearn"]
+    assert record["target"] == "finding:lesion" and record["paste_probability"]["not lesion"] > 0.5
+    for args, message in ((["--method", "dfr", "--target", "finding:lesion"], "does not support multi-label"),
+                          ([], "--target finding:NAME"), (["--target", "finding:nope"], "finding:NAME")):
+        bad = runner.invoke(app, ["unlearn", "--model", str(findings_model), "--data", str(findings_data), "--out",
+                                  str(tmp_path / "x.pt"), "--device", "cpu", *args])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
+    drops = {}
+    for name, ckpt in (("before", findings_model), ("after", out)):
+        ev = runner.invoke(app, ["evaluate", "--model", str(ckpt), "--data", str(findings_data), "--out",
+                                 str(tmp_path / name), "--artifact", "text", "--artifact-class", "lesion",
+                                 "--device", "cpu"])
+        assert ev.exit_code == 0, ev.output
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]["model"]
+        drops[name] = metrics["artifact_inserted_auroc_drop.lesion"]
+    assert drops["before"] >= 0.1
+    assert drops["after"] <= 0.5 * drops["before"]

@@ -17,6 +17,13 @@ from cxr_audit.unlearn.rrclarc import RRClArC
 from cxr_audit.unlearn.rrr import RRR
 
 
+class Plain(Mitigation):
+    """Plain fine-tuning, the control every method is measured against; any model."""
+
+    name = "none"
+    multilabel = True
+
+
 class Balance(Mitigation):
     """Plain fine-tuning whose only change is group balancing (``--balance reweight`` unless set)."""
 
@@ -24,7 +31,7 @@ class Balance(Mitigation):
 
 
 MITIGATIONS: dict[str, type[Mitigation]] = {
-    cls.name: cls for cls in (DFR, Augment, Mitigation, RRR, RRClArC, PClArC, ReactivePClArC, AClArC, ISNet, EXBL, JTT, Balance)
+    cls.name: cls for cls in (DFR, Augment, Plain, RRR, RRClArC, PClArC, ReactivePClArC, AClArC, ISNet, EXBL, JTT, Balance)
 }
 
 

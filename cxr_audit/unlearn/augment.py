@@ -24,7 +24,7 @@ import torch
 
 from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import Manifest
-from cxr_audit.unlearn.base import Context, Mitigation
+from cxr_audit.unlearn.base import Context, Mitigation, task_labels
 
 
 def paste_probabilities(labels: np.ndarray, flags: np.ndarray, num_classes: int) -> np.ndarray:
@@ -38,10 +38,12 @@ def paste_probabilities(labels: np.ndarray, flags: np.ndarray, num_classes: int)
 class Augment(Mitigation):
     """Fine-tune with the annotated artifact pasted into artifact-free images at the rate that
     equalises its prevalence across classes (see the module docstring). Option ``donors``: how
-    many annotated artifact samples to cut artifacts from (default 64)."""
+    many annotated artifact samples to cut artifacts from (default 64). Multi-label models
+    (``--target finding:NAME``): the finding's positives and negatives are the two classes."""
 
     name = "augment"
     needs = ("artifact_mask", "artifact_labels")
+    multilabel = True
     option_types = {"donors": int}
 
     def prepare(self, model, context: Context, loader):
@@ -49,8 +51,12 @@ class Augment(Mitigation):
         data = context.data
         train = data.train_set
         flags = np.array([context.artifact.get(s.index, s.artifact or 0) for s in train.samples])
-        labels = np.array([s.label for s in train.samples])
-        self.q = torch.from_numpy(paste_probabilities(labels, flags, context.num_classes)).float()
+        if context.finding is None:
+            labels, classes = np.array([s.label for s in train.samples]), list(train.class_names)
+        else:  # multi-label: equalise the artifact between the finding's positives and negatives
+            name = train.class_names[context.finding]
+            labels, classes = np.array([int(context.finding in s.labels) for s in train.samples]), [f"not {name}", name]
+        self.q = torch.from_numpy(paste_probabilities(labels, flags, len(classes))).float()
         donors = [s for s in train.samples if context.artifact.get(s.index, s.artifact or 0) == 1
                   and s.artifact_mask is not None]
         rng = np.random.default_rng(data.seed)
@@ -58,12 +64,12 @@ class Augment(Mitigation):
         batch = load_batch(Manifest(chosen, train.class_names), data.prep)
         self.donor_images, self.donor_masks = batch["image"], batch["artifact_mask"]
         self.generator = torch.Generator().manual_seed(data.seed)
-        self.record = {"paste_probability": {train.class_names[c]: float(p) for c, p in enumerate(self.q)},
+        self.record = {"paste_probability": {classes[c]: float(p) for c, p in enumerate(self.q)},
                        "donors": len(chosen)}
 
     def forward(self, model, batch, x):
         flags = torch.tensor([self.context.artifact.get(int(i), 0) for i in batch["index"]])
-        chance = self.q[batch["label"].cpu()] * (flags == 0)
+        chance = self.q[task_labels(batch["label"].cpu(), self.context.finding)] * (flags == 0)
         paste = torch.rand(len(x), generator=self.generator) < chance
         if paste.any():
             pick = torch.randint(0, len(self.donor_images), (int(paste.sum()),), generator=self.generator)

@@ -38,6 +38,24 @@ class Context:
     has_foreground_masks: bool = False
     options: dict = field(default_factory=dict)
     data: TrainingData | None = None
+    #: multi-label models: the finding being unlearned; the methods then see a binary task
+    #: (positive / negative for that finding, :func:`task_labels`) while the loss stays over all
+    finding: int | None = None
+
+
+def task_labels(labels: torch.Tensor, finding: int | None) -> torch.Tensor:
+    """Class ids ``(N,)`` of the task a mitigation acts on: ``labels`` as is (single-label), or
+    1/0 for "has the finding" from multi-hot ``labels (N, K)``."""
+    if finding is None:
+        return labels
+    return (labels[:, finding] > 0.5).long()
+
+
+def task_logits(logits: torch.Tensor, finding: int | None) -> torch.Tensor:
+    """``(N, K)`` as is, or ``(N, 2)`` = ``[0, logit_finding]`` so that argmax is "logit > 0"."""
+    if finding is None:
+        return logits
+    return torch.stack([torch.zeros_like(logits[:, finding]), logits[:, finding]], 1)
 
 
 @dataclass
@@ -78,6 +96,7 @@ class Mitigation:
     strength_name = "λ"  # what the sweep varies, for tables
     edit_description = "editing the model"  # what a method that does not train does, for the log
     balance_mode = "resample"  # how :meth:`training_groups` are balanced
+    multilabel = False  # acts on one finding of a multi-label model (``Context.finding``)
 
     def __init__(self, **options):
         known = {**self.common_options, **self.option_types}

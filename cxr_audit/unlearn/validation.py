@@ -18,7 +18,7 @@ from cxr_audit.data.manifest import Manifest
 from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
 from cxr_audit.training import batched_logits
 from cxr_audit.unlearn.balance import group_ids
-from cxr_audit.unlearn.base import Context
+from cxr_audit.unlearn.base import Context, task_labels, task_logits
 
 
 class Validation:
@@ -28,18 +28,20 @@ class Validation:
     def __init__(self, train_set: Manifest, val_set: Manifest, prep, dev, context: Context, batch_size: int,
                  seed: int):
         batch = load_batch(val_set, prep, with_masks=False)
-        self.images, self.labels = batch["image"], batch["label"]
+        self.finding = context.finding  # multi-label: judged on this finding as a binary task
+        self.images, self.labels = batch["image"], task_labels(batch["label"], self.finding)
         self.dev, self.batch_size = dev, batch_size
         clean = torch.tensor([not context.artifact.get(s.index, s.artifact or 0) for s in val_set.samples])
         self.clean_rows = clean if clean.any() else torch.ones_like(clean)
         self.inserted = None
         if any(s.artifact == 1 and s.artifact_mask is not None for s in train_set.samples):
-            targets = victims(val_set, artifact_class(train_set, context.artifact))
+            positive = self.finding if self.finding is not None else artifact_class(train_set, context.artifact)
+            targets = victims(val_set, positive)
             if len(targets):
                 attacked = paste_attack(targets, train_set, prep, seed=seed)
                 self.inserted = self.images.clone()
                 self.inserted[torch.from_numpy(attacked.rows_in(val_set))] = attacked.images
-        self.groups, _ = group_ids(val_set, context.artifact)
+        self.groups, _ = group_ids(val_set, context.artifact) if self.finding is None else (np.zeros(len(val_set)), [])
         if self.inserted is not None:
             self.description = "mean balanced accuracy on validation and artifact-inserted validation"
         elif len(np.unique(self.groups)) >= 2:
@@ -49,7 +51,7 @@ class Validation:
 
     def _logits(self, model, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return batched_logits(model, images, self.dev, self.batch_size)
+            return task_logits(batched_logits(model, images, self.dev, self.batch_size), self.finding)
 
     def logits(self, model) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(validation logits (N, K), artifact-inserted validation logits (N, K) or None)``."""
