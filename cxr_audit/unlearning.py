@@ -136,6 +136,10 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     start_state = copy.deepcopy(net.state_dict())
     net = net.to(dev)
     before = validation.summary(net) if validation else {}
+    if before.get("inserted_balanced_accuracy", 0.0) >= before.get("clean_balanced_accuracy", 1.0) - 0.02:
+        say(f"note: on validation the input model does not rely on the annotated artifact (balanced accuracy "
+            f"{before['clean_balanced_accuracy']:.3f} without it, {before['inserted_balanced_accuracy']:.3f} with it "
+            "inserted): there may be nothing to unlearn")
     run = dict(context=context, balance=_balance(method, balance, train_set, context, mitigation, net),
                batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, amp=amp,
                freeze=_freeze_layer(freeze, mitigation, context), num_workers=num_workers)
@@ -256,12 +260,14 @@ def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, v
     if "inserted_balanced_accuracy" in before and "inserted_balanced_accuracy" in after:
         inserted = (f", artifact-inserted {before['inserted_balanced_accuracy']:.3f} → "
                     f"{after['inserted_balanced_accuracy']:.3f}")
-    if after["clean_balanced_accuracy"] <= 1 / num_classes + 0.05:  # at chance once the artifact is gone
-        advice = ("without the artifact the result is at chance, so the model has no signal beyond the artifact: "
+    if before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05:  # the input: at chance without the artifact
+        advice = ("without the artifact the input model is at chance, so it has no signal beyond the artifact: "
                   "retrain from scratch with `cxr-audit train --balance resample` on the annotated manifest, and "
                   "check that the label is visible in images without the artifact")
     else:
-        advice = "try another --method (augment, dfr, rrclarc) or more --epochs"
+        advice = ("check the masks (annotate's contact_sheet.png): masks on the class evidence instead of the artifact "
+                  "teach the model to ignore that evidence; else try another --method (augment, dfr, rrclarc) or "
+                  "more --epochs")
     raise NotImprovedError(
         f"{method} made the model worse on its validation objective ({validation.description}: "
         f"{before['objective']:.3f} → {after['objective']:.3f}; balanced accuracy without the artifact "

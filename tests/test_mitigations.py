@@ -1,6 +1,8 @@
 """DFR, JTT and reactive P-ClArC (issue #15), the sweep's failure path and unlearn's refusal to
 present a worse model as fixed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,25 @@ def test_augment_from_the_cli_removes_the_reliance_on_the_stamp(shortcut_model, 
               for c in (shortcut_model, out))
     assert m0["artifact_inserted_drop"] >= 0.2
     assert m1["artifact_inserted_drop"] <= 0.5 * m0["artifact_inserted_drop"]
+
+
+def test_dfr_and_jtt_are_inert_without_an_artifact_or_an_error():
+    """DFR refuses data where no sample carries the artifact (nothing to unlearn); JTT without
+    training errors samples uniformly, i.e. it is plain fine-tuning."""
+    from cxr_audit.data.manifest import Manifest, Sample
+    from cxr_audit.unlearn.base import Context
+    from cxr_audit.unlearn.dfr import DFR
+    from cxr_audit.unlearn.jtt import JTT
+    from cxr_audit.unlearning import _balance
+
+    with pytest.raises(UsageError, match="nothing to unlearn"):
+        DFR().check(Context(num_classes=2, artifact={0: 0, 1: 0}))
+    train = Manifest([Sample(i, Path(f"{i}.png"), (i % 2,)) for i in range(6)], ["a", "b"])
+
+    class NoErrors(JTT):
+        def training_groups(self, model, context):
+            return np.zeros(6, int)
+
+    assert _balance("jtt", "none", train, Context(num_classes=2), NoErrors(), None) is None
+    with pytest.raises(UsageError, match="sets its own sampling"):
+        _balance("jtt", "reweight", train, Context(num_classes=2), NoErrors(), None)
