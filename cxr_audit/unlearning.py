@@ -130,6 +130,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
                **(options or {})}
     mitigation = get_mitigation(method, **options)
     mitigation.check(context)
+    _note_weak_annotation(context, say)
     say(f"reading the validation split ('{val_split}')" if val_set is not None else "no validation split")
     validation = Validation(train_set, val_set, prep, dev, context, batch_size, seed) if val_set is not None else None
     context.data = TrainingData(train_set, prep, dev, batch_size, seed, validation)
@@ -178,6 +179,16 @@ def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Ma
     train_set = manifest.subset(train_split) if _has_splits(manifest) else manifest
     val_set = manifest.subset(val_split) if _has_splits(manifest) and val_split in _splits(manifest) else None
     return manifest, train_set, val_set
+
+
+def _note_weak_annotation(context: Context, say) -> None:
+    """A CAV that retrieves held-out artifact samples poorly paints poor masks, and methods that
+    paste or penalise by the masks then act on whatever they cover (measured: a vgg11 that had
+    not learned the stamp got masks on the lesions, and `augment` unlearned the lesions)."""
+    held_out = context.options.get("annotation_quality", {}).get("retrieval_held_out", {})
+    if isinstance(held_out, dict) and held_out.get("auroc", 1.0) < 0.8:
+        say(f"note: the annotation's CAV retrieves held-out artifact samples with AUROC {held_out['auroc']:.2f} "
+            "only: its masks may not cover the artifact; check annotate's contact_sheet.png")
 
 
 def _finding(target: str | None, manifest: Manifest, method: str) -> int | None:
@@ -298,6 +309,7 @@ def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations,
         context.layer, context.cav = ann.layer, torch.from_numpy(ann.cav)
         context.artifact.update(ann.labels)
         context.cav_scores = ann.scores
+        context.options["annotation_quality"] = ann.meta.get("quality", {})
     elif layer is not None:
         context.layer = layer
     context.has_artifact_masks = any(s.artifact_mask is not None for s in train_set.samples)
