@@ -99,14 +99,9 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     recorded, the layer its masks were painted at). ``cav_method``/``cav_scope``: the CAV is
     refitted there from the annotation's labels, by default as a signal (pattern) CAV on the
     samples of the artifact's class only (``cav_scope="class"``; ``"all"`` fits on every sample).
-    Why: the gradient penalty needs the direction the artifact *moves* activations (a pattern, as
-    Pahde et al. 2023 argue), and within one class that difference of means is not confounded
-    with the class's own features. Measured on phantoms (text stamp in 50 % of disease images,
-    resnet18@64): signal CAV within class at layer2, λ=1e5 → 87 % of the clean/inserted gap
-    closed at +0.8 pp clean accuracy; fitted across classes at layer3/4 it is nearly parallel to
-    the disease features (cosine 0.9–0.98) and unlearning it collapses the model to one class;
-    ridge/SVM (filter) directions avoid that but do not follow the artifact's effect and closed
-    nothing.
+    Why (the gradient penalty needs the direction the artifact *moves* activations, Pahde et al.
+    2023, and within one class that difference is not confounded with the class's features):
+    docs/unlearn.md.
     """
     say = on_stage or (lambda _: None)
     if Path(out).resolve() == Path(model).resolve():
@@ -137,10 +132,7 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     start_state = copy.deepcopy(net.state_dict())
     net = net.to(dev)
     before = validation.summary(net) if validation else {}
-    if before.get("inserted_balanced_accuracy", 0.0) >= before.get("clean_balanced_accuracy", 1.0) - 0.02:
-        say(f"note: on validation the input model does not rely on the annotated artifact (balanced accuracy "
-            f"{before['clean_balanced_accuracy']:.3f} without it, {before['inserted_balanced_accuracy']:.3f} with it "
-            "inserted): there may be nothing to unlearn")
+    _note_no_reliance(before, say)
     run = dict(context=context, balance=_balance(method, balance, train_set, context, mitigation, net),
                batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, amp=amp,
                freeze=_freeze_layer(freeze, mitigation, context), num_workers=num_workers)
@@ -179,6 +171,13 @@ def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Ma
     train_set = manifest.subset(train_split) if _has_splits(manifest) else manifest
     val_set = manifest.subset(val_split) if _has_splits(manifest) and val_split in _splits(manifest) else None
     return manifest, train_set, val_set
+
+
+def _note_no_reliance(before: dict, say) -> None:
+    if before.get("inserted_balanced_accuracy", 0.0) >= before.get("clean_balanced_accuracy", 1.0) - 0.02:
+        say(f"note: on validation the input model does not rely on the annotated artifact (balanced accuracy "
+            f"{before['clean_balanced_accuracy']:.3f} without it, {before['inserted_balanced_accuracy']:.3f} with it "
+            "inserted): there may be nothing to unlearn")
 
 
 def _note_weak_annotation(context: Context, say) -> None:
