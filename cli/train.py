@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -20,7 +21,8 @@ def train(data: Path = typer.Argument(..., help="Manifest CSV (with optional spl
           channels: int = typer.Option(1, "--channels", help="Input channels (1 = grayscale)."),
           epochs: int = typer.Option(5, "--epochs"),
           batch_size: int = typer.Option(32, "--batch-size"),
-          lr: float = typer.Option(1e-3, "--lr"),
+          lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the architecture's "
+                                                                     "recommended rate, 1e-3; 1e-4 for VGG)."),
           seed: int = typer.Option(0, "--seed"),
           device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
           amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),

@@ -56,7 +56,8 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                                                        help="Epochs per λ candidate (default: --epochs; the best "
                                                             "candidate is kept without retraining)."),
             batch_size: int = typer.Option(32, "--batch-size"),
-            lr: float = typer.Option(1e-3, "--lr"),
+            lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the architecture's "
+                                                                     "recommended rate, 1e-3; 1e-4 for VGG)."),
             patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping patience (epochs)."),
             seed: int = typer.Option(0, "--seed"),
             device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),

@@ -37,7 +37,7 @@ class StressResult:
 
 def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None = None,
            positive: str | None = None, grid: list[int] = (0, 25, 50, 75, 100), per_class: int | None = None,
-           arch: str = "resnet18", size: int = 64, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
+           arch: str = "resnet18", size: int = 64, epochs: int = 5, batch_size: int = 32, lr: float | None = None,
            seed: int = 0, device: str = "auto", on_stage: Callable[[str], None] | None = None,
            on_progress: Callable[..., None] | None = None) -> StressResult:
     """Run the sweep; writes per-``x`` manifests and checkpoints, ``stress.json``, ``stress.md``

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
-from cxr_audit.models.architectures import build_model, trust_factory
+from cxr_audit.models.architectures import build_model, spec_of, trust_factory
 from cxr_audit.models.registry import save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
 from cxr_audit.unlearn.engine import fit
@@ -38,10 +38,11 @@ class TrainSummary:
 
 
 def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: int = 128, channels: int = 1,
-          epochs: int = 5, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0,
+          epochs: int = 5, batch_size: int = 32, lr: float | None = None, weight_decay: float = 1e-4, seed: int = 0,
           train_split: str = "train", val_split: str = "val", device: str = "auto", amp: bool = True,
           num_workers: int = 0, balance: str = "none", on_progress: Callable[..., None] | None = None) -> TrainSummary:
-    """Train ``arch`` from scratch on ``data`` and save the checkpoint to ``out``.
+    """Train ``arch`` from scratch on ``data`` and save the checkpoint to ``out``; ``lr`` defaults
+    to the architecture's recommended rate (:class:`~cxr_audit.models.architectures.ArchSpec`).
 
     ``balance`` (``reweight``, ``resample``, ``groupdro``) gives every (source, label) group —
     (artifact, label) with one source, from the ``artifact`` column — the same weight: what to
@@ -51,7 +52,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     are evaluated after every epoch (the best epoch's weights are kept); otherwise all rows
     train. Reproducible from ``seed`` on CPU.
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
+    if epochs < 1 or batch_size < 1 or (lr is not None and lr <= 0):
         raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
     if num_workers < 0:
         raise UsageError(f"--workers must be >= 0, got {num_workers}")
@@ -68,6 +69,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     prep = Preprocessing(size=size, channels=channels)
     dev = init_distributed(resolve_device(device))
     arch = trust_factory(arch).name  # given on the user's command line: may be their module:factory
+    lr = lr if lr is not None else spec_of(arch).recommended_lr  # VGG (no BatchNorm) diverges at 1e-3
     model = build_model(arch, manifest.num_classes, channels, size).to(dev)
     val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
     result = fit(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
