@@ -119,15 +119,15 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     lr = lr if lr is not None else spec_of(config["arch"]).recommended_lr
     dev = init_distributed(resolve_device(device))
     manifest, train_set, val_set = _splits_of(data, config, train_split, val_split)
-    context = _context(manifest, train_set, config, annotations, layer, cav_method, cav_scope)
+    options = {**{k: v for k, v in {"output": output, "seed": seed, "cam_layer": cam_layer}.items() if v is not None},
+               **(options or {})}
+    mitigation = get_mitigation(method, **options)
+    context = _context(manifest, train_set, config, annotations, layer, cav_method, cav_scope, mitigation.default_layer)
     context.finding = _finding(target, manifest, method)
     if context.finding is not None:
         context.num_classes = 2  # the finding's negatives and positives
         if balance != "none":
             raise UsageError("--balance is for single-label models (its groups are classes)")
-    options = {**{k: v for k, v in {"output": output, "seed": seed, "cam_layer": cam_layer}.items() if v is not None},
-               **(options or {})}
-    mitigation = get_mitigation(method, **options)
     mitigation.check(context)
     _note_weak_annotation(context, say)
     say(f"reading the validation split ('{val_split}')" if val_set is not None else "no validation split")
@@ -298,12 +298,12 @@ def _splits(manifest: Manifest) -> set[str]:
 
 
 def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations, layer, cav_method,
-             cav_scope) -> Context:
+             cav_scope, default_layer: str = "earliest") -> Context:
     context = Context(num_classes=len(config["class_names"]), options={"cam_layer": spec_of(config["arch"]).cam_layer})
     context.artifact = {s.index: int(s.artifact) for s in manifest.samples if s.artifact is not None}
     if annotations is not None:
         if layer is None:
-            layer = _earliest_scanned_layer(annotations)
+            layer = _scanned_layer(annotations, default_layer)
         if cav_scope not in ("class", "all"):
             raise UsageError(f"--cav-scope must be 'class' or 'all', got '{cav_scope}'")
         ann = read_annotations(annotations, layer, None if cav_method == "annotation" else cav_method,
@@ -320,16 +320,21 @@ def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations,
     return context
 
 
-def _earliest_scanned_layer(annotations) -> str | None:
-    """The annotation's mask layer (the earliest layer its scan recorded), or ``None``."""
+def _scanned_layer(annotations, which: str) -> str | None:
+    """``which="earliest"``: the annotation's mask layer (the earliest layer its scan recorded);
+    ``"last"``: the last layer the scan recorded (the deepest); ``None`` when unreadable."""
     import json
 
     import h5py
 
     try:
         with h5py.File(annotations, "r") as f:
-            return json.loads(f["meta"].attrs["options"]).get("mask_layer")
-    except (OSError, KeyError, ValueError):
+            if which == "earliest":
+                return json.loads(f["meta"].attrs["options"]).get("mask_layer")
+            scan = str(f["meta"].attrs["scan"])
+        with h5py.File(scan, "r") as f:
+            return json.loads(f["meta"].attrs["layers"])[-1]
+    except (OSError, KeyError, ValueError, IndexError):
         return None  # read_annotations reports unreadable files with a proper message
 
 

@@ -97,6 +97,9 @@ class Mitigation:
     edit_description = "editing the model"  # what a method that does not train does, for the log
     balance_mode = "resample"  # how :meth:`training_groups` are balanced
     multilabel = False  # acts on one finding of a multi-label model (``Context.finding``)
+    #: where a CAV method acts without ``--layer``: the annotation's mask layer (``earliest``)
+    #: or the deepest layer its scan recorded (``last``)
+    default_layer = "earliest"
 
     def __init__(self, **options):
         known = {**self.common_options, **self.option_types}

@@ -62,9 +62,12 @@ class ReactivePClArC(PClArC):
     CVPR Workshops, arXiv:2404.09601): the projection acts only on samples in which the artifact
     is detected — ``v·maxpool(a)`` above the midpoint between the clean-sample and artifact-sample
     means — so images without the artifact keep every feature, including the class evidence
-    that lies along the CAV (what makes plain P-ClArC cost clean accuracy)."""
+    that lies along the CAV (what makes plain P-ClArC cost clean accuracy). It acts at the deepest
+    scanned layer by default, as the ClArC papers do (the last convolutional block); see
+    docs/unlearn.md for the layer comparison."""
 
     name = "rpclarc"
+    default_layer = "last"  # measured: at the earliest layer it removed nothing, at the last 88-100 %
 
     def finish(self, model):
         out = super().finish(model)
