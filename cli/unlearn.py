@@ -63,7 +63,9 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
             device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
             amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
             workers: int = typer.Option(0, "--workers", help="DataLoader worker processes.")) -> None:
-    """Fine-tune a checkpoint so it stops using a shortcut. Multi-GPU: launch with torchrun."""
+    """Remove a shortcut from a checkpoint (default: augment, the annotated artifact pasted into the
+    other classes' images) and judge the result on the validation split: a result worse than its
+    input is not written (exit 3). Multi-GPU: launch with torchrun."""
     grid = None
     if lambdas:
         try:
