@@ -41,7 +41,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-two-so
 METHODS = ["none", "dfr", "jtt", "balance", "rpclarc", "pclarc", "rrclarc", "rrr"]
 
 
-def build_data(kind: str, work: Path, seed: int, size: int, prevalence: float) -> Path:
+def build_data(kind: str, work: Path, seed: int, size: int, prevalence: float, artifact: str = "text") -> Path:
     """The poisoned manifest of one data set (stamp in ``prevalence`` of the positive class)."""
     from cxr_audit.data.inject import inject
     from cxr_audit.data.lesions import make_lesion_set
@@ -54,7 +54,7 @@ def build_data(kind: str, work: Path, seed: int, size: int, prevalence: float) -
         clean, positive = make_lesion_set(SHARED, work / "clean", size, seed=seed, contrast=contrast), "lesion"
     else:
         raise SystemExit(f"unknown data set {kind}")
-    return inject(clean, work / "poisoned", "text", {positive: prevalence}, splits=["train", "val"], seed=seed + 1)
+    return inject(clean, work / "poisoned", artifact, {positive: prevalence}, splits=["train", "val"], seed=seed + 1)
 
 
 def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epochs: int, device: str):
@@ -72,10 +72,10 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     return base, work / "annotations.h5", ann.files["manifest"]
 
 
-def measure(checkpoint, data: Path, positive: str, device: str, seed: int) -> dict:
+def measure(checkpoint, data: Path, positive: str, device: str, seed: int, artifact: str = "text") -> dict:
     from cxr_audit.evaluating import evaluate
 
-    m = evaluate(checkpoint, data, artifact="text", artifact_class_name=positive, device=device, seed=seed).metrics["model"]
+    m = evaluate(checkpoint, data, artifact=artifact, artifact_class_name=positive, device=device, seed=seed).metrics["model"]
     worst = min(m["worst_group_accuracy"], m["victims_inserted_accuracy"])
     return {"clean": m["accuracy"], "inserted": m["artifact_inserted_accuracy"], "worst": worst}
 
@@ -100,9 +100,10 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
 
     work = Path(tempfile.mkdtemp(prefix=f"mit-{kind}-{arch}-{seed}-", dir=args.work))
     positive = "disease" if kind == "phantoms" else "lesion"
-    data = build_data(kind, work, seed, args.size, args.prevalence)
+    artifact = getattr(args, "artifact", "text")
+    data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
     base, annotations, annotated = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
-    reference = measure(base, data, positive, args.device, seed)
+    reference = measure(base, data, positive, args.device, seed, artifact)
     rows = [{"dataset": kind, "arch": arch, "seed": seed, "method": "(trained)", **reference}]
     plain = None
     for method in args.methods:
@@ -112,7 +113,7 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
                     epochs=args.unlearn_epochs, device=args.device, seed=seed, keep_worse=True, **settings)
         seconds = time.perf_counter() - start
         plain = seconds if method == "none" else plain
-        m = measure(r.checkpoint, data, positive, args.device, seed)
+        m = measure(r.checkpoint, data, positive, args.device, seed, artifact)
         gap0, gap = reference["clean"] - reference["inserted"], m["clean"] - m["inserted"]
         rows.append({"dataset": kind, "arch": arch, "seed": seed, "method": method, **m, "seconds": seconds,
                      "closed": 1 - gap / gap0 if gap0 > 0 else float("nan"), "clean_delta": m["clean"] - reference["clean"],
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--prevalence", type=float, default=0.85)
+    parser.add_argument("--artifact", default="text", help="the planted artifact (any registered: text, marker, ...)")
     parser.add_argument("--epochs", type=int, default=10, help="training the shortcut model")
     parser.add_argument("--unlearn-epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -186,7 +188,7 @@ def main() -> None:
                 rows += run_cell(kind, arch, seed, args)
                 if args.json:
                     args.json.write_text(json.dumps(rows, indent=1))
-    print(f"\n{args.size} px, text stamp in {args.prevalence:.0%} of the positive class's training/validation images, "
+    print(f"\n{args.size} px, {args.artifact} artifact in {args.prevalence:.0%} of the positive class's training/validation images, "
           f"{args.epochs} training epochs, {args.unlearn_epochs} unlearning epochs, device {args.device}\n")
     print(summarise(rows))
 
