@@ -33,7 +33,7 @@ from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
 from cxr_audit.unlearn.base import TrainingData
 from cxr_audit.unlearn.engine import fit
-from cxr_audit.unlearn.sweep import choose, sweep_lambdas
+from cxr_audit.unlearn.sweep import choose, prefixed, sweep_lambdas
 from cxr_audit.unlearn.validation import Validation
 
 DEFAULT_METHOD = "augment"
@@ -227,7 +227,7 @@ def _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, vali
         say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} ({sweep_epochs if short else epochs} epoch(s) each)")
         outcome.sweep, models = sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
                                               sweep_epochs if short else epochs, validation, run, patience,
-                                              _labelled(on_progress, "sweep"))
+                                              prefixed(on_progress, "sweep:"))
         outcome.lambda_ = choose(outcome.sweep)
         if not short:  # every candidate was a full run: keep the chosen one instead of retraining
             best = models[outcome.lambda_]
@@ -245,13 +245,6 @@ def _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, vali
     return outcome
 
 
-def _labelled(on_progress, stage: str):
-    """``on_progress`` with ``stage`` in front of its message (the sweep's runs say which λ)."""
-    if on_progress is None:
-        return None
-    return lambda done, total, message="": on_progress(done, total, f"{stage}: {message}")
-
-
 def _after(net, extra: dict, validation: Validation | None) -> dict:
     """Validation figures of the result as it will load (with a P-ClArC projection installed)."""
     if validation is None:
@@ -260,7 +253,7 @@ def _after(net, extra: dict, validation: Validation | None) -> dict:
         return validation.summary(net)
     from cxr_audit.models.projection import install_projection
 
-    handle = install_projection(net, **{k: extra["projection"][k] for k in extra["projection"]})
+    handle = install_projection(net, **extra["projection"])
     try:
         return validation.summary(net)
     finally:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.unlearn.base import Mitigation
 
 
@@ -44,14 +42,11 @@ class JTT(Mitigation):
 @torch.no_grad()
 def training_errors(model, data) -> np.ndarray:
     """``(N,)`` bool: which training samples ``model`` misclassifies (eval mode)."""
-    loader = DataLoader(CxrDataset(data.train_set, data.prep, with_masks=False), batch_size=data.batch_size,
-                        collate_fn=collate)
+    from cxr_audit.training import predict  # training imports the engine, which imports this package
+
     was_training = model.training
-    model.eval()
-    wrong = []
     try:
-        for batch in loader:
-            wrong.append((model(batch["image"].to(data.device)).argmax(1).cpu() != batch["label"]).numpy())
+        logits, labels = predict(model, data.train_set, data.prep, data.device, data.batch_size)
     finally:
         model.train(was_training)
-    return np.concatenate(wrong) if wrong else np.zeros(0, bool)
+    return (logits.argmax(1) != labels).numpy()

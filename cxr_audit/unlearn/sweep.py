@@ -29,7 +29,7 @@ def sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
         mitigation = get_mitigation(method, **options)
         try:
             result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=lam, epochs=epochs,
-                         val_score=validation.score, patience=patience, on_progress=_with_lambda(on_progress, lam),
+                         val_score=validation.score, patience=patience, on_progress=prefixed(on_progress, f"λ={lam:g}"),
                          **run)
             extra = mitigation.finish(net)
             loss, acc = validation.clean(net)
@@ -52,11 +52,11 @@ def sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
     return rows, models
 
 
-def _with_lambda(on_progress, lam: float):
-    """``on_progress`` whose message says which candidate is training."""
+def prefixed(on_progress, prefix: str):
+    """``on_progress`` whose message starts with ``prefix`` (which stage or λ candidate is running)."""
     if on_progress is None:
         return None
-    return lambda done, total, message="": on_progress(done, total, f"λ={lam:g} {message}")
+    return lambda done, total, message="": on_progress(done, total, f"{prefix} {message}")
 
 
 def _remove_hooks(mitigation, net) -> None:
