@@ -58,7 +58,9 @@ def build_data(kind: str, work: Path, seed: int, size: int, prevalence: float, a
 
 
 def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epochs: int, device: str):
-    """``(checkpoint, annotations.h5, annotated manifest)``: trained, scanned, annotated."""
+    """``(checkpoint, annotations.h5, annotated manifest, annotation quality)``: trained, scanned,
+    annotated; the quality (mask IoU against the injected masks) says whether a method failed on
+    the model or on its annotation."""
     from cxr_audit.annotating import annotate
     from cxr_audit.models.architectures import build_model, spec_of
     from cxr_audit.scanning import scan
@@ -69,7 +71,10 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     layers = list(spec.early_layers) + spec.scan_layers(build_model(arch, 2, 1, size))
     scan_file = scan(base, data, work / "scan.h5", split="train", overwrite=True, device=device, layers=layers).path
     ann = annotate(scan_file, work / "annotations.h5", from_column="artifact", masks_dir=work / "masks", device=device)
-    return base, work / "annotations.h5", ann.files["manifest"]
+    # the masks the methods use (annotate's default, within-class CAV) beside the across-class CAV
+    across = annotate(scan_file, work / "annotations-across.h5", from_column="artifact", mask_cav="across", device=device)
+    quality = {**ann.quality, "mask_iou_across": across.quality.get("mask_iou", float("nan"))}
+    return base, work / "annotations.h5", ann.files["manifest"], quality
 
 
 def measure(checkpoint, data: Path, positive: str, device: str, seed: int, artifact: str = "text") -> dict:
@@ -102,9 +107,11 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     positive = "disease" if kind == "phantoms" else "lesion"
     artifact = getattr(args, "artifact", "text")
     data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
-    base, annotations, annotated = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
+    base, annotations, annotated, quality = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
     reference = measure(base, data, positive, args.device, seed, artifact)
-    rows = [{"dataset": kind, "arch": arch, "seed": seed, "method": "(trained)", **reference}]
+    rows = [{"dataset": kind, "arch": arch, "seed": seed, "method": "(trained)", **reference,
+             "mask_iou": quality.get("mask_iou", float("nan")), "mask_iou_across": quality["mask_iou_across"]}]
+    print(json.dumps(rows[0]), flush=True)
     plain = None
     for method in args.methods:
         name, settings = parse_variant(method)
@@ -118,11 +125,34 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
         rows.append({"dataset": kind, "arch": arch, "seed": seed, "method": method, **m, "seconds": seconds,
                      "closed": 1 - gap / gap0 if gap0 > 0 else float("nan"), "clean_delta": m["clean"] - reference["clean"],
                      "worst_delta": m["worst"] - reference["worst"], "strength": r.lambda_,
-                     "refused": bool(r.before) and r.after["objective"] < r.before["objective"]})
+                     "refused": bool(r.before) and r.after["objective"] < r.before["objective"],
+                     "input_at_chance": bool(r.before) and r.before["clean_balanced_accuracy"] <= 0.55})
         print(json.dumps(rows[-1]), flush=True)
+    rows += default_chain(rows)
     for row in rows[1:]:
         row["cost"] = row["seconds"] / plain if plain else float("nan")
     return rows
+
+
+def default_chain(rows: list[dict]) -> list[dict]:
+    """The row of what a user of the defaults gets — `augment`, and `dfr` when augment is refused
+    and the input has signal beyond the artifact (`unlearn --fallback dfr`) — from the two
+    methods' rows of one cell; when the result is refused, nothing is written and the user keeps
+    the trained model (closed 0). Empty unless both ran with their defaults."""
+    by = {r["method"]: r for r in rows}
+    if not {"augment", "dfr"} <= set(by):
+        return []
+    augment, dfr, trained = by["augment"], by["dfr"], by["(trained)"]
+    if not augment["refused"]:
+        used, seconds = augment, augment["seconds"]
+    elif augment["input_at_chance"] or dfr["refused"]:
+        used, seconds = None, augment["seconds"] + (0 if augment["input_at_chance"] else dfr["seconds"])
+    else:
+        used, seconds = dfr, augment["seconds"] + dfr["seconds"]
+    kept = {k: trained[k] for k in ("clean", "inserted", "worst")}
+    row = {**(used or {**augment, **kept, "closed": 0.0, "clean_delta": 0.0, "worst_delta": 0.0}),
+           "method": "default (augment, else dfr)", "seconds": seconds, "refused": used is None}
+    return [row]
 
 
 def summarise(rows: list[dict]) -> str:
@@ -135,7 +165,7 @@ def summarise(rows: list[dict]) -> str:
         return f"{v.mean() * scale:.{0 if pct else 3}f} ± {v.std() * scale:.{0 if pct else 3}f}{unit}"
 
     lines = ["| data | arch | method | clean acc. | inserted acc. | gap closed | clean Δ | worst-group Δ | cost × plain "
-             "| refused | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| refused | mask IoU (across-class CAV) | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(dict.fromkeys(r["method"] for r in rows))  # "(trained)" first, then as run
     keys = sorted({(r["dataset"], r["arch"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1], order.index(k[2])))
     for key in keys:
@@ -147,6 +177,8 @@ def summarise(rows: list[dict]) -> str:
                         f"{ms([r['closed'] for r in group], True)} | {ms([r['clean_delta'] for r in group])} | "
                         f"{ms([r['worst_delta'] for r in group])} | {ms([r.get('cost') for r in group])} | "
                         f"{sum(r['refused'] for r in group)}/{len(group)} |")
+                     + (f" {ms([r.get('mask_iou') for r in group])} ({ms([r.get('mask_iou_across') for r in group])}) |"
+                        if trained else " |")
                      + f" {len(group)} |")
     return "\n".join(lines)
 

@@ -57,6 +57,11 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                                                help="'saturated': add the clipped white/black structure a mask "
                                                     "touches (a frame's other sides, a ruler's length; check the "
                                                     "contact sheet: saturated anatomy can be added too); 'none'."),
+             mask_cav: str = typer.Option("within-class", "--mask-cav",
+                                          help="'within-class': the masks' CAV contrasts labelled and unlabelled "
+                                               "samples of the same class, so it does not also point along the "
+                                               "class's own evidence (a shortcut artifact is correlated with its "
+                                               "class); 'across': over all samples (Pahde et al., 2025)."),
              blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px of input)."),
              dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
              model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),
@@ -71,7 +76,7 @@ def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit sc
                               from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
                               mask_threshold=mask_threshold, mask_rule=mask_rule, mask_reference=mask_reference,
-                              mask_complete=mask_complete, blur=blur, dilate=dilate, model=model, data=data,
+                              mask_complete=mask_complete, mask_cav=mask_cav, blur=blur, dilate=dilate, model=model, data=data,
                               device=device, seed=seed, on_progress=update)
     console.print(f"labelled {result.n_labelled} samples as the concept (layer {result.layer}, threshold "
                   f"{result.threshold:.3f})")

@@ -11,7 +11,7 @@ from rich.table import Table
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
-from cxr_audit.unlearning import DEFAULT_METHOD
+from cxr_audit.unlearning import DEFAULT_FALLBACK, DEFAULT_METHOD
 from cxr_audit.unlearning import unlearn as unlearn_lib
 
 
@@ -25,6 +25,9 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                                        help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, augment, fine-tunes "
                                             "with the annotated artifact pasted into the other classes' images until "
                                             "it predicts nothing; docs/unlearn.md has the benchmark."),
+            fallback: str = typer.Option(DEFAULT_FALLBACK, "--fallback",
+                                         help="Method tried once when --method's result is refused (worse than "
+                                              "the input on validation); 'none': refuse at once."),
             annotations: Optional[Path] = typer.Option(None, "--annotations", "-a",
                                                        help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels)."),
             layer: Optional[str] = typer.Option(None, "--layer",
@@ -73,7 +76,8 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
         except ValueError:
             raise UsageError(f"--lambdas must be numbers, got {lambdas}") from None
     with progress_bar(f"unlearn ({method})") as update:
-        result = unlearn_lib(model, data, out, method, annotations=annotations, layer=layer, cav_method=cav_method,
+        result = unlearn_lib(model, data, out, method, fallback=None if fallback == "none" else fallback,
+                             annotations=annotations, layer=layer, cav_method=cav_method,
                              cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
                              output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
                              batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
@@ -97,7 +101,8 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
     if result.before:
         console.print(_before_after(result))
     chosen = f", λ={result.lambda_:g}" if result.lambda_ else ""
-    console.print(f"checkpoint: [bold]{result.checkpoint}[/] ({method}{chosen})")
+    used = f"{result.method}, after {result.fallback_from} was refused" if result.fallback_from else result.method
+    console.print(f"checkpoint: [bold]{result.checkpoint}[/] ({used}{chosen})")
 
 
 def parse_options(pairs: Optional[list[str]]) -> dict[str, str]:

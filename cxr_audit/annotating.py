@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from cxr_audit.annotate.cav import make_cav
+from cxr_audit.annotate.cav import has_within_group_contrast, make_cav
 from cxr_audit.annotate.masks import (binarise, complete_saturated, concept_heatmaps, otsu_threshold,
                                       parse_threshold, presence_reference)
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
@@ -58,6 +58,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
              mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "none",
+             mask_cav: str = "within-class",
              blur: float | None = None, dilate: int = 0, max_masks: int = 1000,
              model: str | Path | None = None, data: str | Path | None = None, device: str = "auto",
              batch_size: int = 16, seed: int = 0,
@@ -77,6 +78,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         raise UsageError(f"mask reference must be one of {', '.join(MASK_REFERENCES)}, got '{mask_reference}'")
     if mask_complete not in MASK_COMPLETIONS:
         raise UsageError(f"mask completion must be one of {', '.join(MASK_COMPLETIONS)}, got '{mask_complete}'")
+    if mask_cav not in MASK_CAVS:
+        raise UsageError(f"mask CAV must be one of {', '.join(MASK_CAVS)}, got '{mask_cav}'")
     if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
         raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
     if cluster is not None:
@@ -105,6 +108,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         acts = f[f"activations/{layer}/max"][:]
         mask_acts = f[f"activations/{mask_layer}/max"][:]
         artifact = f["samples/artifact"][:]
+        classes = f["samples/label"][:]
         relevances = f[f"relevances/{layer}"][:] if concept is not None else None
     row_of = {int(i): r for r, i in enumerate(index)}
     usable = np.flatnonzero(done)
@@ -147,12 +151,13 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     mask_rows = np.flatnonzero(labels)[:max_masks]
     mask_stack = None
     if masks and len(mask_rows):
-        mask_cav = make_cav(method).fit(mask_acts[usable], labels[usable].astype(int))
+        mask_direction, quality["mask_cav"] = _mask_direction(method, mask_acts[usable], labels[usable],
+                                                             classes[usable], mask_cav)
         reference_rows = None
         if mask_reference == "clean":
             clean = np.setdiff1d(usable, np.flatnonzero(labels))
             reference_rows = np.sort(rng.choice(clean, size=min(N_REFERENCE, len(clean)), replace=False))
-        mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_cav.direction_, model, data,
+        mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_direction, model, data,
                                           device, batch_size, blur, mask_threshold, dilate, on_progress,
                                           first_rule=mask_rule, reference_rows=reference_rows,
                                           complete=mask_complete == "saturated")
@@ -161,7 +166,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
                "from_column": from_column, "concept": concept, "cluster": cluster, "n_negatives": n_negatives,
                "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold,
                "mask_rule": mask_rule, "mask_reference": mask_reference,
-               "mask_complete": mask_complete, "blur": blur,
+               "mask_complete": mask_complete, "mask_cav": mask_cav, "blur": blur,
                "dilate": dilate, "seed": seed}
     # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
     stored = np.full(len(labels), -1, np.int8)
@@ -227,6 +232,18 @@ MASK_REFERENCES = ("clean", "none")
 #: "saturated": add the clipped-white/black structure a mask touches (``complete_saturated``)
 MASK_COMPLETIONS = ("saturated", "none")
 N_REFERENCE = 64
+#: "within-class": the mask CAV contrasts labelled and unlabelled samples of the same class (see
+#: :mod:`cxr_audit.annotate.cav`); "across": over all samples, as Pahde et al. (2025)
+MASK_CAVS = ("within-class", "across")
+
+
+def _mask_direction(method: str, acts: np.ndarray, labels: np.ndarray, classes: np.ndarray,
+                    scope: str) -> tuple[np.ndarray, str]:
+    """``(C,)`` direction the masks are painted with, and the scope actually used: within-class
+    falls back to across classes when no class holds both labelled and unlabelled samples."""
+    if scope == "within-class" and has_within_group_contrast(labels, classes):
+        return make_cav(method).fit(acts, labels.astype(int), groups=classes).direction_, scope
+    return make_cav(method).fit(acts, labels.astype(int)).direction_, "across"
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,

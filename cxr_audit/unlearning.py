@@ -29,7 +29,7 @@ from cxr_audit.errors import CxrAuditError, UsageError
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
-from cxr_audit.unlearn import Context, GroupBalance, get_mitigation
+from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
 from cxr_audit.unlearn.base import TrainingData
 from cxr_audit.unlearn.engine import fit
@@ -37,12 +37,21 @@ from cxr_audit.unlearn.sweep import choose, prefixed, sweep_lambdas
 from cxr_audit.unlearn.validation import Validation
 
 DEFAULT_METHOD = "augment"
+#: tried when the method's result is refused; DFR only retrains the last layer, so it keeps the
+#: features a fine-tune can lose (measured: vgg11 with a marker, docs/unlearn.md)
+DEFAULT_FALLBACK = "dfr"
 
 
 class NotImprovedError(CxrAuditError):
-    """The unlearned model scores worse than its input on the validation objective (exit code 3)."""
+    """The unlearned model scores worse than its input on the validation objective (exit code 3).
+    ``summary``: the figures that say so; ``advice``: what to try; ``input_at_chance``: the input
+    is at chance without the artifact (nothing a mitigation could keep)."""
 
     exit_code = 3
+
+    def __init__(self, summary: str, advice: str, input_at_chance: bool = False, message: str | None = None):
+        super().__init__(message or f"{summary}; nothing was written, the input is unchanged. {advice}")
+        self.summary, self.advice, self.input_at_chance = summary, advice, input_at_chance
 
 
 @dataclass
@@ -57,6 +66,7 @@ class UnlearnResult:
     after: dict = field(default_factory=dict)  # ... and of the written one
     objective: str = "none"
     strength_name: str = "λ"
+    fallback_from: str | None = None  # the method that was refused before this one ran
 
 
 @dataclass
@@ -71,14 +81,42 @@ class _Outcome:
 
 
 def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, *,
-            annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal",
+            fallback: str | None = DEFAULT_FALLBACK, on_stage: Callable[[str], None] | None = None,
+            **settings) -> UnlearnResult:
+    """:func:`unlearn_once` with ``method``; when its result is refused (worse than the input on
+    the validation objective) and the input has signal beyond the artifact, once more with
+    ``fallback`` (default DFR; ``None``: refuse at once). ``settings``: :func:`unlearn_once`'s
+    keyword arguments; the method-specific ``options`` go to ``method`` only. The result's
+    ``fallback_from`` names the refused method."""
+
+    if fallback is not None and fallback not in MITIGATIONS:
+        raise UsageError(f"unknown --fallback '{fallback}' (choose from none, {', '.join(MITIGATIONS)})")
+    try:
+        return unlearn_once(model, data, out, method, on_stage=on_stage, **settings)
+    except NotImprovedError as refused:
+        multilabel_only = settings.get("target") is not None and not MITIGATIONS[fallback or method].multilabel
+        if not fallback or fallback == method or refused.input_at_chance or multilabel_only:
+            raise
+        (on_stage or (lambda _: None))(f"{method} was refused ({refused.summary}); trying {fallback}")
+        try:
+            result = unlearn_once(model, data, out, fallback, on_stage=on_stage, fallback_from=method,
+                                  **{**settings, "options": None})
+        except NotImprovedError as again:
+            raise NotImprovedError(again.summary, again.advice, again.input_at_chance,
+                                   f"{refused.summary}; then {again.summary}; nothing was written, the input is "
+                                   f"unchanged. {again.advice}") from None
+    return result
+
+
+def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, *,
+                 annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal",
             cav_scope: str = "class", lambda_: float | None = None, lambdas: list[float] | None = None,
             balance: str = "none", freeze: str = "auto", output: str | None = None, options: dict | None = None,
             epochs: int = 5, sweep_epochs: int | None = None, batch_size: int = 32, lr: float | None = None,
             weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
             val_split: str = "val", seed: int = 0, device: str = "auto", amp: bool = True, num_workers: int = 0,
             cam_layer: str | None = None, keep_worse: bool = False, target: str | None = None,
-            on_progress: Callable[..., None] | None = None,
+            fallback_from: str | None = None, on_progress: Callable[..., None] | None = None,
             on_stage: Callable[[str], None] | None = None) -> UnlearnResult:
     """Remove the shortcut from ``model`` with mitigation ``method`` on ``data``; write ``out``.
 
@@ -160,13 +198,14 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
               "cav_method": cav_method, "cav_scope": cav_scope, "source_checkpoint": str(Path(model).resolve()),
               "source_sha256": file_sha256(model), "data": str(Path(data).resolve()), "epochs": epochs,
               "sweep_epochs": sweep_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "seed": seed, "amp": amp, "target": target, **options, **mitigation.summary()}
+              "seed": seed, "amp": amp, "target": target, "fallback_from": fallback_from, **options,
+              **mitigation.summary()}
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, net, config["arch"], config["class_names"], prep,
                         extra={**outcome.extra, "unlearn": record, "history": outcome.history, "created": now(),
                                "versions": versions()})
     return UnlearnResult(Path(out), method, outcome.lambda_, outcome.sweep, outcome.history, outcome.seconds_per_step,
-                         before, after, record["objective"], mitigation.strength_name)
+                         before, after, record["objective"], mitigation.strength_name, fallback_from)
 
 
 def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Manifest, Manifest, Manifest | None]:
@@ -197,7 +236,6 @@ def _note_weak_annotation(context: Context, say) -> None:
 def _finding(target: str | None, manifest: Manifest, method: str) -> int | None:
     """The finding index a multi-label run unlearns; checks that the method can."""
     from cxr_audit.store.schema import finding_index
-    from cxr_audit.unlearn import MITIGATIONS
 
     if not manifest.multilabel:
         if target is not None:
@@ -267,7 +305,8 @@ def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, v
     if "inserted_balanced_accuracy" in before and "inserted_balanced_accuracy" in after:
         inserted = (f", artifact-inserted {before['inserted_balanced_accuracy']:.3f} → "
                     f"{after['inserted_balanced_accuracy']:.3f}")
-    if before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05:  # the input: at chance without the artifact
+    at_chance = before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05
+    if at_chance:
         advice = ("without the artifact the input model is at chance, so it has no signal beyond the artifact: "
                   "retrain from scratch with `cxr-audit train --balance resample` on the annotated manifest, and "
                   "check that the label is visible in images without the artifact")
@@ -278,8 +317,8 @@ def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, v
     raise NotImprovedError(
         f"{method} made the model worse on its validation objective ({validation.description}: "
         f"{before['objective']:.3f} → {after['objective']:.3f}; balanced accuracy without the artifact "
-        f"{before['clean_balanced_accuracy']:.3f} → {after['clean_balanced_accuracy']:.3f}{inserted}); nothing was "
-        f"written, the input is unchanged. {advice[0].upper() + advice[1:]}; --keep-worse writes the result anyway")
+        f"{before['clean_balanced_accuracy']:.3f} → {after['clean_balanced_accuracy']:.3f}{inserted})",
+        f"{advice[0].upper() + advice[1:]}; --keep-worse writes the result anyway", at_chance)
 
 
 def _has_splits(manifest: Manifest) -> bool:

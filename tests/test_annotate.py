@@ -30,6 +30,26 @@ def test_signal_cav_recovers_the_concept_direction_despite_correlated_noise():
     assert abs(signal[3]) > 0.9 and abs(signal[4]) < 0.2
 
 
+@pytest.mark.parametrize("name", ["signal", "svm", "ridge", "logistic"])
+def test_within_class_cav_ignores_the_class_evidence_a_shortcut_correlates_with(name):
+    """The artifact (channel 1) is in 85 % of class 1 and never in class 0; the class's own
+    evidence (channel 0) is strong. Across classes the CAV leans on channel 0, within class not."""
+    rng = np.random.default_rng(1)
+    n = 600
+    cls = rng.integers(0, 2, n)
+    art = (cls == 1) & (rng.random(n) < 0.85)
+    X = np.c_[4.0 * cls, 1.0 * art, rng.normal(size=(n, 6))] + 0.3 * rng.normal(size=(n, 8))
+    across = make_cav(name).fit(X, art).direction_
+    within = make_cav(name).fit(X, art, groups=cls).direction_
+    assert abs(within[1]) > 0.9 and abs(within[0]) < 0.1, within
+    if name == "signal":  # the pattern CAV is where the confound shows most
+        assert abs(across[0]) > 0.5, across
+    multi_hot = np.c_[cls, 1 - cls]  # (N, K) keys group by row
+    assert np.allclose(make_cav(name).fit(X, art, groups=multi_hot).direction_, within, atol=1e-5)
+    with pytest.raises(UsageError, match="nothing to contrast"):
+        make_cav(name).fit(X, cls, groups=cls)
+
+
 def test_cav_needs_both_classes_and_known_method():
     with pytest.raises(UsageError):
         SignalCAV().fit(np.ones((4, 3)), np.ones(4))

@@ -146,19 +146,64 @@ def test_dfr_from_the_cli_changes_only_the_head_and_records_its_choice(shortcut_
     assert set(record["before"]) >= {"objective", "clean_balanced_accuracy"} and record["after"]
 
 
+WORSE = {"objective": -1.0, "clean_balanced_accuracy": 0.0, "inserted_balanced_accuracy": 0.0}
+
+
 def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model, poisoned, tmp_path, monkeypatch):
     import cxr_audit.unlearning as unlearning
 
-    def worse(net, extra, validation):
-        return {"objective": -1.0, "clean_balanced_accuracy": 0.0, "inserted_balanced_accuracy": 0.0}
-
-    monkeypatch.setattr(unlearning, "_after", worse)
+    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: WORSE)
     out = tmp_path / "never.pt"
     r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
                             "--method", "dfr", "--option", "C=1", "--device", "cpu"])
     assert r.exit_code == 3, r.output
     assert "worse" in r.output and "nothing was written" in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_a_refused_method_falls_back_to_dfr_once(shortcut_model, poisoned, tmp_path, monkeypatch):
+    import cxr_audit.unlearning as unlearning
+
+    real, calls = unlearning._after, []
+
+    def first_worse(net, extra, validation):  # augment's result is refused, DFR's judged for real
+        calls.append(1)
+        return WORSE if len(calls) == 1 else real(net, extra, validation)
+
+    monkeypatch.setattr(unlearning, "_after", first_worse)
+    # the fixture's model is at chance without the stamp (no fallback then): pretend it is not
+    signal = {"objective": 0.0, "clean_balanced_accuracy": 0.9, "inserted_balanced_accuracy": 0.5}
+    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: signal)
+    out = tmp_path / "fallback.pt"
+    base = ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out), "--epochs", "1",
+            "--device", "cpu"]
+    r = runner.invoke(app, base + ["--option", "donors=8"])  # augment's option must not reach DFR
+    assert r.exit_code == 0, r.output
+    assert "augment was refused" in r.output and "trying dfr" in r.output and "after augment was refused" in r.output
+    payload = torch.load(out, weights_only=True)
+    record = payload["extra"]["unlearn"]
+    assert record["method"] == "dfr" and record["fallback_from"] == "augment" and len(calls) == 2
+    before = torch.load(shortcut_model, weights_only=True)["state_dict"]
+    assert {k for k in before if not torch.equal(before[k], payload["state_dict"][k])} == {"fc.weight", "fc.bias"}
+
+    out.unlink()
+    calls.clear()
+    r = runner.invoke(app, base + ["--fallback", "none"])
+    assert r.exit_code == 3 and "trying" not in r.output and not out.exists(), r.output
+    r = runner.invoke(app, base + ["--fallback", "bogus"])
+    assert r.exit_code == 2 and "unknown --fallback 'bogus'" in r.output
+
+
+def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_model, poisoned, tmp_path,
+                                                                      monkeypatch):
+    import cxr_audit.unlearning as unlearning
+
+    at_chance = {"objective": 0.5, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.5}
+    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: at_chance)
+    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: WORSE)
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out",
+                            str(tmp_path / "x.pt"), "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 3 and "trying" not in r.output and "--balance resample" in r.output, r.output
 
 
 def test_a_sweep_in_which_every_lambda_diverges_fails_loudly(shortcut_model, poisoned, tmp_path):
