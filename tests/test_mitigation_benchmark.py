@@ -46,3 +46,26 @@ def test_a_pure_shortcut_model_is_refused_not_presented_as_fixed(tmp_path):
     rows = _benchmark().run_cell("pure", "resnet18", 0, _args(tmp_path, ["none", DEFAULT_METHOD]))
     assert rows[0]["clean"] <= 0.65  # nothing but the stamp to learn
     assert next(r for r in rows if r["method"] == DEFAULT_METHOD)["refused"]
+
+
+def test_the_default_chain_row_is_what_a_user_of_the_defaults_gets():
+    """augment when it is kept; dfr when augment is refused; the trained model when both are
+    refused or the input has no signal beyond the artifact (nothing written)."""
+    chain = _benchmark().default_chain
+    trained = {"method": "(trained)", "clean": 0.9, "inserted": 0.4, "worst": 0.1}
+
+    def rows(augment_refused, dfr_refused, at_chance=False):
+        common = {"seconds": 10.0, "input_at_chance": at_chance}
+        return [trained, {"method": "augment", "clean": 0.8, "inserted": 0.8, "worst": 0.5, "closed": 1.0,
+                          "clean_delta": -0.1, "worst_delta": 0.4, "refused": augment_refused, **common},
+                {"method": "dfr", "clean": 0.9, "inserted": 0.6, "worst": 0.3, "closed": 0.6, "clean_delta": 0.0,
+                 "worst_delta": 0.2, "refused": dfr_refused, **common}]
+
+    kept = chain(rows(False, True))[0]
+    assert kept["clean"] == 0.8 and kept["seconds"] == 10.0 and not kept["refused"]
+    fell_back = chain(rows(True, False))[0]
+    assert fell_back["clean"] == 0.9 and fell_back["closed"] == 0.6 and fell_back["seconds"] == 20.0
+    for refused in (chain(rows(True, True))[0], chain(rows(True, False, at_chance=True))[0]):
+        assert refused["refused"] and refused["closed"] == 0.0 and refused["inserted"] == 0.4
+    assert chain(rows(True, False, at_chance=True))[0]["seconds"] == 10.0  # no fallback ran
+    assert chain([trained, rows(False, False)[1]]) == []  # dfr did not run: no chain row
