@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -80,45 +80,10 @@ class _Outcome:
     extra: dict | None = None
 
 
-def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, *,
-            fallback: str | None = DEFAULT_FALLBACK, on_stage: Callable[[str], None] | None = None,
-            **settings) -> UnlearnResult:
-    """:func:`unlearn_once` with ``method``; when its result is refused (worse than the input on
-    the validation objective) and the input has signal beyond the artifact, once more with
-    ``fallback`` (default DFR; ``None``: refuse at once). ``settings``: :func:`unlearn_once`'s
-    keyword arguments; the method-specific ``options`` go to ``method`` only. The result's
-    ``fallback_from`` names the refused method."""
-
-    if fallback is not None and fallback not in MITIGATIONS:
-        raise UsageError(f"unknown --fallback '{fallback}' (choose from none, {', '.join(MITIGATIONS)})")
-    try:
-        return unlearn_once(model, data, out, method, on_stage=on_stage, **settings)
-    except NotImprovedError as refused:
-        multilabel_only = settings.get("target") is not None and not MITIGATIONS[fallback or method].multilabel
-        if not fallback or fallback == method or refused.input_at_chance or multilabel_only:
-            raise
-        (on_stage or (lambda _: None))(f"{method} was refused ({refused.summary}); trying {fallback}")
-        try:
-            result = unlearn_once(model, data, out, fallback, on_stage=on_stage, fallback_from=method,
-                                  **{**settings, "options": None})
-        except NotImprovedError as again:
-            raise NotImprovedError(again.summary, again.advice, again.input_at_chance,
-                                   f"{refused.summary}; then {again.summary}; nothing was written, the input is "
-                                   f"unchanged. {again.advice}") from None
-    return result
-
-
-def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, *,
-                 annotations: str | Path | None = None, layer: str | None = None, cav_method: str = "signal",
-            cav_scope: str = "class", lambda_: float | None = None, lambdas: list[float] | None = None,
-            balance: str = "none", freeze: str = "auto", output: str | None = None, options: dict | None = None,
-            epochs: int = 5, sweep_epochs: int | None = None, batch_size: int = 32, lr: float | None = None,
-            weight_decay: float = 1e-4, patience: int | None = None, train_split: str = "train",
-            val_split: str = "val", seed: int = 0, device: str = "auto", amp: bool = True, num_workers: int = 0,
-            cam_layer: str | None = None, keep_worse: bool = False, target: str | None = None,
-            fallback_from: str | None = None, on_progress: Callable[..., None] | None = None,
-            on_stage: Callable[[str], None] | None = None) -> UnlearnResult:
-    """Remove the shortcut from ``model`` with mitigation ``method`` on ``data``; write ``out``.
+@dataclass(frozen=True)
+class UnlearnOptions:
+    """Every option of one ``unlearn`` run, declared once (the CLI, the benchmark and the
+    fallback pass them as keywords of :func:`unlearn`).
 
     ``target``: ``finding:NAME`` — required for multi-label models: the finding whose shortcut
     is removed (the loss stays over every finding; the method and the validation objective see
@@ -143,69 +108,160 @@ def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: s
     Why (the gradient penalty needs the direction the artifact *moves* activations, Pahde et al.
     2023, and within one class that difference is not confounded with the class's features):
     docs/unlearn.md.
+
+    ``fallback_from``: the method refused before this run (recorded in the checkpoint).
     """
+
+    annotations: str | Path | None = None
+    layer: str | None = None
+    cav_method: str = "signal"
+    cav_scope: str = "class"
+    lambda_: float | None = None
+    lambdas: list[float] | None = None
+    balance: str = "none"
+    freeze: str = "auto"
+    output: str | None = None
+    options: dict | None = None
+    epochs: int = 5
+    sweep_epochs: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    patience: int | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+    cam_layer: str | None = None
+    keep_worse: bool = False
+    target: str | None = None
+    fallback_from: str | None = None
+
+    @classmethod
+    def of(cls, settings: dict) -> "UnlearnOptions":
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UsageError(f"unknown unlearn option(s) {', '.join(unknown)}")
+        return cls(**settings)
+
+    def method_options(self) -> dict:
+        """The options a mitigation is created with: the common ones that are set, then its own."""
+        common = {"output": self.output, "seed": self.seed, "cam_layer": self.cam_layer}
+        return {**{k: v for k, v in common.items() if v is not None}, **(self.options or {})}
+
+
+def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = DEFAULT_METHOD, *,
+            fallback: str | None = DEFAULT_FALLBACK, on_progress: Callable[..., None] | None = None,
+            on_stage: Callable[[str], None] | None = None, **settings) -> UnlearnResult:
+    """Remove the shortcut from ``model`` with mitigation ``method`` on ``data``; write ``out``.
+    ``settings``: the fields of :class:`UnlearnOptions`.
+
+    When the result is refused (worse than the input on the validation objective) and the input
+    has signal beyond the artifact, runs once more with ``fallback`` (default DFR, without
+    ``method``'s own options; ``None``: refuse at once). The result's ``fallback_from`` names the
+    refused method."""
+    opts = UnlearnOptions.of(settings)
+    if fallback is not None and fallback not in MITIGATIONS:
+        raise UsageError(f"unknown --fallback '{fallback}' (choose from none, {', '.join(MITIGATIONS)})")
     say = on_stage or (lambda _: None)
-    if Path(out).resolve() == Path(model).resolve():
-        raise UsageError(f"--out {out} is the input model: write the unlearned model to a new file")
-    if any(lam < 0 for lam in ([lambda_] if lambda_ is not None else []) + list(lambdas or [])):
-        raise UsageError("--lambda must be >= 0: a negative penalty rewards the shortcut")
-    seed_everything(seed)
+    try:
+        return unlearn_once(model, data, out, method, opts, on_progress, say)
+    except NotImprovedError as refused:
+        multilabel_only = opts.target is not None and not MITIGATIONS[fallback or method].multilabel
+        if not fallback or fallback == method or refused.input_at_chance or multilabel_only:
+            raise
+        say(f"{method} was refused ({refused.summary}); trying {fallback}")
+        try:
+            return unlearn_once(model, data, out, fallback, replace(opts, options=None, fallback_from=method),
+                                on_progress, say)
+        except NotImprovedError as again:
+            raise NotImprovedError(again.summary, again.advice, again.input_at_chance,
+                                   f"{refused.summary}; then {again.summary}; nothing was written, the input is "
+                                   f"unchanged. {again.advice}") from None
+
+
+def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: str, opts: UnlearnOptions,
+                 on_progress: Callable[..., None] | None, say: Callable[[str], None]) -> UnlearnResult:
+    """One method, no fallback (see :func:`unlearn`)."""
+    _check_inputs(model, out, opts)
+    seed_everything(opts.seed)
     net, config = load_checkpoint(model)
     if config.get("projection"):
         raise UsageError(f"{model} already carries a P-ClArC projection; unlearn from the original checkpoint")
     prep = preprocessing_of(config)
-    lr = lr if lr is not None else spec_of(config["arch"]).recommended_lr
-    dev = init_distributed(resolve_device(device))
-    manifest, train_set, val_set = _splits_of(data, config, train_split, val_split)
-    options = {**{k: v for k, v in {"output": output, "seed": seed, "cam_layer": cam_layer}.items() if v is not None},
-               **(options or {})}
-    mitigation = get_mitigation(method, **options)
-    context = _context(manifest, train_set, config, annotations, layer, cav_method, cav_scope, mitigation.default_layer)
-    context.finding = _finding(target, manifest, method)
-    if context.finding is not None:
-        context.num_classes = 2  # the finding's negatives and positives
-        if balance != "none":
-            raise UsageError("--balance is for single-label models (its groups are classes)")
-    mitigation.check(context)
-    _note_weak_annotation(context, say)
-    say(f"reading the validation split ('{val_split}')" if val_set is not None else "no validation split")
-    validation = Validation(train_set, val_set, prep, dev, context, batch_size, seed) if val_set is not None else None
-    context.data = TrainingData(train_set, prep, dev, batch_size, seed, validation)
+    lr = opts.lr if opts.lr is not None else spec_of(config["arch"]).recommended_lr
+    dev = init_distributed(resolve_device(opts.device))
+    manifest, train_set, val_set = _splits_of(data, config, opts.train_split, opts.val_split)
+    mitigation = get_mitigation(method, **opts.method_options())
+    context = _checked_context(manifest, train_set, config, mitigation, opts, say)
+    say(f"reading the validation split ('{opts.val_split}')" if val_set is not None else "no validation split")
+    validation = (Validation(train_set, val_set, prep, dev, context, opts.batch_size, opts.seed)
+                  if val_set is not None else None)
+    context.data = TrainingData(train_set, prep, dev, opts.batch_size, opts.seed, validation)
     start_state = copy.deepcopy(net.state_dict())
     net = net.to(dev)
     before = validation.summary(net) if validation else {}
     _note_no_reliance(before, say)
-    run = dict(context=context, balance=_balance(method, balance, train_set, context, mitigation, net),
-               batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, amp=amp,
-               freeze=_freeze_layer(freeze, mitigation, context), num_workers=num_workers)
+    run = dict(context=context, balance=_balance(method, opts.balance, train_set, context, mitigation, net),
+               batch_size=opts.batch_size, lr=lr, weight_decay=opts.weight_decay, seed=opts.seed, amp=opts.amp,
+               freeze=_freeze_layer(opts.freeze, mitigation, context), num_workers=opts.num_workers)
     if not mitigation.trains:
         say(f"{method}: {mitigation.edit_description} (no training)")
-        loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
+        loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=opts.batch_size,
+                            collate_fn=collate)
         mitigation.prepare(net, context, loader)
         outcome = _Outcome(sweep=list(getattr(mitigation, "sweep", [])))
     else:
-        outcome = _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, validation, run, say,
-                             lambda_=lambda_, lambdas=lambdas, epochs=epochs, sweep_epochs=sweep_epochs,
-                             patience=patience, val_split=val_split, on_progress=on_progress)
+        outcome = _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, run, say, opts,
+                             on_progress)
     if outcome.extra is None:
         outcome.extra = mitigation.finish(net)
     after = _after(net, outcome.extra, validation)
-    _refuse_if_worse(method, before, after, keep_worse, validation, context.num_classes)
-    record = {"method": method, "lambda": outcome.lambda_, "lambda_sweep": outcome.sweep,
-              "objective": validation.description if validation else "none", "before": before, "after": after,
-              "balance": run["balance"].mode if run["balance"] else "none", "freeze": run["freeze"],
-              "layer": context.layer, "annotations": str(Path(annotations).resolve()) if annotations else None,
-              "cav_method": cav_method, "cav_scope": cav_scope, "source_checkpoint": str(Path(model).resolve()),
-              "source_sha256": file_sha256(model), "data": str(Path(data).resolve()), "epochs": epochs,
-              "sweep_epochs": sweep_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-              "seed": seed, "amp": amp, "target": target, "fallback_from": fallback_from, **options,
-              **mitigation.summary()}
+    _refuse_if_worse(method, before, after, opts.keep_worse, validation, context.num_classes)
+    record = _record(method, opts, model, data, outcome, validation, before, after, run, context, mitigation)
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, net, config["arch"], config["class_names"], prep,
                         extra={**outcome.extra, "unlearn": record, "history": outcome.history, "created": now(),
                                "versions": versions()})
     return UnlearnResult(Path(out), method, outcome.lambda_, outcome.sweep, outcome.history, outcome.seconds_per_step,
-                         before, after, record["objective"], mitigation.strength_name, fallback_from)
+                         before, after, record["objective"], mitigation.strength_name, opts.fallback_from)
+
+
+def _check_inputs(model, out, opts: UnlearnOptions) -> None:
+    if Path(out).resolve() == Path(model).resolve():
+        raise UsageError(f"--out {out} is the input model: write the unlearned model to a new file")
+    if any(lam < 0 for lam in ([opts.lambda_] if opts.lambda_ is not None else []) + list(opts.lambdas or [])):
+        raise UsageError("--lambda must be >= 0: a negative penalty rewards the shortcut")
+
+
+def _checked_context(manifest, train_set, config, mitigation, opts: UnlearnOptions, say) -> Context:
+    """The method's :class:`Context` (annotation, finding), checked against what it needs."""
+    context = _context(manifest, train_set, config, opts.annotations, opts.layer, opts.cav_method, opts.cav_scope,
+                       mitigation.default_layer)
+    context.finding = _finding(opts.target, manifest, mitigation.name)
+    if context.finding is not None:
+        context.num_classes = 2  # the finding's negatives and positives
+        if opts.balance != "none":
+            raise UsageError("--balance is for single-label models (its groups are classes)")
+    mitigation.check(context)
+    _note_weak_annotation(context, say)
+    return context
+
+
+def _record(method, opts: UnlearnOptions, model, data, outcome: _Outcome, validation, before, after, run, context,
+            mitigation) -> dict:
+    """What the checkpoint records of the run: every option, as resolved, and the figures."""
+    return {"method": method, "lambda": outcome.lambda_, "lambda_sweep": outcome.sweep,
+            "objective": validation.description if validation else "none", "before": before, "after": after,
+            "balance": run["balance"].mode if run["balance"] else "none", "freeze": run["freeze"],
+            "layer": context.layer, "annotations": str(Path(opts.annotations).resolve()) if opts.annotations else None,
+            "cav_method": opts.cav_method, "cav_scope": opts.cav_scope, "source_checkpoint": str(Path(model).resolve()),
+            "source_sha256": file_sha256(model), "data": str(Path(data).resolve()), "epochs": opts.epochs,
+            "sweep_epochs": opts.sweep_epochs, "batch_size": opts.batch_size, "lr": run["lr"],
+            "weight_decay": opts.weight_decay, "seed": opts.seed, "amp": opts.amp, "target": opts.target,
+            "fallback_from": opts.fallback_from, **opts.method_options(), **mitigation.summary()}
 
 
 def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Manifest, Manifest, Manifest | None]:
@@ -253,17 +309,19 @@ def _finding(target: str | None, manifest: Manifest, method: str) -> int | None:
     return k
 
 
-def _fine_tune(net, start_state, train_set, prep, dev, mitigation, options, validation, run, say, *, lambda_,
-               lambdas, epochs, sweep_epochs, patience, val_split, on_progress) -> _Outcome:
-    """Train with ``mitigation``; λ from the sweep when ``lambda_`` is None and the method has a grid."""
-    method, outcome = mitigation.name, _Outcome(lambda_=lambda_)
-    grid = lambdas or list(mitigation.default_lambdas)
-    if lambda_ is None and grid:
+def _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, run, say, opts: UnlearnOptions,
+               on_progress) -> _Outcome:
+    """Train with ``mitigation``; λ from the sweep when ``opts.lambda_`` is None and the method has a grid."""
+    method, outcome = mitigation.name, _Outcome(lambda_=opts.lambda_)
+    epochs, sweep_epochs, patience = opts.epochs, opts.sweep_epochs, opts.patience
+    grid = opts.lambdas or list(mitigation.default_lambdas)
+    if opts.lambda_ is None and grid:
         if validation is None:
-            raise UsageError(f"choosing λ for {method} needs a validation split ('{val_split}'); add one or pass --lambda")
+            raise UsageError(f"choosing λ for {method} needs a validation split ('{opts.val_split}'); add one or "
+                             "pass --lambda")
         short = sweep_epochs is not None and sweep_epochs < epochs
         say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} ({sweep_epochs if short else epochs} epoch(s) each)")
-        outcome.sweep, models = sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
+        outcome.sweep, models = sweep_lambdas(net, start_state, train_set, prep, dev, method, opts.method_options(), grid,
                                               sweep_epochs if short else epochs, validation, run, patience,
                                               prefixed(on_progress, "sweep:"))
         outcome.lambda_ = choose(outcome.sweep)
