@@ -71,26 +71,90 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     cluster id from ``reveal_json``: its members are the seeds) or ``from_column`` (``artifact``)
     selects the positives.
     """
-    parse_threshold(mask_threshold)  # fail before any work
-    if mask_rule not in MASK_RULES:
-        raise UsageError(f"mask rule must be one of {', '.join(MASK_RULES)}, got '{mask_rule}'")
-    if mask_reference not in MASK_REFERENCES:
-        raise UsageError(f"mask reference must be one of {', '.join(MASK_REFERENCES)}, got '{mask_reference}'")
-    if mask_complete not in MASK_COMPLETIONS:
-        raise UsageError(f"mask completion must be one of {', '.join(MASK_COMPLETIONS)}, got '{mask_complete}'")
-    if mask_cav not in MASK_CAVS:
-        raise UsageError(f"mask CAV must be one of {', '.join(MASK_CAVS)}, got '{mask_cav}'")
-    if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
-        raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
-    if cluster is not None:
-        seeds = _cluster_members(cluster, reveal_json)
-    both = sorted(set(seeds or []) & set(negatives or []))
-    if both:
-        raise UsageError(f"sample(s) {both} are both --seeds and --negatives")
+    masking = MaskOptions(mask_layer, mask_threshold, mask_rule, mask_reference, mask_complete, mask_cav, blur,
+                          dilate, max_masks)
+    masking.check()  # fail before any work
+    seeds = _selected_seeds(seeds, negatives, concept, from_column, cluster, reveal_json)
     out = Path(out)
     if out.resolve() == Path(scan_path).resolve():
         raise UsageError(f"--out {out} is the scan itself: annotations go to a new file")
     rng = np.random.default_rng(seed)
+    scan = _read_scan(scan_path, layer, concept, masking.layer)
+    pos = _positives(seeds, concept, from_column, scan.row_of, scan.artifact, scan.relevances, scan.layers,
+                     scan.layer, scan.usable)
+    labelling = _label_samples(scan, pos, negatives, from_column, method, n_negatives, threshold, refine, rng)
+    labels, quality = labelling.labels, labelling.quality
+    result = AnnotationResult(out, scan.layer, labelling.threshold, int(labels.sum()), quality)
+    mask_rows = np.flatnonzero(labels)[:masking.max_masks]
+    mask_stack = None
+    if masks and len(mask_rows):
+        mask_stack, mask_quality = _paint_masks(scan, labels, mask_rows, method, masking, model, data, device,
+                                                batch_size, rng, on_progress)
+        quality.update(mask_quality)
+    options = {"layer": scan.layer, "mask_layer": scan.mask_layer, "method": method, "seeds": seeds,
+               "negatives": negatives, "from_column": from_column, "concept": concept, "cluster": cluster,
+               "n_negatives": n_negatives, "threshold": threshold, "refine": refine,
+               "mask_threshold": masking.threshold, "mask_rule": masking.rule, "mask_reference": masking.reference,
+               "mask_complete": masking.complete, "mask_cav": masking.cav, "blur": masking.blur,
+               "dilate": masking.dilate, "seed": seed}
+    # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
+    stored = np.full(len(labels), -1, np.int8)
+    stored[scan.usable] = labels[scan.usable]
+    _write_h5(out, scan.meta, scan_path, options, (scan.index, scan.paths), labelling.scores, stored,
+              labelling.threshold, labelling.direction, labelling.fit_rows, mask_rows, mask_stack, quality)
+    if masks_dir is not None and mask_stack is not None:
+        result.files.update(_write_mask_files(Path(masks_dir), scan.meta, scan.index, stored, mask_rows, mask_stack,
+                                              labelling.scores))
+    result.files["annotations"] = out
+    return result
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """How masks are painted (the ``mask_*``, ``blur``, ``dilate`` and ``max_masks`` arguments
+    of :func:`annotate`); :meth:`check` names the valid choices."""
+
+    layer: str | None = None
+    threshold: str = "peak"
+    rule: str = "upsample"
+    reference: str = "clean"
+    complete: str = "none"
+    cav: str = "within-class"
+    blur: float | None = None
+    dilate: int = 0
+    max_masks: int = 1000
+
+    def check(self) -> None:
+        parse_threshold(self.threshold)
+        for value, allowed, what in ((self.rule, MASK_RULES, "rule"), (self.reference, MASK_REFERENCES, "reference"),
+                                     (self.complete, MASK_COMPLETIONS, "completion"), (self.cav, MASK_CAVS, "CAV")):
+            if value not in allowed:
+                raise UsageError(f"mask {what} must be one of {', '.join(allowed)}, got '{value}'")
+
+
+@dataclass
+class _ScanArrays:
+    """What annotate reads from a scan, once."""
+
+    meta: dict
+    layers: list[str]
+    layer: str
+    mask_layer: str
+    index: np.ndarray
+    paths: np.ndarray
+    usable: np.ndarray
+    acts: np.ndarray
+    mask_acts: np.ndarray
+    artifact: np.ndarray
+    classes: np.ndarray
+    relevances: np.ndarray | None
+
+    @property
+    def row_of(self) -> dict[int, int]:
+        return {int(i): r for r, i in enumerate(self.index)}
+
+
+def _read_scan(scan_path, layer: str | None, concept: str | None, mask_layer: str | None) -> _ScanArrays:
     with open_scan(scan_path) as f:
         meta = read_meta(f)
         layers = list(meta["layers"])
@@ -102,22 +166,32 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         for name in (layer, mask_layer):
             if name not in layers:
                 raise UsageError(f"layer '{name}' is not in the scan (scanned: {', '.join(layers)})")
-        index = f["samples/index"][:]
-        paths = f["samples/path"][:]  # recorded with the labels: which images they belong to
         done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
-        acts = f[f"activations/{layer}/max"][:]
-        mask_acts = f[f"activations/{mask_layer}/max"][:]
-        artifact = f["samples/artifact"][:]
-        classes = f["samples/label"][:]
-        relevances = f[f"relevances/{layer}"][:] if concept is not None else None
-    row_of = {int(i): r for r, i in enumerate(index)}
-    usable = np.flatnonzero(done)
+        return _ScanArrays(meta, layers, layer, mask_layer, f["samples/index"][:],
+                           f["samples/path"][:],  # recorded with the labels: which images they belong to
+                           np.flatnonzero(done), f[f"activations/{layer}/max"][:],
+                           f[f"activations/{mask_layer}/max"][:], f["samples/artifact"][:], f["samples/label"][:],
+                           f[f"relevances/{layer}"][:] if concept is not None else None)
 
-    pos = _positives(seeds, concept, from_column, row_of, artifact, relevances, layers, layer, usable)
+
+@dataclass
+class _Labelling:
+    labels: np.ndarray
+    scores: np.ndarray
+    threshold: float
+    direction: np.ndarray
+    fit_rows: np.ndarray
+    quality: dict
+
+
+def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_negatives, threshold, refine,
+                   rng) -> _Labelling:
+    """Steps 1-2 and the retrieval quality: CAV, scores, labels (see the module docstring)."""
+    usable, acts, artifact = scan.usable, scan.acts, scan.artifact
     if from_column is not None:
         neg = np.intersect1d(np.flatnonzero(artifact == 0), usable)
     elif negatives:
-        neg = _rows(negatives, row_of, "negative")
+        neg = _rows(negatives, scan.row_of, "negative")
     else:
         pool = np.setdiff1d(usable, pos)
         neg = rng.choice(pool, size=min(n_negatives, len(pool)), replace=False)
@@ -126,7 +200,6 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     fit_rows = np.union1d(pos, neg)
     # only negatives a person named are forced to 0; random contrast rows may hold the concept too
     forced_neg = neg if negatives else np.zeros(0, int)
-
     cav = make_cav(method).fit(acts[fit_rows], np.isin(fit_rows, pos).astype(int))
     scores = cav.score(acts)
     held_out = np.setdiff1d(usable, fit_rows)
@@ -140,43 +213,41 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         scores = cav.score(acts)
         thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
         labels = _label(scores, thr, pos, forced_neg, usable)
-
     quality: dict = {}
     known = held_out[artifact[held_out] >= 0]
     if len(known):
         quality["retrieval_held_out"] = retrieval_quality(scores[known], artifact[known] == 1)
         quality["label_accuracy_held_out"] = float((labels[known] == (artifact[known] == 1)).mean())
-    result = AnnotationResult(out, layer, thr, int(labels.sum()), quality)
+    return _Labelling(labels, scores, thr, cav.direction_, fit_rows, quality)
 
-    mask_rows = np.flatnonzero(labels)[:max_masks]
-    mask_stack = None
-    if masks and len(mask_rows):
-        mask_direction, quality["mask_cav"] = _mask_direction(method, mask_acts[usable], labels[usable],
-                                                             classes[usable], mask_cav)
-        reference_rows = None
-        if mask_reference == "clean":
-            clean = np.setdiff1d(usable, np.flatnonzero(labels))
-            reference_rows = np.sort(rng.choice(clean, size=min(N_REFERENCE, len(clean)), replace=False))
-        mask_stack, mask_quality = _masks(meta, mask_rows, index, mask_layer, mask_direction, model, data,
-                                          device, batch_size, blur, mask_threshold, dilate, on_progress,
-                                          first_rule=mask_rule, reference_rows=reference_rows,
-                                          complete=mask_complete == "saturated")
-        quality.update(mask_quality)
-    options = {"layer": layer, "mask_layer": mask_layer, "method": method, "seeds": seeds, "negatives": negatives,
-               "from_column": from_column, "concept": concept, "cluster": cluster, "n_negatives": n_negatives,
-               "threshold": threshold, "refine": refine, "mask_threshold": mask_threshold,
-               "mask_rule": mask_rule, "mask_reference": mask_reference,
-               "mask_complete": mask_complete, "mask_cav": mask_cav, "blur": blur,
-               "dilate": dilate, "seed": seed}
-    # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
-    stored = np.full(len(labels), -1, np.int8)
-    stored[usable] = labels[usable]
-    _write_h5(out, meta, scan_path, options, (index, paths), scores, stored, thr, cav.direction_, fit_rows,
-              mask_rows, mask_stack, quality)
-    if masks_dir is not None and mask_stack is not None:
-        result.files.update(_write_mask_files(Path(masks_dir), meta, index, stored, mask_rows, mask_stack, scores))
-    result.files["annotations"] = out
-    return result
+
+def _paint_masks(scan: _ScanArrays, labels, mask_rows, method, masking: MaskOptions, model, data, device,
+                 batch_size, rng, on_progress) -> tuple[np.ndarray, dict]:
+    """Step 3: ``(masks (M, H, W) bool, quality)`` for ``mask_rows``, from a CAV at the mask layer."""
+    usable = scan.usable
+    direction, scope = _mask_direction(method, scan.mask_acts[usable], labels[usable], scan.classes[usable],
+                                       masking.cav)
+    reference_rows = None
+    if masking.reference == "clean":
+        clean = np.setdiff1d(usable, np.flatnonzero(labels))
+        reference_rows = np.sort(rng.choice(clean, size=min(N_REFERENCE, len(clean)), replace=False))
+    stack, quality = _masks(scan.meta, mask_rows, scan.index, scan.mask_layer, direction, model, data, device,
+                            batch_size, masking.blur, masking.threshold, masking.dilate, on_progress,
+                            first_rule=masking.rule, reference_rows=reference_rows,
+                            complete=masking.complete == "saturated")
+    return stack, {"mask_cav": scope, **quality}
+
+
+def _selected_seeds(seeds, negatives, concept, from_column, cluster, reveal_json) -> list[int] | None:
+    """The seed ids (a cluster's members for ``cluster``); checks that exactly one selection is given."""
+    if sum(x is not None for x in (seeds, concept, from_column, cluster)) != 1:
+        raise UsageError("give exactly one of --seeds, --concept, --cluster or --from-column")
+    if cluster is not None:
+        seeds = _cluster_members(cluster, reveal_json)
+    both = sorted(set(seeds or []) & set(negatives or []))
+    if both:
+        raise UsageError(f"sample(s) {both} are both --seeds and --negatives")
+    return seeds
 
 
 def _cluster_members(cluster: int, reveal_json: str | Path | None) -> list[int]:
