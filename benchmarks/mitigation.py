@@ -105,7 +105,7 @@ def parse_variant(method: str) -> tuple[str, dict]:
 
 def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     """Every method on one (data set, architecture, seed); one row per method."""
-    from cxr_audit.unlearning import unlearn
+    from cxr_audit.unlearning import input_at_chance, is_refused, unlearn
 
     work = Path(tempfile.mkdtemp(prefix=f"mit-{kind}-{arch}-{seed}-", dir=args.work))
     positive = "disease" if kind == "phantoms" else "lesion"
@@ -129,8 +129,7 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
         rows.append({"dataset": kind, "arch": arch, "seed": seed, "method": method, **m, "seconds": seconds,
                      "closed": 1 - gap / gap0 if gap0 > 0 else float("nan"), "clean_delta": m["clean"] - reference["clean"],
                      "worst_delta": m["worst"] - reference["worst"], "strength": r.lambda_,
-                     "refused": bool(r.before) and r.after["objective"] < r.before["objective"],
-                     "input_at_chance": bool(r.before) and r.before["clean_balanced_accuracy"] <= 0.55})
+                     "refused": is_refused(r.before, r.after), "input_at_chance": input_at_chance(r.before, 2)})
         print(json.dumps(rows[-1]), flush=True)
     rows += default_chain(rows)
     for row in rows[1:]:

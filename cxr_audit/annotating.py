@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -149,7 +150,7 @@ class _ScanArrays:
     classes: np.ndarray
     relevances: np.ndarray | None
 
-    @property
+    @cached_property
     def row_of(self) -> dict[int, int]:
         return {int(i): r for r, i in enumerate(self.index)}
 

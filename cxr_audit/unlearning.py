@@ -49,8 +49,8 @@ class NotImprovedError(CxrAuditError):
 
     exit_code = 3
 
-    def __init__(self, summary: str, advice: str, input_at_chance: bool = False, message: str | None = None):
-        super().__init__(message or f"{summary}; nothing was written, the input is unchanged. {advice}")
+    def __init__(self, summary: str, advice: str, input_at_chance: bool = False):
+        super().__init__(f"{summary}; nothing was written, the input is unchanged. {advice}")
         self.summary, self.advice, self.input_at_chance = summary, advice, input_at_chance
 
 
@@ -169,17 +169,16 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     try:
         return unlearn_once(model, data, out, method, opts, on_progress, say)
     except NotImprovedError as refused:
-        multilabel_only = opts.target is not None and not MITIGATIONS[fallback or method].multilabel
-        if not fallback or fallback == method or refused.input_at_chance or multilabel_only:
+        if (not fallback or fallback == method or refused.input_at_chance
+                or (opts.target is not None and not MITIGATIONS[fallback].multilabel)):
             raise
         say(f"{method} was refused ({refused.summary}); trying {fallback}")
         try:
             return unlearn_once(model, data, out, fallback, replace(opts, options=None, fallback_from=method),
                                 on_progress, say)
         except NotImprovedError as again:
-            raise NotImprovedError(again.summary, again.advice, again.input_at_chance,
-                                   f"{refused.summary}; then {again.summary}; nothing was written, the input is "
-                                   f"unchanged. {again.advice}") from None
+            raise NotImprovedError(f"{refused.summary}; then {again.summary}", again.advice,
+                                   again.input_at_chance) from None
 
 
 def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: str, opts: UnlearnOptions,
@@ -356,14 +355,25 @@ def _after(net, extra: dict, validation: Validation | None) -> dict:
         handle.remove()
 
 
+def is_refused(before: dict, after: dict) -> bool:
+    """Whether ``unlearn`` refuses a result: worse than its input on the validation objective."""
+    return bool(before) and after["objective"] < before["objective"]
+
+
+def input_at_chance(before: dict, num_classes: int) -> bool:
+    """Whether the input model is at chance on the artifact-free validation images (no signal
+    beyond the artifact, nothing a mitigation could keep)."""
+    return bool(before) and before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05
+
+
 def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation, num_classes: int) -> None:
-    if not before or keep_worse or after["objective"] >= before["objective"]:
+    if keep_worse or not is_refused(before, after):
         return
     inserted = ""
     if "inserted_balanced_accuracy" in before and "inserted_balanced_accuracy" in after:
         inserted = (f", artifact-inserted {before['inserted_balanced_accuracy']:.3f} → "
                     f"{after['inserted_balanced_accuracy']:.3f}")
-    at_chance = before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05
+    at_chance = input_at_chance(before, num_classes)
     if at_chance:
         advice = ("without the artifact the input model is at chance, so it has no signal beyond the artifact: "
                   "retrain from scratch with `cxr-audit train --balance resample` on the annotated manifest, and "
