@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -22,8 +23,10 @@ def reveal(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan
                                            help="CRP conditional heatmaps and crops per top concept (needs the scanned model)."),
            embedding: str = typer.Option("tsne", "--embedding",
                                          help="2-D embedding of each class's heatmaps: 'tsne' or 'umap'."),
-           virelay: bool = typer.Option(True, "--virelay/--no-virelay",
-                                        help="Write a ViRelAy project (OUT/virelay/project.yaml; needs the scanned images)."),
+           virelay: Optional[bool] = typer.Option(
+               None, "--virelay/--no-virelay", show_default=False,
+               help="Write a ViRelAy project (OUT/virelay/project.yaml; reads every scanned image once). "
+                    "Default: only for scans of up to 20,000 samples."),
            device: str = typer.Option("cpu", "--device")) -> None:
     """Rank suspicious concepts and explanation clusters; write reveal.json and an HTML report."""
     with progress_bar("reveal") as update:

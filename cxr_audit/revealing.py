@@ -16,17 +16,18 @@ from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import alarm_level, rank_concepts
+from cxr_audit.reveal.embedding import EMBEDDINGS, embed
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
-from cxr_audit.store.h5 import open_scan, read_meta
+from cxr_audit.store.h5 import open_scan, read_meta, read_rows
 from cxr_audit.store.schema import finding_index
 
 
 def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,
            max_k: int = 8, gallery: int = 8, references: bool = True, embedding: str = "tsne", device: str = "cpu",
-           virelay_project: bool = True, on_progress: Callable[..., None] | None = None) -> dict:
+           virelay_project: bool | None = None, on_progress: Callable[..., None] | None = None) -> dict:
     """Analyse a scan; returns the ``reveal.json`` content (also written to ``out_dir``).
 
     Concepts are ranked by suspicion over all scanned layers, those that raise an alarm first
@@ -34,8 +35,10 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     SpRAy clusters (per explained class) are ranked by how much their mean heatmap differs from
     the rest of the class, times how small they are. With ``references`` (needs the scanned model
     and data), the report shows each top concept's CRP conditional heatmaps and crops. With
-    ``virelay_project`` (needs the scanned data), ``out_dir/virelay/project.yaml`` is a complete
-    ViRelAy project (:mod:`cxr_audit.reveal.virelay`).
+    ``virelay_project`` (needs the scanned data; ``None``: up to :data:`VIRELAY_AUTO_MAX` samples),
+    ``out_dir/virelay/project.yaml`` is a complete ViRelAy project (:mod:`cxr_audit.reveal.virelay`).
+    Memory is bounded by the per-sample features, not the heatmaps: the scan is read a block of
+    rows at a time and one layer at a time.
     """
     if top < 1 or max_k < 1 or gallery < 1:  # before any work
         raise UsageError("--top, --max-k and the gallery size must be >= 1")
@@ -44,7 +47,8 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     v = _read_scan(scan_path, target)
-    concepts, n_tested = _rank_layers(v, top, on_progress)
+    step = _Steps(len(v.layers) + 3 * len(np.unique(v.classes[v.rows])) + 1, on_progress)
+    concepts, n_tested = _rank_layers(v, top, step)
     concepts.sort(key=lambda c: -c["suspicion"])
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], v.index, v.rows, device, v.explained)[:top]
     level = alarm_level(n_tested)
@@ -57,23 +61,21 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     concepts.sort(key=lambda c: (not c["alarm"], -c["rank_score"]))
     for rank, c in enumerate(concepts):
         c["id"] = rank
-    earliest, (earliest_acts, _) = next(iter(v.layer_data.items()))
-    _member_cav_scores(concepts, earliest, earliest_acts, v.index[v.rows])
+    _member_cav_scores(concepts, v.layers[0], v.layer(v.layers[0])[0], v.index[v.rows])
     # one concept layer: the middle scanned one, as annotate's default
-    middle = list(v.layer_data)[len(v.layer_data) // 2]
-    acts, rel = v.layer_data[middle]
-    spaces = {"heatmap": prepare_heatmaps(v.heat), f"relevance:{middle}": profile_features(rel),
+    middle = v.layers[len(v.layers) // 2]
+    acts, rel = v.layer(middle)
+    spaces = {"heatmap": v.heat_features, f"relevance:{middle}": profile_features(rel),
               f"activation:{middle}": profile_features(acts)}
-    clusters, per_class, clustered = _clusters(spaces, v.classes[v.rows], v.rows, v.index, max_k, embedding)
+    del acts, rel
+    clusters, per_class, clustered = _clusters(spaces, v.classes[v.rows], v.rows, v.index, max_k, embedding, step)
     _export_virelay(out / "reveal.virelay.h5", per_class, v.names)
-    virelay = _virelay_project(out / "virelay", v.meta, v.names, v.index[v.rows], v.labels[v.rows], v.heat,
-                               v.logits, clustered, per_class, target) if virelay_project else None
+    virelay = _virelay_project(out / "virelay", scan_path, v, clustered, per_class, target, virelay_project)
     _scatter(out / "embedding.png", per_class, v.names, v.sources, v.labels, v.index)
-    if on_progress:
-        on_progress(len(v.layer_data) + 1, len(v.layer_data) + 1, "clusters")
     result = {"scan": str(Path(scan_path).resolve()), "target": target, "explained_output": v.explained,
               "class_names": v.names,
               "sample_ids": [int(v.index[r]) for r in v.rows], "embedding": embedding,
+              "embedding_fitted": {v.names[k]: [d["fitted"], len(d["ids"])] for k, d in per_class.items()},
               "alarm": {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
                         "source_tests": source_tests,
                         "source_linked": [c["id"] for c in concepts if c["source_linked"]]},
@@ -82,26 +84,52 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "versions": versions()}
     write_text_atomic(out / "reveal.json", json.dumps(result, indent=1))
     _report(out, scan_path, result, v.index, gallery, references, device)
+    step("report")
     return result
+
+
+class _Steps:
+    """Counts reveal's steps for ``on_progress(done, total, status)`` (layers, space x class, report)."""
+
+    def __init__(self, total: int, on_progress: Callable[..., None] | None):
+        self.done, self.total, self.on_progress = 0, total, on_progress
+
+    def __call__(self, status: str) -> None:
+        self.done = min(self.done + 1, self.total)
+        if self.on_progress:
+            self.on_progress(self.done, self.total, status)
 
 
 @dataclass
 class ScanView:
     """What reveal reads from a scan: ``rows`` (finished, readable rows), per-row ``index``,
     ``classes`` (the explained class, or a finding's 0/1), ``sources``, ``labels``; for ``rows``
-    only: ``heat (n, S, S)``, ``logits (n, K)`` and ``layer_data[layer] = (activation max, relevance)``."""
+    only: ``heat_features (n, 256)`` (pooled heatmaps, :func:`prepare_heatmaps`), ``logits (n, K)``;
+    :meth:`layer` reads one layer's ``(activation max, relevance)`` for ``rows`` when asked."""
 
+    path: Path
     meta: dict
     rows: np.ndarray
     index: np.ndarray
     classes: np.ndarray
     sources: np.ndarray
     labels: np.ndarray
-    heat: np.ndarray
+    heat_features: np.ndarray
     logits: np.ndarray
-    layer_data: dict
+    layers: list[str]
     names: list[str]
     explained: int | None  # the finding a ``finding:NAME`` target explains
+    target: str
+
+    def layer(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(activation max (n, C), relevance (n, C))`` of ``name`` for ``rows``, read in blocks."""
+        with open_scan(self.path) as f:
+            return read_rows(f[f"activations/{name}/max"], self.rows), read_rows(f[f"relevances/{name}"], self.rows)
+
+    def heatmaps(self) -> np.ndarray:
+        """``(n, S, S)`` float32 heatmaps of ``rows`` (only the ViRelAy project needs them whole)."""
+        with open_scan(self.path) as f:
+            return read_rows(f[f"heatmaps/{self.target}"], self.rows, lambda block: block.astype(np.float32))
 
 
 def _read_scan(scan_path, target: str) -> ScanView:
@@ -112,10 +140,10 @@ def _read_scan(scan_path, target: str) -> ScanView:
                              f"{', '.join(meta['targets'])}); scan with --target {target}")
         rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
         labels = f["samples/label"][:]
-        view = ScanView(meta, rows, f["samples/index"][:], f[f"targets/{target}"][:], f["samples/source"].asstr()[:],
-                        labels, f[f"heatmaps/{target}"][:][rows].astype(np.float32), f["outputs/logits"][:][rows],
-                        {l: (f[f"activations/{l}/max"][:][rows], f[f"relevances/{l}"][:][rows]) for l in meta["layers"]},
-                        meta["class_names"], finding_index(target, meta["class_names"]))
+        view = ScanView(Path(scan_path), meta, rows, f["samples/index"][:], f[f"targets/{target}"][:],
+                        f["samples/source"].asstr()[:], labels, read_rows(f[f"heatmaps/{target}"], rows, prepare_heatmaps),
+                        f["outputs/logits"][:][rows], list(meta["layers"]), meta["class_names"],
+                        finding_index(target, meta["class_names"]), target)
     k = view.explained
     if k is not None:  # one finding: its positives and negatives are the two groups
         view.classes = (labels[:, k] > 0 if labels.ndim == 2 else labels == k).astype(np.int64)
@@ -124,20 +152,20 @@ def _read_scan(scan_path, target: str) -> ScanView:
     return view
 
 
-def _rank_layers(v: ScanView, top: int, on_progress) -> tuple[list[dict], int]:
+def _rank_layers(v: ScanView, top: int, step: Callable[[str], None]) -> tuple[list[dict], int]:
     """Candidate concepts of every scanned layer as records (members as manifest ids) and the
     number of concepts tested (for the alarm's Bonferroni level)."""
     concepts, n_tested = [], 0
-    for i, (layer, (acts, rel)) in enumerate(v.layer_data.items()):
+    for layer in v.layers:
+        acts, rel = v.layer(layer)
         findings = rank_concepts(layer, acts, rel, v.classes[v.rows], v.sources[v.rows], top=top)
         n_tested += len(findings)
         for finding in findings:
             record = asdict(finding)
             record["members"] = [int(v.index[v.rows[m]]) for m in finding.members]
-            record["scores"] = {"activation_max": [float(a) for a in acts[:, finding.channel]]}
+            record["scores"] = {"activation_max": _short_floats(acts[:, finding.channel])}
             concepts.append(record)
-        if on_progress:
-            on_progress(i + 1, len(v.layer_data) + 1, "concepts")
+        step(f"concepts {layer}")
     return concepts, n_tested
 
 
@@ -151,8 +179,14 @@ def _member_cav_scores(concepts: list[dict], layer: str, acts: np.ndarray, row_i
         members = np.isin(row_ids, c["members"])
         if 0 < members.sum() < len(members):
             cav = SignalCAV().fit(acts, members.astype(int))
-            c["scores"]["cav"] = [float(v) for v in cav.score(acts)]
+            c["scores"]["cav"] = _short_floats(cav.score(acts))
             c["cav_layer"] = layer
+
+
+def _short_floats(values: np.ndarray) -> list[float]:
+    """Per-sample scores for reveal.json at 6 significant digits: a score is a ranking, and full
+    17-digit floats made the file of a 100,000-sample scan twice as large."""
+    return [float(f"{v:.6g}") for v in np.asarray(values, np.float64)]
 
 
 SOURCE_LINK_MIN_V = 0.3  # a moderate association (Cohen, 1988) on top of significance
@@ -228,7 +262,8 @@ def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, exp
     return sorted(concepts, key=lambda c: -c["suspicion"])
 
 
-def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding) -> tuple[list[dict], dict, dict]:
+def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding,
+              step: Callable[[str], None] = lambda status: None) -> tuple[list[dict], dict, dict]:
     """Spectral clusters per explained class in each feature space (``heatmap``, and CRP
     ``relevance:<layer>`` / ``activation:<layer>`` profiles), all ranked together by
     ``distinctness × 4 p (1 - p)``: how different the cluster's mean normalised profile is from
@@ -245,8 +280,10 @@ def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedd
             result = spray(features, max_k=max_k)
             results.setdefault(space, {})[int(k)] = (members, result)
             if space == "heatmap":
+                xy = embed(features, embedding, strata=result.labels)
                 per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "method": embedding,
-                                     "embedding": EMBEDDINGS[embedding](features)}
+                                     "embedding": xy.xy, "fitted": xy.fitted}
+            step(f"clusters {space} class {k}")
             for c in range(result.k):
                 inside = members[result.labels == c]
                 if len(inside) == len(members):
@@ -257,7 +294,7 @@ def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedd
                               "share_of_class": float(share), "distinctness": float(distinct),
                               "suspicion": float(distinct * 4 * share * (1 - share)),
                               "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k),
-                              "spray_label": c})
+                              "clustering": result.method, "spray_label": c})
     found.sort(key=lambda c: -c["suspicion"])
     ids = {space: {k: np.full(len(m), -1) for k, (m, _) in per.items()} for space, per in results.items()}
     for rank, c in enumerate(found):
@@ -275,37 +312,22 @@ def profile_features(values: np.ndarray) -> np.ndarray:
     return pos / np.maximum(pos.sum(1, keepdims=True), 1e-12)
 
 
-def _tsne(features: np.ndarray) -> np.ndarray:
-    """2-D t-SNE of ``(N, D)`` features; all-equal features (e.g. a class whose heatmaps are all
-    zero) give zeros: sklearn's PCA initialisation turns them into NaN, which crashes the
-    Barnes-Hut tree in native code instead of raising."""
-    from sklearn.manifold import TSNE
-
-    if len(features) < 4 or len(np.unique(features.round(12), axis=0)) < 4:
-        return np.zeros((len(features), 2), np.float32)
-    perplexity = max(2.0, min(30.0, (len(features) - 1) / 3))
-    return TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(features).astype(np.float32)
 
 
-def _umap(features: np.ndarray) -> np.ndarray:
-    """2-D UMAP (McInnes et al., 2018, arXiv:1802.03426) of ``(N, D)`` features; degenerate
-    inputs give zeros, as for t-SNE."""
-    if len(features) < 6 or len(np.unique(features.round(12), axis=0)) < 6:
-        return np.zeros((len(features), 2), np.float32)
-    import umap  # slow to import (numba): only when asked for
-
-    neighbours = int(min(15, len(features) - 1))
-    return umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=0, n_jobs=1).fit_transform(features).astype(np.float32)
+VIRELAY_AUTO_MAX = 20000  # samples; past this the project (a thumbnail per image) is written only when asked
 
 
-EMBEDDINGS = {"tsne": _tsne, "umap": _umap}
-
-
-def _virelay_project(folder: Path, meta: dict, names, ids, labels, heat, logits, clustered, per_class,
-                     target) -> dict:
-    """Write the ViRelAy project (:mod:`cxr_audit.reveal.virelay`); ``{"project": path}`` or
-    ``{"skipped": reason}`` when the scanned images are not where the scan says."""
-    images = _thumbnails(meta, ids, heat.shape[-1])
+def _virelay_project(folder: Path, scan_path, v: ScanView, clustered, per_class, target, wanted: bool | None) -> dict | None:
+    """Write the ViRelAy project (:mod:`cxr_audit.reveal.virelay`); ``{"project": path}``, or
+    ``{"skipped": reason}`` when the scanned images are not where the scan says or, unless
+    ``wanted``, the scan is larger than :data:`VIRELAY_AUTO_MAX`; ``None`` when not ``wanted``."""
+    if wanted is False:
+        return None
+    if wanted is None and len(v.rows) > VIRELAY_AUTO_MAX:
+        return {"skipped": f"{len(v.rows)} samples > {VIRELAY_AUTO_MAX}: reading every image for the thumbnails "
+                           f"takes long; pass --virelay to write it anyway"}
+    meta, names, ids = v.meta, v.names, v.index[v.rows]
+    images = _thumbnails(meta, ids, int(meta["heatmap_size"]))
     if images is None:
         return {"skipped": f"the scanned data {meta['data']} is not readable here"}
     analyses = {}
@@ -317,7 +339,7 @@ def _virelay_project(folder: Path, meta: dict, names, ids, labels, heat, logits,
                 embeddings[per_class[k]["method"]] = per_class[k]["embedding"]
             analyses[space][names[k]] = CategoryAnalysis(members, embeddings, result.eigenvalues, cluster_ids)
     data = ProjectData(name=f"cxr-audit {Path(meta['data']).name}", model=str(meta["arch"]), class_names=names,
-                       images=images, labels=labels, heatmaps=heat, predictions=logits,
+                       images=images, labels=v.labels[v.rows], heatmaps=v.heatmaps(), predictions=v.logits,
                        attribution_method=str(meta["method"]),
                        strategy="true_label" if target == "true" else "predicted_label", analyses=analyses)
     return {"project": str(write_project(folder, data))}
@@ -394,6 +416,17 @@ def _prevalence(labels, sources, names) -> dict:
     return {"per_source": table, "max_difference": float(spread), "warning": bool(spread > 0.2)}
 
 
+def _embedding_sentence(result: dict, method: str) -> str:
+    """Which samples the 2-D embedding fitted and which it placed (:mod:`cxr_audit.reveal.embedding`)."""
+    fitted = result.get("embedding_fitted", {})
+    placed = {name: f for name, f in fitted.items() if f[0] < f[1]}
+    if not placed:
+        return f"{method} of every sample of each class."
+    parts = ", ".join(f"{name}: {f[0]:,} of {f[1]:,}" for name, f in placed.items())
+    return (f"{method} of a sample stratified by SpRAy cluster ({parts}); the other samples are placed at the "
+            f"distance-weighted mean position of their 5 nearest embedded samples.")
+
+
 def _report(out: Path, scan_path, result: dict, index, gallery: int, references: bool, device: str) -> None:
     """One folder, opens offline: report.html + PNG galleries (top items only)."""
     row_of = {int(i): r for r, i in enumerate(index)}
@@ -430,7 +463,8 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
             parts.append(f"<img src='{ref.name}'>")
     if (out / "embedding.png").exists():
         method = {"tsne": "t-SNE", "umap": "UMAP"}[result.get("embedding", "tsne")]
-        parts.append(f"<h2>Heatmap embedding ({method})</h2><img src='embedding.png'>")
+        parts.append(f"<h2>Heatmap embedding ({method})</h2><p>{html.escape(_embedding_sentence(result, method))}</p>"
+                     "<img src='embedding.png'>")
     parts.append("<h2>Sample clusters (SpRAy on heatmaps; concept relevance and activation profiles)</h2>"
                  "<table><tr><th>id</th><th>space</th><th>class</th><th>size</th>"
                  "<th>share of class</th><th>distinctness</th><th>suspicion</th></tr>")

@@ -8,6 +8,7 @@ import numpy as np
 
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.io import read_image
+from cxr_audit.errors import BadInputError
 from cxr_audit.store.h5 import open_scan, read_meta
 
 
@@ -51,8 +52,10 @@ def heatmap_grid(scan_path: str | Path, rows: list[int], out_png: str | Path, ta
     names = meta["class_names"]
     fig, axes = plt.subplots(2, len(rows), figsize=(1.8 * len(rows), 3.8), squeeze=False)
     for j, (path, h) in enumerate(zip(paths, heat)):
-        img = prep.image_to_tensor(read_image(path))[0].numpy()
-        axes[0, j].imshow(img, cmap="gray")
+        try:
+            axes[0, j].imshow(prep.image_to_tensor(read_image(path))[0].numpy(), cmap="gray")
+        except BadInputError:  # the data moved since the scan: the heatmap is still worth showing
+            axes[0, j].text(0.5, 0.5, "image not found", ha="center", va="center", fontsize=7)
         axes[0, j].set_title(f"#{index[j]} → {names[pred[j]]}", fontsize=7)
         show_heatmap(axes[1, j], h)
         for ax in axes[:, j]:
