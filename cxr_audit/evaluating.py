@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from cxr_audit.annotate.store import read_annotations
-from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import findings as F
 from cxr_audit.evaluate import metrics as M
-from cxr_audit.evaluate.attack import AttackedSet, artifact_class, inject_attack, paste_attack, victims
+from cxr_audit.evaluate.attack import artifact_class
+from cxr_audit.evaluate.blocks import TestBlocks
 from cxr_audit.evaluate.relevance import relevance_share
 from cxr_audit.explain import create_method, explain_batch
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
@@ -120,85 +120,136 @@ def _target_class(name, names, artifact, paste_from, manifest, annotations) -> i
 
 
 class _TestInputs:
-    """The test images and their artifact-inserted copies, read once per preprocessing, so a
-    before/after pair sharing it is evaluated on the very same tensors."""
+    """The test set with its artifact-inserted copies, streamed a block at a time
+    (:mod:`cxr_audit.evaluate.blocks`); a before/after pair sharing a preprocessing sees the very
+    same tensors."""
 
     def __init__(self, test, target, artifact, paste_from, names, seed):
         self.test, self.target, self.artifact, self.paste_from = test, target, artifact, paste_from
-        self.names, self.seed = names, seed
-        self._batches: dict = {}
-        self._attacked: dict = {}
+        self.blocks = TestBlocks(test, target, artifact, paste_from, names, seed)
 
-    def batch(self, prep) -> dict:
-        if prep not in self._batches:
-            self._batches[prep] = load_batch(self.test, prep)
-        return self._batches[prep]
 
-    def attacked(self, prep) -> AttackedSet:
-        if prep not in self._attacked:
-            self._attacked[prep] = _attack(self.test, self.target, prep, self.artifact, self.paste_from, self.names,
-                                           self.seed)
-        return self._attacked[prep]
+@dataclass
+class _Outputs:
+    """One model's outputs over the whole test set, gathered block by block: ``logits (N, K)``,
+    ``labels (N,)`` or ``(N, K)``; for the victims (positions ``attacked_rows (V,)``) their
+    inserted-copy ``attacked_logits (V, K)`` and relevance shares inside the inserted artifact;
+    ``precision (N,)`` with lung masks; ``sensitivity (M,)`` for TCAV."""
+
+    logits: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    attacked_rows: list = field(default_factory=list)
+    attacked_logits: list = field(default_factory=list)
+    shares: dict = field(default_factory=dict)  # attribution method -> [per victim]
+    mask_area: list = field(default_factory=list)
+    precision: list = field(default_factory=list)
+    sensitivity: list = field(default_factory=list)
+
+    def cat(self, name: str):
+        parts = getattr(self, name)
+        return torch.cat(parts).numpy() if parts and isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+@dataclass
+class _Plan:
+    """What to compute per block: heatmap methods for the inserted copies (none for multi-label),
+    lung-mask precision, TCAV ``(layer, cav, class)``."""
+
+    attribution_methods: tuple[str, ...] = ()
+    precision_method: str | None = None
+    tcav: tuple | None = None
+
+
+def _gather(net, config, prep, inputs: _TestInputs, plan: _Plan, dev, batch_size) -> _Outputs:
+    """Run the model over the test blocks once, keeping per-sample outputs only (:class:`_Outputs`)."""
+    out = _Outputs()
+    for block in inputs.blocks(prep):
+        images, y = block.batch["image"], block.batch["label"]
+        logits = batched_logits(net, images, dev, batch_size)
+        out.logits.append(logits)
+        out.labels.append(y)
+        if block.attacked is not None:
+            a = block.attacked
+            out.attacked_rows.append(block.attacked_rows)
+            out.attacked_logits.append(batched_logits(net, a.images, dev, batch_size))
+            targets = torch.full((len(a.images),), inputs.target)
+            for method in plan.attribution_methods:
+                heat = _heatmaps(net, config, prep, a.images, targets, method, dev, batch_size)
+                out.shares.setdefault(method, []).append(relevance_share(heat, a.masks[:, 0].numpy()))
+            out.mask_area.append(a.masks.mean((1, 2, 3)))
+        if plan.precision_method:
+            heat = _heatmaps(net, config, prep, images, logits.argmax(1), plan.precision_method, dev, batch_size)
+            out.precision.append(M.activation_precision(heat, block.batch["mask"][:, 0].numpy()))
+        if plan.tcav:
+            layer, cav, cls = plan.tcav
+            members = images[torch.as_tensor(y == cls)]
+            out.sensitivity.append(_directional_derivatives(net, members, layer, cav, cls, dev, batch_size))
+    return out
 
 
 def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, attribution, sources, device,
                   batch_size, seed) -> dict:
-    test, target, artifact, paste_from = inputs.test, inputs.target, inputs.artifact, inputs.paste_from
+    test, target = inputs.test, inputs.target
     dev = resolve_device(device)
     net, config = load_checkpoint(ckpt)
     if config["class_names"] != names:
         raise UsageError(f"{ckpt} has classes {config['class_names']}, the first model {names}")
     net = net.to(dev)
     prep = preprocessing_of(config)
-    if inputs.test.multilabel:
-        return _evaluate_findings(net, names, inputs, prep, dev, batch_size)
-    batch = inputs.batch(prep)
-    images, y = batch["image"], batch["label"].numpy()
-    logits = batched_logits(net, images, dev, batch_size)
+    if test.multilabel:
+        return _evaluate_findings(_gather(net, config, prep, inputs, _Plan(), dev, batch_size), names, inputs)
+    ann = read_annotations(annotations, method=None if cav_method == "annotation" else cav_method) \
+        if annotations else None
+    plan = _Plan(attribution_methods=(attribution,) + (("gxi",) if attribution != "gxi" else ()),
+                 precision_method=attribution if all(s.mask is not None for s in test.samples) else None,
+                 tcav=(ann.layer, torch.from_numpy(ann.cav), target if target is not None
+                       else artifact_class(test, ann.labels)) if ann else None)
+    o = _gather(net, config, prep, inputs, plan, dev, batch_size)
+    logits, y = torch.from_numpy(o.cat("logits")), o.cat("labels")
     pred = logits.argmax(1).numpy()
     out: dict = {"n": len(test), "accuracy": M.accuracy(pred, y),
                  "auroc": M.auroc(torch.softmax(logits, 1).numpy(), y)}
-    src = np.array([s.source for s in test.samples])
+    out.update(_group_metrics(pred, y, np.array([s.source for s in test.samples]), names, sources, seed))
+    if inputs.blocks.attacks:
+        out.update(_inserted_metrics(o, pred, y, names[target], attribution))
+    if plan.precision_method:
+        out["activation_precision"] = float(o.cat("precision").mean())
+    if ann:
+        sens = o.cat("sensitivity")
+        out["tcav_score"] = float((sens > 0).mean()) if len(sens) else float("nan")
+        out["tcav_sensitivity"] = float(sens.mean()) if len(sens) else float("nan")
+        out["cav_layer"] = ann.layer
+    return out
+
+
+def _group_metrics(pred, y, src: np.ndarray, names, sources, seed) -> dict:
+    """Per group (source × label, or label alone) and per source; the two-source tests."""
     kinds = sorted(set(src.tolist()))
     groups = [f"{s}|{names[l]}" if len(kinds) > 1 else names[l] for s, l in zip(src, y)]
-    out["group_accuracy"] = M.group_accuracy(pred, y, groups)
+    out: dict = {"group_accuracy": M.group_accuracy(pred, y, groups)}
     out["worst_group_accuracy"] = min(out["group_accuracy"].values())
     if len(kinds) > 1:
         out["source_accuracy"] = M.group_accuracy(pred, y, src.tolist())
     pair = sources or (tuple(kinds) if len(kinds) == 2 else None)
     if pair:
         out.update(_two_source_metrics(pred, y, src, pair, seed))
+    return out
 
-    if target is not None and (artifact or paste_from):
-        attacked = inputs.attacked(prep)
-        inserted = pred.copy()
-        rows = attacked.rows_in(test)
-        attacked_pred = batched_logits(net, attacked.images, dev, batch_size).argmax(1).numpy()
-        inserted[rows] = attacked_pred
-        out["artifact_class"] = names[target]
-        out["artifact_inserted_accuracy"] = M.accuracy(inserted, y)
-        out["artifact_inserted_drop"] = out["accuracy"] - out["artifact_inserted_accuracy"]
-        out["victims_clean_accuracy"] = M.accuracy(pred[rows], y[rows])
-        out["victims_inserted_accuracy"] = M.accuracy(attacked_pred, y[rows])
-        heat = _heatmaps(net, config, prep, attacked.images, torch.full((len(rows),), target), attribution, dev,
-                         batch_size)
-        out["artifact_relevance_share"] = float(np.nanmean(relevance_share(heat, attacked.masks[:, 0].numpy())))
-        if attribution != "gxi":
-            heat = _heatmaps(net, config, prep, attacked.images, torch.full((len(rows),), target), "gxi", dev,
-                             batch_size)
-            out["artifact_gradient_share"] = float(np.nanmean(relevance_share(heat, attacked.masks[:, 0].numpy())))
-        out["artifact_mask_area"] = float(attacked.masks.mean())
-    if "mask" in batch and len(batch["mask"]) == len(test):
-        heat = _heatmaps(net, config, prep, images, torch.from_numpy(pred), attribution, dev, batch_size)
-        out["activation_precision"] = float(M.activation_precision(heat, batch["mask"][:, 0].numpy()).mean())
-    if annotations:
-        ann = read_annotations(annotations, method=None if cav_method == "annotation" else cav_method)
-        cls = target if target is not None else artifact_class(test, ann.labels)
-        members = images[torch.from_numpy(y == cls)]
-        sens = _directional_derivatives(net, members, ann.layer, torch.from_numpy(ann.cav), cls, dev, batch_size)
-        out["tcav_score"] = float((sens > 0).mean()) if len(sens) else float("nan")
-        out["tcav_sensitivity"] = float(sens.mean()) if len(sens) else float("nan")
-        out["cav_layer"] = ann.layer
+
+def _inserted_metrics(o: _Outputs, pred, y, artifact_class_name: str, attribution: str) -> dict:
+    """Clean vs artifact-inserted accuracy and the relevance inside the inserted artifact."""
+    rows = o.cat("attacked_rows")
+    attacked_pred = o.cat("attacked_logits").argmax(1)
+    inserted = pred.copy()
+    inserted[rows] = attacked_pred
+    out = {"artifact_class": artifact_class_name, "artifact_inserted_accuracy": M.accuracy(inserted, y)}
+    out["artifact_inserted_drop"] = M.accuracy(pred, y) - out["artifact_inserted_accuracy"]
+    out["victims_clean_accuracy"] = M.accuracy(pred[rows], y[rows])
+    out["victims_inserted_accuracy"] = M.accuracy(attacked_pred, y[rows])
+    out["artifact_relevance_share"] = float(np.nanmean(np.concatenate(o.shares[attribution])))
+    if "gxi" in o.shares and attribution != "gxi":
+        out["artifact_gradient_share"] = float(np.nanmean(np.concatenate(o.shares["gxi"])))
+    out["artifact_mask_area"] = float(o.cat("mask_area").mean())
     return out
 
 
@@ -213,32 +264,22 @@ def _two_source_metrics(pred: np.ndarray, y: np.ndarray, src: np.ndarray, pair, 
     return out
 
 
-def _evaluate_findings(net, names, inputs: _TestInputs, prep, dev, batch_size) -> dict:
+def _evaluate_findings(o: _Outputs, names, inputs: _TestInputs) -> dict:
     """Multi-label models: per-finding AUROC/accuracy, clean and artifact-inserted (see
     :mod:`cxr_audit.evaluate.findings`), flat keys ``METRIC.FINDING`` for tables and ``gate``."""
-    batch = inputs.batch(prep)
-    y = batch["label"].numpy()
-    probs = torch.sigmoid(batched_logits(net, batch["image"], dev, batch_size)).numpy()
+    y = o.cat("labels")
+    probs = torch.sigmoid(torch.from_numpy(o.cat("logits"))).numpy()
     findings = F.per_finding(probs, y, names)
     out: dict = {"n": len(inputs.test), "multilabel": True}
-    if inputs.target is not None and (inputs.artifact or inputs.paste_from):
-        attacked = inputs.attacked(prep)
-        rows = attacked.rows_in(inputs.test)
-        inserted = torch.sigmoid(batched_logits(net, attacked.images, dev, batch_size)).numpy()
-        F.with_inserted(findings, probs, inserted, rows, y, names)
+    if inputs.blocks.attacks:
+        inserted = torch.sigmoid(torch.from_numpy(o.cat("attacked_logits"))).numpy()
+        F.with_inserted(findings, probs, inserted, o.cat("attacked_rows"), y, names)
         out["artifact_class"] = names[inputs.target]
     keys = list(next(iter(findings.values())))
     out.update({key: F.macro(findings, key) for key in keys if key != "prevalence"})
     out.update({f"{key}.{name}": figures[key] for name, figures in findings.items() for key in keys})
     out["findings"] = findings
     return out
-
-
-def _attack(test, target, prep, artifact, paste_from, names, seed) -> AttackedSet:
-    targets = victims(test, target)
-    if artifact:
-        return inject_attack(targets, prep, artifact, seed=seed)
-    return paste_attack(targets, load_manifest(paste_from, class_names=names), prep, seed=seed)
 
 
 def _heatmaps(net, config, prep, images, targets, method, dev, batch_size) -> np.ndarray:

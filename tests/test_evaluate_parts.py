@@ -46,3 +46,41 @@ def test_attacks_put_the_artifact_where_the_mask_says(poisoned):
         assert attack.masks.flatten(1).amax(1).min() == 1  # every image got an artifact
     with pytest.raises(UsageError, match="masks"):
         paste_attack(test, test, prep)
+
+
+@pytest.mark.parametrize("attack", ["inject", "paste"])
+def test_test_blocks_insert_what_the_whole_set_would_get(poisoned, attack):
+    """Streaming the test set in blocks of 5 yields the whole set once, no block over 5 images,
+    and exactly the inserted images the one-shot attack builds (same draws, same donors)."""
+    from cxr_audit.evaluate.blocks import TestBlocks
+
+    manifest = load_manifest(poisoned)
+    test, target, prep = manifest.subset("test"), artifact_class(manifest), Preprocessing(size=64)
+    paste_from = None
+    if attack == "paste":
+        paste_from = poisoned  # the poisoned manifest: its train artifact samples have masks
+        whole = paste_attack(victims(test, target), manifest, prep, seed=3)
+    else:
+        whole = inject_attack(victims(test, target), prep, "marker", seed=3)
+    blocks = list(TestBlocks(test, target, "marker" if attack == "inject" else None, paste_from,
+                             manifest.class_names, seed=3, block=5)(prep))
+    assert max(len(b.rows) for b in blocks) <= 5 < len(test)
+    assert np.array_equal(np.concatenate([b.rows for b in blocks]), np.arange(len(test)))
+    parts = [b.attacked for b in blocks if b.attacked is not None]
+    assert np.array_equal(np.concatenate([p.index for p in parts]), whole.index)
+    assert np.array_equal(np.concatenate([b.attacked_rows for b in blocks]), whole.rows_in(test))
+    import torch
+    assert torch.allclose(torch.cat([p.images for p in parts]), whole.images)
+    assert torch.equal(torch.cat([p.masks for p in parts]), whole.masks)
+
+
+def test_evaluate_does_not_depend_on_the_block_size(shortcut_model, poisoned, monkeypatch):
+    import cxr_audit.evaluate.blocks as blocks
+    from cxr_audit.evaluating import evaluate
+
+    whole = evaluate(shortcut_model, poisoned, artifact="marker", device="cpu").metrics["model"]
+    monkeypatch.setattr(blocks, "EVAL_BLOCK", 7)
+    streamed = evaluate(shortcut_model, poisoned, artifact="marker", device="cpu").metrics["model"]
+    assert whole.keys() == streamed.keys()
+    for key, value in whole.items():
+        assert streamed[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key

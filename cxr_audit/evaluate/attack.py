@@ -52,17 +52,23 @@ def artifact_class(manifest: Manifest, artifact: dict[int, int] | None = None) -
     return int(np.argmax(counts / np.maximum(totals, 1)))
 
 
+def is_victim(sample, target_class: int) -> bool:
+    """Of another class (negative for the finding, multi-label) and without an artifact."""
+    return target_class not in sample.labels and not sample.artifact
+
+
 def victims(manifest: Manifest, target_class: int) -> Manifest:
-    """Samples of the other classes (negative for the finding, multi-label) without an artifact:
-    the ones the attack is applied to."""
-    rows = [s for s in manifest.samples if target_class not in s.labels and not s.artifact]
+    """The samples the attack is applied to (:func:`is_victim`)."""
+    rows = [s for s in manifest.samples if is_victim(s, target_class)]
     return Manifest(rows, manifest.class_names, manifest.source_file, manifest.multilabel)
 
 
-def inject_attack(test: Manifest, prep: Preprocessing, artifact: str, seed: int = 0) -> AttackedSet:
-    """Draw ``artifact`` onto every sample of ``test`` (already the victims)."""
+def inject_attack(test: Manifest, prep: Preprocessing, artifact: str, seed: int = 0,
+                  rng: np.random.Generator | None = None) -> AttackedSet:
+    """Draw ``artifact`` onto every sample of ``test`` (already the victims); ``rng`` (default: a
+    fresh one from ``seed``) lets consecutive blocks of one test set continue one random stream."""
     art = get_artifact(artifact)
-    rng = np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng(seed)
     images, clean, masks, labels = [], [], [], []
     for s in test.samples:
         gray = read_image(s.path)
@@ -74,26 +80,38 @@ def inject_attack(test: Manifest, prep: Preprocessing, artifact: str, seed: int 
     return _stack(images, clean, masks, labels, test)
 
 
+class Paster:
+    """Pastes the masked region of a random donor (artifact samples with an ``artifact_mask``)
+    onto each of ``n_victims`` images; the donors (at most ``max_donors``) and every victim's
+    donor are drawn once from ``seed``, so a test set pasted block by block gets the same images."""
+
+    def __init__(self, donors: Manifest, prep: Preprocessing, n_victims: int, seed: int = 0, max_donors: int = 64):
+        donor_rows = [s for s in donors.samples if s.artifact == 1 and s.artifact_mask is not None]
+        if not donor_rows:
+            raise UsageError("pasting artifacts needs annotated artifact samples with masks (artifact=1 and an "
+                             "artifact_mask column, e.g. the annotated.csv of `cxr-audit annotate --masks`)")
+        if not n_victims:
+            raise UsageError("no test samples to attack (every test image already carries the artifact or is of "
+                             "the artifact's class)")
+        rng = np.random.default_rng(seed)
+        chosen = [donor_rows[i] for i in rng.permutation(len(donor_rows))[:max_donors]]
+        self.donors = load_batch(Manifest(chosen, donors.class_names), prep)
+        self.pick = torch.from_numpy(rng.integers(0, len(chosen), n_victims))
+
+    def paste(self, test: Manifest, clean: torch.Tensor, first: int = 0) -> AttackedSet:
+        """Attack ``test`` (victims ``first, first + 1, ...`` of the whole set) whose clean images are ``clean``."""
+        pick = self.pick[first:first + len(test)]
+        masks = self.donors["artifact_mask"][pick]
+        images = clean * (1 - masks) + self.donors["image"][pick] * masks
+        return AttackedSet(images, clean, masks, torch.tensor([s.label for s in test.samples]),
+                           np.array([s.index for s in test.samples]))
+
+
 def paste_attack(test: Manifest, donors: Manifest, prep: Preprocessing, seed: int = 0,
                  max_donors: int = 64) -> AttackedSet:
-    """Paste the masked region of a random donor (artifact samples with an ``artifact_mask``)
-    onto every sample of ``test``."""
-    donor_rows = [s for s in donors.samples if s.artifact == 1 and s.artifact_mask is not None]
-    if not donor_rows:
-        raise UsageError("pasting artifacts needs annotated artifact samples with masks (artifact=1 and an "
-                         "artifact_mask column, e.g. the annotated.csv of `cxr-audit annotate --masks`)")
-    if not len(test):
-        raise UsageError("no test samples to attack (every test image already carries the artifact or is of "
-                         "the artifact's class)")
-    rng = np.random.default_rng(seed)
-    chosen = [donor_rows[i] for i in rng.permutation(len(donor_rows))[:max_donors]]
-    donor_batch = load_batch(Manifest(chosen, donors.class_names), prep)
-    clean = load_batch(test, prep, with_masks=False)["image"]
-    pick = torch.from_numpy(rng.integers(0, len(chosen), len(test)))
-    masks = donor_batch["artifact_mask"][pick]
-    images = clean * (1 - masks) + donor_batch["image"][pick] * masks
-    return AttackedSet(images, clean, masks, torch.tensor([s.label for s in test.samples]),
-                       np.array([s.index for s in test.samples]))
+    """Paste a random donor's artifact onto every sample of ``test`` (:class:`Paster`)."""
+    paster = Paster(donors, prep, len(test), seed, max_donors)
+    return paster.paste(test, load_batch(test, prep, with_masks=False)["image"])
 
 
 def _stack(images, clean, masks, labels, test) -> AttackedSet:
