@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 LAYERS = {"layer1": 32, "layer2": 64, "layer3": 128}
+WIDE_LAYERS = {"layer2": 512, "layer3": 1024, "layer4": 2048}  # a ResNet-50's last three stages
 ARTIFACT_CHANNEL = 5
 DISEASE_CHANNELS = [0, 1, 2, 3]
 HEALTHY_CHANNELS = [6, 7, 8, 9]
@@ -65,11 +66,11 @@ def _planted_truth(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"label": label, "source_a": source_a, "artifact": artifact, "left": rng.random(n) < 0.5, "pred": pred}
 
 
-def _block_layers(t: dict, rng: np.random.Generator, strength: float) -> dict[str, tuple]:
+def _block_layers(t: dict, rng: np.random.Generator, strength: float, layers: dict) -> dict[str, tuple]:
     """Per layer ``(max, mean, relevance)`` for one block of the planted truth ``t``."""
     out = {}
     m = len(t["label"])
-    for layer, c in LAYERS.items():
+    for layer, c in layers.items():
         acts = rng.gamma(2.0, 0.25, (m, c)).astype(np.float32)
         acts[:, DISEASE_CHANNELS] += 1.5 * t["label"][:, None]
         acts[:, ARTIFACT_CHANNEL] += 2.5 * strength * t["artifact"]
@@ -94,20 +95,21 @@ def _block_heatmaps(t: dict, basis: dict, rng: np.random.Generator, strength: fl
 
 
 def build_planted_store(path: Path, n: int, seed: int = 0, heatmap_size: int = 64, block: int = 10000,
-                        strength: float = 0.3) -> Path:
+                        strength: float = 0.3, layers: dict | None = None) -> Path:
     """Write a planted scan file of ``n`` samples to ``path`` (module docstring), ``block`` rows
     at a time; ``/samples/artifact`` holds the truth. Paths, model and data do not exist."""
     from cxr_audit.store.h5 import create_scan_file
 
     rng = np.random.default_rng(seed)
+    layers = layers or LAYERS
     truth = _planted_truth(n, rng)
     meta = {"arch": "planted", "checkpoint": str(path.with_suffix(".missing.pt")), "checkpoint_sha256": "",
             "data": str(path.with_suffix(".missing.csv")), "class_names": CLASS_NAMES,
             "preprocessing": {"size": heatmap_size, "channels": 1, "mean": 0.5, "std": 0.25, "resize": "squash"},
-            "layers": list(LAYERS), "method": "lrp", "targets": ["pred"], "heatmap_size": heatmap_size,
+            "layers": list(layers), "method": "lrp", "targets": ["pred"], "heatmap_size": heatmap_size,
             "init": "planted", "split": "all", "options": {"seed": seed, "strength": strength}, "created": "planted"}
     basis = _basis_maps(heatmap_size)
-    with create_scan_file(path, n, meta, LAYERS, 2, ["pred"], heatmap_size, False, chunk_rows=256) as f:
+    with create_scan_file(path, n, meta, layers, 2, ["pred"], heatmap_size, False, chunk_rows=256) as f:
         for start in range(0, n, block):
             rows = slice(start, min(n, start + block))
             t = {key: value[rows] for key, value in truth.items()}
@@ -123,7 +125,7 @@ def build_planted_store(path: Path, n: int, seed: int = 0, heatmap_size: int = 6
             f["outputs/pred"][rows] = t["pred"]
             f["targets/pred"][rows] = t["pred"]
             f["heatmaps/pred"][rows] = _block_heatmaps(t, basis, rng, strength)
-            for layer, (acts, mean, rel) in _block_layers(t, rng, strength).items():
+            for layer, (acts, mean, rel) in _block_layers(t, rng, strength, layers).items():
                 f[f"activations/{layer}/max"][rows] = acts
                 f[f"activations/{layer}/mean"][rows] = mean
                 f[f"relevances/{layer}"][rows] = rel
@@ -181,6 +183,8 @@ def main() -> None:
     parser.add_argument("--exact-n", type=int, default=5000, help="store size of the exact reference rows")
     parser.add_argument("--largest-seeds", type=int, default=1, help="seeds run at the largest size (it takes minutes)")
     parser.add_argument("--strength", type=float, default=0.3, help="planted artifact strength (module docstring)")
+    parser.add_argument("--wide", action="store_true",
+                        help="ResNet-50-wide layers (512/1024/2048 channels) instead of 32/64/128")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--exact", action="store_true", help=argparse.SUPPRESS)
@@ -193,10 +197,10 @@ def main() -> None:
     plan = [(n, s, False) for n in args.sizes for s in (args.seeds if n < max(args.sizes) else args.seeds[:args.largest_seeds])]
     plan += [(args.exact_n, s, True) for s in args.seeds]
     for n, seed, exact in plan:
-        store = work / f"planted-{n}-{seed}-s{args.strength}.h5"
+        store = work / f"planted-{n}-{seed}-s{args.strength}{'-wide' if args.wide else ''}.h5"
         if not store.exists():
-            build_planted_store(store, n, seed, strength=args.strength)
-        figures = _run(store, work / f"reveal-{n}-{seed}-{'exact' if exact else 'scaled'}", exact)
+            build_planted_store(store, n, seed, strength=args.strength, layers=WIDE_LAYERS if args.wide else LAYERS)
+        figures = _run(store, work / f"reveal-{store.stem}-{'exact' if exact else 'scaled'}", exact)
         rows.append({"n": n, "seed": seed, "method": "exact" if exact else "scaled", **figures})
         print("done:", rows[-1], flush=True)
     _print_table(rows)

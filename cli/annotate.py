@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -24,50 +24,78 @@ def _ids(values: Optional[list[str]]) -> Optional[list[int]]:
         raise UsageError(f"sample ids must be integers (manifest row numbers), got {items}") from None
 
 
+ScanOpt = Annotated[Path, typer.Argument(help="Scan file from `cxr-audit scan`.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Annotation HDF5 to write.")]
+SeedsOpt = Annotated[Optional[list[str]], typer.Option("--seeds", help="Positive sample ids (2-5 suffice).")]
+NegativesOpt = Annotated[Optional[list[str]], typer.Option("--negatives",
+    help="Negative sample ids (default: a random sample of the rest).")]
+ConceptOpt = Annotated[Optional[str], typer.Option("--concept",
+    help="[LAYER:]CHANNEL; its top-relevance samples are the positives.")]
+ClusterOpt = Annotated[Optional[int], typer.Option("--cluster",
+    help="A SpRAy cluster id from reveal.json (needs --reveal).")]
+RevealJsonOpt = Annotated[Optional[Path], typer.Option("--reveal", help="reveal.json written by `cxr-audit reveal`.")]
+FromColumnOpt = Annotated[Optional[str], typer.Option("--from-column", help="Use the manifest's 'artifact' column.")]
+LayerOpt = Annotated[Optional[str], typer.Option("--layer",
+    help="Layer for the labelling CAV (default: the concept's layer, else the earliest scanned layer).")]
+MaskLayerOpt = Annotated[Optional[str], typer.Option("--mask-layer",
+    help="Layer whose CAV paints masks (default: earliest scanned layer).")]
+MethodOpt = Annotated[str, typer.Option("--method", help=f"CAV estimator: {', '.join(CAV_METHODS)}.")]
+ThresholdOpt = Annotated[str, typer.Option("--threshold", help="Score threshold, or 'auto' (Otsu on the scores).")]
+RefineOpt = Annotated[int, typer.Option("--refine", help="Refinement rounds (refit on the labelled set).")]
+MasksDirOpt = Annotated[Optional[Path], typer.Option("--masks",
+    help="Folder for mask PNGs, annotated.csv, contact sheet.")]
+NoMasksOpt = Annotated[bool, typer.Option("--no-masks", help="Only label samples; skip pixel masks.")]
+MaskThresholdOpt = Annotated[str, typer.Option("--mask-threshold",
+    help="'peak' (half the blurred maximum; 'peak:0.3' for another fraction), 'otsu' or 'quantile' (top 5 %).")]
+MaskRuleOpt = Annotated[str, typer.Option("--mask-rule",
+    help="How first-layer relevance reaches pixels: 'upsample' (bilinear), 'intensity' (z+ on pixel "
+         "intensities: bright artifacts), 'zbox' or 'flat'.")]
+MaskReferenceOpt = Annotated[str, typer.Option("--mask-reference",
+    help="'clean': paint only the concept's presence in excess of its median over unlabelled samples at each "
+         "position; 'none': raw.")]
+MaskCompleteOpt = Annotated[str, typer.Option("--mask-complete",
+    help="'saturated': add the clipped white/black structure a mask touches (a frame's other sides, a ruler's "
+         "length; check the contact sheet: saturated anatomy can be added too); 'none'.")]
+MaskCavOpt = Annotated[str, typer.Option("--mask-cav",
+    help="'within-class': the masks' CAV contrasts labelled and unlabelled samples of the same class, so it "
+         "does not also point along the class's own evidence (a shortcut artifact is correlated with its "
+         "class); 'across': over all samples (Pahde et al., 2025).")]
+BlurOpt = Annotated[Optional[float], typer.Option("--blur",
+    help="Gaussian sigma in pixels (default 1.5 per 64 px of input).")]
+DilateOpt = Annotated[int, typer.Option("--dilate", help="Mask dilation iterations.")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Checkpoint (default: the scanned one).")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Manifest (default: the scanned one).")]
+DeviceOpt = Annotated[str, typer.Option("--device")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+
+
 @friendly_errors
-def annotate(scan: Path = typer.Argument(..., help="Scan file from `cxr-audit scan`."),
-             out: Path = typer.Option(..., "--out", "-o", help="Annotation HDF5 to write."),
-             seeds: Optional[list[str]] = typer.Option(None, "--seeds", help="Positive sample ids (2-5 suffice)."),
-             negatives: Optional[list[str]] = typer.Option(None, "--negatives",
-                                                           help="Negative sample ids (default: a random sample of the rest)."),
-             concept: Optional[str] = typer.Option(None, "--concept",
-                                                   help="[LAYER:]CHANNEL; its top-relevance samples are the positives."),
-             cluster: Optional[int] = typer.Option(None, "--cluster", help="A SpRAy cluster id from reveal.json (needs --reveal)."),
-             reveal_json: Optional[Path] = typer.Option(None, "--reveal", help="reveal.json written by `cxr-audit reveal`."),
-             from_column: Optional[str] = typer.Option(None, "--from-column", help="Use the manifest's 'artifact' column."),
-             layer: Optional[str] = typer.Option(None, "--layer", help="Layer for the labelling CAV (default: the "
-                                                 "concept's layer, else the earliest scanned layer)."),
-             mask_layer: Optional[str] = typer.Option(None, "--mask-layer",
-                                                      help="Layer whose CAV paints masks (default: earliest scanned layer)."),
-             method: str = typer.Option("signal", "--method", help=f"CAV estimator: {', '.join(CAV_METHODS)}."),
-             threshold: str = typer.Option("auto", "--threshold", help="Score threshold, or 'auto' (Otsu on the scores)."),
-             refine: int = typer.Option(0, "--refine", help="Refinement rounds (refit on the labelled set)."),
-             masks_dir: Optional[Path] = typer.Option(None, "--masks", help="Folder for mask PNGs, annotated.csv, contact sheet."),
-             no_masks: bool = typer.Option(False, "--no-masks", help="Only label samples; skip pixel masks."),
-             mask_threshold: str = typer.Option("peak", "--mask-threshold",
-                                                help="'peak' (half the blurred maximum; 'peak:0.3' for another fraction), "
-                                                     "'otsu' or 'quantile' (top 5 %)."),
-             mask_rule: str = typer.Option("upsample", "--mask-rule",
-                                           help="How first-layer relevance reaches pixels: 'upsample' (bilinear), "
-                                                "'intensity' (z+ on pixel intensities: bright artifacts), 'zbox' or 'flat'."),
-             mask_reference: str = typer.Option("clean", "--mask-reference",
-                                                help="'clean': paint only the concept's presence in excess of its "
-                                                     "median over unlabelled samples at each position; 'none': raw."),
-             mask_complete: str = typer.Option("none", "--mask-complete",
-                                               help="'saturated': add the clipped white/black structure a mask "
-                                                    "touches (a frame's other sides, a ruler's length; check the "
-                                                    "contact sheet: saturated anatomy can be added too); 'none'."),
-             mask_cav: str = typer.Option("within-class", "--mask-cav",
-                                          help="'within-class': the masks' CAV contrasts labelled and unlabelled "
-                                               "samples of the same class, so it does not also point along the "
-                                               "class's own evidence (a shortcut artifact is correlated with its "
-                                               "class); 'across': over all samples (Pahde et al., 2025)."),
-             blur: Optional[float] = typer.Option(None, "--blur", help="Gaussian sigma in pixels (default 1.5 per 64 px of input)."),
-             dilate: int = typer.Option(0, "--dilate", help="Mask dilation iterations."),
-             model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (default: the scanned one)."),
-             data: Optional[Path] = typer.Option(None, "--data", help="Manifest (default: the scanned one)."),
-             device: str = typer.Option("auto", "--device"),
-             seed: int = typer.Option(0, "--seed")) -> None:
+def annotate(scan: ScanOpt,
+             out: OutOpt,
+             seeds: SeedsOpt = None,
+             negatives: NegativesOpt = None,
+             concept: ConceptOpt = None,
+             cluster: ClusterOpt = None,
+             reveal_json: RevealJsonOpt = None,
+             from_column: FromColumnOpt = None,
+             layer: LayerOpt = None,
+             mask_layer: MaskLayerOpt = None,
+             method: MethodOpt = "signal",
+             threshold: ThresholdOpt = "auto",
+             refine: RefineOpt = 0,
+             masks_dir: MasksDirOpt = None,
+             no_masks: NoMasksOpt = False,
+             mask_threshold: MaskThresholdOpt = "peak",
+             mask_rule: MaskRuleOpt = "upsample",
+             mask_reference: MaskReferenceOpt = "clean",
+             mask_complete: MaskCompleteOpt = "none",
+             mask_cav: MaskCavOpt = "within-class",
+             blur: BlurOpt = None,
+             dilate: DilateOpt = 0,
+             model: ModelOpt = None,
+             data: DataOpt = None,
+             device: DeviceOpt = "auto",
+             seed: SeedOpt = 0) -> None:
     """Label artifact samples with a concept direction (CAV) and paint pixel masks with its LRP heatmap."""
     thr = threshold if threshold == "auto" else _float(threshold)
     with progress_bar("annotate") as update:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -15,57 +15,83 @@ from cxr_audit.unlearning import DEFAULT_FALLBACK, DEFAULT_METHOD
 from cxr_audit.unlearning import unlearn as unlearn_lib
 
 
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to fine-tune.")]
+DataOpt = Annotated[Path, typer.Option("--data", "-d",
+    help="Manifest CSV (train/val splits; artifact/artifact_mask/mask columns as the method needs, e.g. the "
+         "annotated.csv of `annotate --masks`).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")]
+MethodOpt = Annotated[str, typer.Option("--method",
+    help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, augment, fine-tunes with the annotated artifact "
+         "pasted into the other classes' images until it predicts nothing; docs/unlearn.md has the benchmark.")]
+FallbackOpt = Annotated[str, typer.Option("--fallback",
+    help="Method tried once when --method's result is refused (worse than the input on validation); 'none': "
+         "refuse at once.")]
+AnnotationsOpt = Annotated[Optional[Path], typer.Option("--annotations", "-a",
+    help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels).")]
+LayerOpt = Annotated[Optional[str], typer.Option("--layer",
+    help="Layer for the ClArC methods (default: earliest scanned layer).")]
+CavMethodOpt = Annotated[str, typer.Option("--cav-method",
+    help="CAV refitted for ClArC: signal, ridge, svm, logistic, annotation.")]
+CavScopeOpt = Annotated[str, typer.Option("--cav-scope",
+    help="Fit the CAV on the artifact's class (class) or every sample (all).")]
+LambdaOpt = Annotated[Optional[float], typer.Option("--lambda",
+    help="Penalty strength; omitted: chosen by a sweep on the validation split.")]
+LambdasOpt = Annotated[Optional[list[str]], typer.Option("--lambdas", help="Sweep grid, e.g. 1e3,1e5,1e7.")]
+BalanceOpt = Annotated[str, typer.Option("--balance", help=f"Group balancing: {', '.join(BALANCE_MODES)}.")]
+FreezeOpt = Annotated[str, typer.Option("--freeze",
+    help="auto (up to the CAV layer for RR-/A-ClArC), none, or a layer name.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output",
+    help="What RR-ClArC/RRR differentiate: random, target, max, logprob.")]
+CamLayerOpt = Annotated[Optional[str], typer.Option("--cam-layer", help="Grad-CAM layer for eXBL.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option("--option",
+    help="Method option KEY=VALUE, repeatable (dfr: C; jtt: upweight; rrclarc: per_position; exbl: margin, "
+         "good, bad).")]
+TargetOpt = Annotated[Optional[str], typer.Option("--target",
+    help="Multi-label models: finding:NAME, the finding whose shortcut to remove (augment or none).")]
+KeepWorseOpt = Annotated[bool, typer.Option("--keep-worse",
+    help="Write the result even when it scores worse than the input on the validation objective (default: "
+         "refuse, write nothing).")]
+EpochsOpt = Annotated[int, typer.Option("--epochs")]
+SweepEpochsOpt = Annotated[Optional[int], typer.Option("--sweep-epochs",
+    help="Epochs per λ candidate (default: --epochs; the best candidate is kept without retraining).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr",
+    help="Learning rate (default: the architecture's recommended rate, 1e-3; 1e-4 for VGG).")]
+PatienceOpt = Annotated[Optional[int], typer.Option("--patience", help="Early stopping patience (epochs).")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")]
+
+
 @friendly_errors
-def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to fine-tune."),
-            data: Path = typer.Option(..., "--data", "-d",
-                                      help="Manifest CSV (train/val splits; artifact/artifact_mask/mask columns as "
-                                           "the method needs, e.g. the annotated.csv of `annotate --masks`)."),
-            out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write."),
-            method: str = typer.Option(DEFAULT_METHOD, "--method",
-                                       help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, augment, fine-tunes "
-                                            "with the annotated artifact pasted into the other classes' images until "
-                                            "it predicts nothing; docs/unlearn.md has the benchmark."),
-            fallback: str = typer.Option(DEFAULT_FALLBACK, "--fallback",
-                                         help="Method tried once when --method's result is refused (worse than "
-                                              "the input on validation); 'none': refuse at once."),
-            annotations: Optional[Path] = typer.Option(None, "--annotations", "-a",
-                                                       help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels)."),
-            layer: Optional[str] = typer.Option(None, "--layer",
-                                                help="Layer for the ClArC methods (default: earliest scanned layer)."),
-            cav_method: str = typer.Option("signal", "--cav-method",
-                                           help="CAV refitted for ClArC: signal, ridge, svm, logistic, annotation."),
-            cav_scope: str = typer.Option("class", "--cav-scope",
-                                          help="Fit the CAV on the artifact's class (class) or every sample (all)."),
-            lambda_: Optional[float] = typer.Option(None, "--lambda",
-                                                    help="Penalty strength; omitted: chosen by a sweep on the validation split."),
-            lambdas: Optional[list[str]] = typer.Option(None, "--lambdas", help="Sweep grid, e.g. 1e3,1e5,1e7."),
-            balance: str = typer.Option("none", "--balance", help=f"Group balancing: {', '.join(BALANCE_MODES)}."),
-            freeze: str = typer.Option("auto", "--freeze",
-                                       help="auto (up to the CAV layer for RR-/A-ClArC), none, or a layer name."),
-            output: Optional[str] = typer.Option(None, "--output",
-                                                 help="What RR-ClArC/RRR differentiate: random, target, max, logprob."),
-            cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Grad-CAM layer for eXBL."),
-            option: Optional[list[str]] = typer.Option(None, "--option",
-                                                       help="Method option KEY=VALUE, repeatable (dfr: C; jtt: "
-                                                            "upweight; rrclarc: per_position; exbl: margin, good, bad)."),
-            target: Optional[str] = typer.Option(None, "--target",
-                                                 help="Multi-label models: finding:NAME, the finding whose shortcut "
-                                                      "to remove (augment or none)."),
-            keep_worse: bool = typer.Option(False, "--keep-worse",
-                                            help="Write the result even when it scores worse than the input on "
-                                                 "the validation objective (default: refuse, write nothing)."),
-            epochs: int = typer.Option(5, "--epochs"),
-            sweep_epochs: Optional[int] = typer.Option(None, "--sweep-epochs",
-                                                       help="Epochs per λ candidate (default: --epochs; the best "
-                                                            "candidate is kept without retraining)."),
-            batch_size: int = typer.Option(32, "--batch-size"),
-            lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the architecture's "
-                                                                     "recommended rate, 1e-3; 1e-4 for VGG)."),
-            patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping patience (epochs)."),
-            seed: int = typer.Option(0, "--seed"),
-            device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-            amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
-            workers: int = typer.Option(0, "--workers", help="DataLoader worker processes.")) -> None:
+def unlearn(model: ModelOpt,
+            data: DataOpt,
+            out: OutOpt,
+            method: MethodOpt = DEFAULT_METHOD,
+            fallback: FallbackOpt = DEFAULT_FALLBACK,
+            annotations: AnnotationsOpt = None,
+            layer: LayerOpt = None,
+            cav_method: CavMethodOpt = "signal",
+            cav_scope: CavScopeOpt = "class",
+            lambda_: LambdaOpt = None,
+            lambdas: LambdasOpt = None,
+            balance: BalanceOpt = "none",
+            freeze: FreezeOpt = "auto",
+            output: OutputOpt = None,
+            cam_layer: CamLayerOpt = None,
+            option: OptionOpt = None,
+            target: TargetOpt = None,
+            keep_worse: KeepWorseOpt = False,
+            epochs: EpochsOpt = 5,
+            sweep_epochs: SweepEpochsOpt = None,
+            batch_size: BatchSizeOpt = 32,
+            lr: LrOpt = None,
+            patience: PatienceOpt = None,
+            seed: SeedOpt = 0,
+            device: DeviceOpt = "auto",
+            amp: AmpOpt = True,
+            workers: WorkersOpt = 0) -> None:
     """Remove a shortcut from a checkpoint (default: augment, the annotated artifact pasted into the
     other classes' images) and judge the result on the validation split: a result worse than its
     input is not written (exit 3). Multi-GPU: launch with torchrun."""
@@ -84,6 +110,11 @@ def unlearn(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to
                              num_workers=workers, options=parse_options(option), keep_worse=keep_worse, target=target,
                              on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    """The λ sweep, the training history, the before/after validation figures, the checkpoint."""
     if result.sweep:
         table = Table(result.strength_name, "objective", "clean val bal. accuracy",
                       title=f"{result.strength_name} sweep")

@@ -80,9 +80,17 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
     result.metrics["artifact retrieval AUROC (best of top-3 revealed concepts)"] = best
     result.files["reveal report"] = out / "reveal" / "report.html"
 
+    _revise(result, scan_path, share["rows"], summary.checkpoint, poisoned, artifact, unlearn_epochs, seed, device,
+            say, on_progress)
+    return result
+
+
+def _revise(result: DemoResult, scan_path: Path, artifact_rows: np.ndarray, checkpoint: Path, poisoned: Path,
+            artifact: str, unlearn_epochs: int, seed: int, device: str, say, on_progress) -> None:
+    """The demo's second half: annotate from 5 artifact examples, unlearn, evaluate before/after."""
+    out = result.out
     say("annotating: CAV from 5 artifact examples labels the rest and paints masks")
-    seeds = share["rows"][:5]
-    with_index = _manifest_ids(scan_path, seeds)
+    with_index = _manifest_ids(scan_path, artifact_rows[:5])
     ann = annotate(scan_path, out / "annotations.h5", seeds=with_index, masks_dir=out / "masks", device=device,
                    on_progress=on_progress)
     result.metrics["artifact retrieval AUROC (held-out, 5 seeds)"] = ann.quality["retrieval_held_out"]["auroc"]
@@ -91,18 +99,17 @@ def run_demo(out: str | Path = "demo-out", arch: str = "resnet18", artifact: str
     result.files["annotated manifest"] = ann.files["manifest"]
 
     say(f"unlearning with {DEFAULT_METHOD} (the default: the annotated stamp pasted into healthy images)")
-    fixed = unlearn(summary.checkpoint, ann.files["manifest"], out / "unlearned.pt", DEFAULT_METHOD,
+    fixed = unlearn(checkpoint, ann.files["manifest"], out / "unlearned.pt", DEFAULT_METHOD,
                     annotations=out / "annotations.h5", epochs=unlearn_epochs, device=device, seed=seed,
                     on_progress=on_progress)
     result.files["unlearned model"] = fixed.checkpoint
 
     say("evaluating before/after: clean test, and the artifact drawn on every healthy test image")
-    evaluation = evaluate(summary.checkpoint, poisoned, out / "evaluation", compare=fixed.checkpoint,
+    evaluation = evaluate(checkpoint, poisoned, out / "evaluation", compare=fixed.checkpoint,
                           artifact=artifact, artifact_class_name="disease", device=device, seed=seed)
     result.comparison = {key: (evaluation.metrics["model"][key], evaluation.metrics["compare"][key])
                          for key in COMPARED if key in evaluation.metrics["model"]}
     result.files["evaluation"] = evaluation.files["markdown"]
-    return result
 
 
 def _manifest_ids(scan_path: Path, rows: np.ndarray) -> list[int]:

@@ -92,6 +92,15 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_main_process() -> bool:
     import torch.distributed as dist
 

@@ -4,11 +4,17 @@ relevances for every sample (schema: :mod:`cxr_audit.store.schema`).
 One forward and one modified backward pass per batch yield all of it; the LRP composite stays
 registered across batches and parameters are frozen, so no weight gradients are computed.
 A scan that is killed resumes where it stopped and gives the same file as an uninterrupted one.
+
+Under ``torchrun`` (or any initialised process group) every process explains its share of the
+pending rows (``pending[rank::world]``, its own DataLoader) and sends each batch's arrays to rank
+0, the only process that opens the file and writes them: one store, the same rows as a
+single-process scan, still resumable.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method, default_layers, explain_batch
 from cxr_audit.explain.capture import get_module
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
-from cxr_audit.runtime import autocast, now, resolve_device, versions
+from cxr_audit.runtime import autocast, init_distributed, now, rank_and_world, resolve_device, versions
 from cxr_audit.store.h5 import create_scan_file, open_scan
 from cxr_audit.store.schema import TARGETS, finding_index
 
@@ -67,7 +73,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     """
     out = Path(out)
     _check_options(targets, batch_size, heatmap_size, num_workers, init)
-    dev = resolve_device(device)
+    dev = init_distributed(resolve_device(device))
     net, config = load_frozen(model, dev)
     for target in targets:
         finding_index(target, config["class_names"])
@@ -83,32 +89,70 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     meta = _scan_meta(model, data, config, prep, options)
 
     autocast(dev, amp, on_cpu=True)  # refuses --amp on a CPU without bf16 kernels before any file is written
-    # NHWC convolutions are faster on CUDA and on oneDNN CPUs alike (vgg16 LRP step -22 % on CPU)
-    net = net.to(memory_format=torch.channels_last)
-    attribution = create_method(method, net, config["arch"], prep,
-                                **({"cam_layer": cam_layer} if method == "gradcam" else {}))
-    capture = attribution.capture(layers)
-
-    f = _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep, targets,
-                        heatmap_size, config, dev)
+    net, attribution, capture = _attribution(net, config["arch"], prep, method, cam_layer, layers)
+    rank, world = rank_and_world()
+    opened = _agreed(lambda: _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep,
+                                             targets, heatmap_size, config, dev) if rank == 0 else None)
     start = time.perf_counter()
     try:
-        done = f["done"][:]
-        resumed_from = int(done.sum())
-        pending = np.flatnonzero(~done)
-        _check_free_space(f, len(pending), out)
-        row_of = {int(idx): r for r, idx in enumerate(f["samples/index"][:])}
+        pending = _agreed(lambda: _pending(opened, out) if rank == 0 else None, broadcast=True)
+        resumed_from = len(manifest) - len(pending)
         # dataset positions equal scan rows: the manifest subset is stored in order
-        loader = DataLoader(Subset(CxrDataset(manifest, prep, skip_bad=skip_bad, with_masks=False), pending.tolist()),
+        row_of = {s.index: r for r, s in enumerate(manifest.samples)}
+        loader = DataLoader(Subset(CxrDataset(manifest, prep, skip_bad=skip_bad, with_masks=False),
+                                   pending[rank::world].tolist()),
                             batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
         explainer = _BatchExplainer(attribution, capture, dev, amp, init, tuple(targets), config["class_names"],
                                     layers, heatmap_size)
         with attribution.rules(), capture.attached(attribution.model):
-            skipped = _scan_pending(f, loader, row_of, explainer, resumed_from, len(manifest), on_progress)
-        total_done = int(f["done"][:].sum())
+            if world == 1:
+                skipped = _scan_pending(opened, loader, row_of, explainer, resumed_from, len(manifest), on_progress)
+            else:
+                steps = math.ceil(math.ceil(len(pending) / world) / batch_size)  # batches of the largest share
+                skipped = _scan_shared(opened, loader, row_of, explainer, steps, resumed_from, len(manifest),
+                                       on_progress)
+        total_done = _agreed(lambda: int(opened["done"][:].sum()) if rank == 0 else None, broadcast=True)
     finally:
-        _close_after_writes(f)
+        if opened is not None:
+            _close_after_writes(opened)
     return ScanSummary(out, len(manifest), total_done, skipped, time.perf_counter() - start, resumed_from)
+
+
+def _attribution(net, arch: str, prep, method: str, cam_layer: str | None, layers: list[str]):
+    """``(net, attribution method, layer capture)``; the net in channels-last memory format (NHWC
+    convolutions are faster on CUDA and on oneDNN CPUs alike: vgg16 LRP step -22 % on CPU)."""
+    net = net.to(memory_format=torch.channels_last)
+    attribution = create_method(method, net, arch, prep, **({"cam_layer": cam_layer} if method == "gradcam" else {}))
+    return net, attribution, attribution.capture(layers)
+
+
+def _pending(f: h5py.File, out: Path) -> np.ndarray:
+    """Rows not yet done; refuses to start when they cannot fit on the disk."""
+    pending = np.flatnonzero(~f["done"][:])
+    _check_free_space(f, len(pending), out)
+    return pending
+
+
+def _agreed(step: Callable[[], object], broadcast: bool = False):
+    """Run ``step`` (rank 0's work) so that a one-line error on rank 0 stops every rank alike
+    instead of leaving the others waiting; with ``broadcast`` every rank gets rank 0's result."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return step()
+    import torch.distributed as dist
+
+    try:
+        result, error = step(), None
+    except (BadInputError, UsageError) as exc:
+        result, error = None, exc
+    message = [None if error is None else (type(error).__name__, str(error)),
+               result if broadcast and rank == 0 else None]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        if error is not None:
+            raise error
+        raise (UsageError if message[0][0] == "UsageError" else BadInputError)(message[0][1])
+    return message[1] if broadcast else result
 
 
 def _layers_to_record(layers: list[str] | None, arch: str, net) -> list[str]:
@@ -158,12 +202,54 @@ class _BatchExplainer:
     layers: list[str]
     heatmap_size: int
 
-    def __call__(self, f: h5py.File, rows: np.ndarray, batch: dict) -> None:
+    def __call__(self, batch: dict) -> dict[str, np.ndarray]:
+        """The batch's values per dataset name (``outputs/logits``, ``heatmaps/pred``, ...)."""
         x = batch["image"].to(self.device).contiguous(memory_format=torch.channels_last)
         wanted = {t: _explained(t, batch, self.class_names) for t in self.targets}
         with autocast(self.device, self.amp, on_cpu=True):
             expl = explain_batch(self.attribution, self.capture, x, wanted, init=self.init)
-        _write_rows(f, rows, expl, self.layers, self.heatmap_size)
+        arrays = {"outputs/logits": expl.logits.cpu().numpy(), "outputs/pred": expl.logits.argmax(1).cpu().numpy()}
+        for t, heat in expl.heatmaps.items():
+            if not torch.isfinite(heat).all():
+                raise BadInputError(f"non-finite relevance for samples {batch['index'].tolist()} "
+                                    f"(target {t}); the model produces NaN/Inf outputs")
+            arrays[f"heatmaps/{t}"] = _pool(heat, self.heatmap_size).cpu().numpy().astype(np.float16)
+            arrays[f"targets/{t}"] = expl.targets[t].cpu().numpy()
+        for layer in self.layers:
+            arrays[f"activations/{layer}/max"] = expl.act_max[layer].cpu().numpy()
+            arrays[f"activations/{layer}/mean"] = expl.act_mean[layer].cpu().numpy()
+            arrays[f"relevances/{layer}"] = expl.relevances[layer].cpu().numpy()
+        return arrays
+
+
+@dataclass
+class _BatchRows:
+    """One batch's results, computed on any rank and written by rank 0: the rows (ascending) and
+    their arrays, the unreadable samples ``(index, row, message)``, or the error that stops the scan."""
+
+    rows: np.ndarray
+    arrays: dict[str, np.ndarray] | None
+    errors: list[tuple[int, int, str]]
+    failure: str | None = None
+
+    def write(self, f: h5py.File) -> None:
+        if self.failure:
+            raise BadInputError(self.failure)
+        for _, row, message in self.errors:
+            _write_error(f, row, message)
+        if self.arrays is not None:
+            _write_rows(f, self.rows, self.arrays)
+
+    @property
+    def count(self) -> int:
+        return len(self.errors) + len(self.rows)
+
+
+def _explain_rows(batch: dict, row_of: dict[int, int], explainer: _BatchExplainer) -> _BatchRows:
+    errors = [(idx, row_of[idx], message) for idx, message in batch["errors"]]
+    if "image" not in batch:
+        return _BatchRows(np.zeros(0, np.int64), None, errors)
+    return _BatchRows(np.array([row_of[int(i)] for i in batch["index"]]), explainer(batch), errors)
 
 
 def _scan_pending(f, loader, row_of: dict[int, int], explainer: _BatchExplainer, completed: int, total: int,
@@ -173,14 +259,47 @@ def _scan_pending(f, loader, row_of: dict[int, int], explainer: _BatchExplainer,
     if on_progress:
         on_progress(completed, total)
     for batch in loader:
-        for idx, message in batch["errors"]:
-            _write_error(f, row_of[idx], message)
-            skipped.append((idx, message))
-        if "image" in batch:
-            explainer(f, np.array([row_of[int(i)] for i in batch["index"]]), batch)
-        completed += len(batch["errors"]) + (len(batch["index"]) if "index" in batch else 0)
+        part = _explain_rows(batch, row_of, explainer)
+        part.write(f)
+        skipped += [(idx, message) for idx, _, message in part.errors]
+        completed += part.count
         if on_progress:
             on_progress(completed, total)
+    return skipped
+
+
+def _scan_shared(f: h5py.File | None, loader, row_of: dict[int, int], explainer: _BatchExplainer, steps: int,
+                 completed: int, total: int, on_progress) -> list[tuple[int, str]]:
+    """:func:`_scan_pending` across a process group: ``steps`` rounds, in each every rank explains
+    its next batch (or nothing) and rank 0 gathers and writes them all; a failure anywhere stops
+    every rank at the end of that round."""
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    batches = iter(loader)
+    skipped: list[tuple[int, str]] = []
+    for _ in range(steps):
+        batch = next(batches, None)
+        try:
+            part = _explain_rows(batch, row_of, explainer) if batch is not None else None
+        except BadInputError as exc:
+            part = _BatchRows(np.zeros(0, np.int64), None, [], failure=str(exc))
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(part, parts, dst=0)
+        status = [None]
+        if rank == 0:
+            try:
+                for p in filter(None, parts):
+                    p.write(f)
+                    skipped += [(idx, message) for idx, _, message in p.errors]
+                    completed += p.count
+            except BadInputError as exc:
+                status = [str(exc)]
+            if on_progress:
+                on_progress(completed, total)
+        dist.broadcast_object_list(status, src=0)
+        if status[0]:
+            raise BadInputError(status[0])
     return skipped
 
 
@@ -226,22 +345,12 @@ def _layer_channels(net, capture, layers, prep, dev) -> dict[str, int]:
     return {l: int(s[1] if len(s) == 4 else s[-1]) for l, s in shapes.items()}
 
 
-def _write_rows(f: h5py.File, rows: np.ndarray, expl, layers: list[str], heatmap_size: int) -> None:
+def _write_rows(f: h5py.File, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
     """Write one batch (rows ascending), then mark it done: a crash in between loses only this batch."""
     sl = _as_slice(rows)
     try:
-        f["outputs/logits"][sl] = expl.logits.cpu().numpy()
-        f["outputs/pred"][sl] = expl.logits.argmax(1).cpu().numpy()
-        for t, heat in expl.heatmaps.items():
-            if not torch.isfinite(heat).all():
-                raise BadInputError(f"non-finite relevance for samples {f['samples/index'][sl].tolist()} "
-                                    f"(target {t}); the model produces NaN/Inf outputs")
-            f[f"heatmaps/{t}"][sl] = _pool(heat, heatmap_size).cpu().numpy().astype(np.float16)
-            f[f"targets/{t}"][sl] = expl.targets[t].cpu().numpy()
-        for layer in layers:
-            f[f"activations/{layer}/max"][sl] = expl.act_max[layer].cpu().numpy()
-            f[f"activations/{layer}/mean"][sl] = expl.act_mean[layer].cpu().numpy()
-            f[f"relevances/{layer}"][sl] = expl.relevances[layer].cpu().numpy()
+        for name, values in arrays.items():
+            f[name][sl] = values
         f.flush()  # the rows' data reach the disk before they are marked done
         f["done"][sl] = True
         f.flush()

@@ -70,13 +70,7 @@ def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None
     result = StressResult()
     for k, x in enumerate(grid):
         say(f"{x}% of '{manifest.class_names[pos]}' from {h1} ({k + 1}/{len(grid)})")
-        rng = np.random.default_rng(seed + k)
-        chosen = []
-        for c in (0, 1):
-            share = x / 100 if c == pos else 0.5
-            n1 = int(round(share * per_class))
-            chosen += list(rng.choice(pools[(h1, c)], n1, replace=False)) + \
-                list(rng.choice(pools[(h2, c)], per_class - n1, replace=False))
+        chosen = _biased_draw(pools, h1, h2, pos, x, per_class, np.random.default_rng(seed + k))
         extra = list(test.samples)  # no val rows: model selection on unbiased data would hide the effect
         csv = out / f"x{x:03d}" / "manifest.csv"
         _write_subset(csv, manifest, chosen + extra)
@@ -97,6 +91,18 @@ def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None
     result.files = {"json": out / "stress.json", "markdown": out / "stress.md",
                     "plot": _plot(out / "stress.png", result.rows, h1, h2, manifest.class_names[pos])}
     return result
+
+
+def _biased_draw(pools: dict, h1: str, h2: str, pos: int, x: int, per_class: int, rng) -> list:
+    """``per_class`` training samples per class: ``x`` % of class ``pos`` from ``h1`` (the rest from
+    ``h2``), the other class half from each."""
+    chosen = []
+    for c in (0, 1):
+        share = x / 100 if c == pos else 0.5
+        n1 = int(round(share * per_class))
+        chosen += list(rng.choice(pools[(h1, c)], n1, replace=False)) + \
+            list(rng.choice(pools[(h2, c)], per_class - n1, replace=False))
+    return chosen
 
 
 def _two_sources(manifest: Manifest) -> tuple[str, str]:

@@ -3,6 +3,7 @@ batches, averaged gradients), for plain fine-tuning and a double-backprop mitiga
 
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -97,3 +98,56 @@ def test_torchrun_unlearn_on_cpu(small, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.load(tmp_path / "u.pt", weights_only=True)["extra"]["unlearn"]["method"] == "rrr"
+
+
+def _scan_worker(rank, world, port, model, data, out, skip_bad):
+    import torch.distributed as dist
+
+    from cxr_audit.scanning import scan
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        scan(model, data, out, batch_size=3, device="cpu", skip_bad=skip_bad, targets=("pred", "true"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _scan_datasets(path) -> dict:
+    import h5py
+
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[:]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_two_gloo_processes_scan_into_one_store_equal_to_one_process(small, tmp_path):
+    """Rows sharded across two ranks, gathered and written by rank 0: the same store as a
+    single-process scan, also for a sample that cannot be read (--skip-bad)."""
+    import csv
+
+    from cxr_audit.scanning import scan
+    from cxr_audit.training import train
+
+    model = train(small, tmp_path / "m.pt", "resnet18", size=32, epochs=1, device="cpu").checkpoint
+    with open(small, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[4]["path"] = "missing.png"  # one unreadable sample
+    data = small.parent / "with-a-missing-image.csv"  # beside the manifest: its relative paths still hold
+    with open(data, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    single = scan(model, data, tmp_path / "one.h5", batch_size=5, device="cpu", skip_bad=True,
+                  targets=("pred", "true"))
+    mp.spawn(_scan_worker, args=(2, _free_port(), model, data, tmp_path / "two.h5", True), nprocs=2, join=True)
+    one, two = _scan_datasets(single.path), _scan_datasets(tmp_path / "two.h5")
+    assert one.keys() == two.keys() and two["done"].all()
+    assert (two["samples/error"] != b"").sum() == 1
+    for name, values in one.items():
+        if values.dtype.kind in "fc":
+            assert np.allclose(values.astype(np.float64), two[name].astype(np.float64), rtol=1e-3, atol=1e-5,
+                               equal_nan=True), name
+        else:
+            assert np.array_equal(values, two[name]), name

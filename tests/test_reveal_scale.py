@@ -92,7 +92,7 @@ def test_sampled_embedding_keeps_every_cluster_and_places_the_rest_beside_its_ow
 @pytest.fixture(scope="module")
 def planted_store(tmp_path_factory):
     return _planted_benchmark().build_planted_store(tmp_path_factory.mktemp("planted") / "scan.h5", 1200, seed=3,
-                                                    heatmap_size=32, block=500)
+                                                    heatmap_size=32, block=500, strength=1.0)
 
 
 def test_block_reads_do_not_change_reveal(planted_store, tmp_path, monkeypatch):
@@ -121,3 +121,25 @@ def test_reveal_with_the_scaled_paths_finds_the_planted_artifact(planted_store, 
     report = (tmp_path / "r" / "report.html").read_text()
     assert "nearest embedded samples" in report and "concept_0.png" in report  # galleries despite missing images
     assert "pass --virelay" in result["virelay"]["skipped"]
+
+
+def test_blockwise_channel_statistics_equal_the_whole_array_ones(monkeypatch):
+    """The concept ranking's per-channel sums over blocks of samples: LOF on cosine distances
+    from the blocked Gram matrix equals sklearn's cosine LOF on the whole profiles, and the
+    positive mean equals the one-shot mean."""
+    from sklearn.neighbors import LocalOutlierFactor
+
+    import cxr_audit.reveal.concepts as concepts
+
+    rng = np.random.default_rng(0)
+    rel = rng.standard_normal((3000, 40)).astype(np.float32)
+    rel[:, 3] *= 5
+    rel[:, 7] = rel[:, 8] + 0.1 * rel[:, 9]
+    profiles = rel.T.astype(np.float64)
+    profiles /= np.linalg.norm(profiles, axis=1, keepdims=True)
+    expected = -LocalOutlierFactor(n_neighbors=20, metric="cosine").fit(profiles).negative_outlier_factor_
+    monkeypatch.setattr(concepts, "BLOCK_ROWS", 700)
+    assert np.allclose(concepts.concept_outliers(rel), expected, atol=1e-9)
+    rows = np.arange(0, 3000, 3)
+    assert np.allclose(concepts.positive_mean(rel, rows), np.clip(rel[rows], 0, None).mean(0), atol=1e-6)
+    assert np.allclose(revealing_module.profile_features(rel).sum(1), 1, atol=1e-5)

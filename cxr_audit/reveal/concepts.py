@@ -121,18 +121,37 @@ def alarm_level(n_tests: int, alpha: float = 0.05) -> float:
     return float(norm.isf(alpha / max(n_tests, 1)))
 
 
+BLOCK_ROWS = 8192  # samples per block in the per-channel sums: memory O(block x C), not O(N x C)
+
+
 def concept_outliers(relevance: np.ndarray, n_neighbors: int = 20) -> np.ndarray:
-    """LOF score per channel (higher = more outlying) from cosine similarity of relevance profiles."""
+    """LOF score per channel (higher = more outlying) from cosine similarity of relevance profiles
+    (a channel's profile: its relevance over the samples, ``relevance (N, C)``). The cosine
+    distances come from the ``C x C`` Gram matrix summed over blocks of samples, so memory does not
+    grow with N."""
     from sklearn.neighbors import LocalOutlierFactor
 
-    profiles = relevance.T.astype(np.float64)  # (C, N)
-    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
-    profiles = profiles / np.maximum(norms, 1e-12)
-    if len(profiles) <= 3:
-        return np.zeros(len(profiles))
-    lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, len(profiles) - 1), metric="cosine")
-    lof.fit(profiles)
+    c = relevance.shape[1]
+    if c <= 3:
+        return np.zeros(c)
+    gram = np.zeros((c, c))
+    for start in range(0, len(relevance), BLOCK_ROWS):
+        block = relevance[start:start + BLOCK_ROWS].astype(np.float64)
+        gram += block.T @ block
+    norms = np.maximum(np.sqrt(np.clip(np.diag(gram), 0, None)), 1e-12)
+    distance = np.clip(1 - gram / norms[:, None] / norms[None, :], 0, 2)
+    np.fill_diagonal(distance, 0)
+    lof = LocalOutlierFactor(n_neighbors=min(n_neighbors, c - 1), metric="precomputed")
+    lof.fit(distance)
     return -lof.negative_outlier_factor_
+
+
+def positive_mean(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``(C,)`` mean of ``max(values[rows], 0)`` over ``rows``, a block of rows at a time."""
+    total = np.zeros(values.shape[1])
+    for start in range(0, len(rows), BLOCK_ROWS):
+        total += np.clip(values[rows[start:start + BLOCK_ROWS]], 0, None).sum(0, dtype=np.float64)
+    return total / max(len(rows), 1)
 
 
 def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, classes: np.ndarray,
@@ -142,13 +161,14 @@ def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, cl
     outlier = concept_outliers(relevance)
     # importance is relative to the most relevant (class, channel) pair, so that a class whose
     # channels carry only noise-level relevance cannot produce high scores
-    global_max = max(np.clip(relevance[classes == k], 0, None).mean(0).max() for k in np.unique(classes))
+    pos_rel_of = {k: positive_mean(relevance, np.flatnonzero(classes == k)) for k in np.unique(classes)}
+    global_max = max(v.max() for v in pos_rel_of.values())
     findings: list[ConceptFinding] = []
     for k in np.unique(classes):
         rows = np.flatnonzero(classes == k)
         if len(rows) < 8:
             continue
-        pos_rel = np.clip(relevance[rows], 0, None).mean(0)
+        pos_rel = pos_rel_of[k]
         importance = pos_rel / max(global_max, 1e-12)
         for c in np.argsort(-importance)[: max(top * 3, 30)]:
             eta, contrast, cut = split_quality(activations[rows, c])

@@ -92,19 +92,23 @@ READ_CHUNK = 8192  # rows per read: memory of a streamed read is one block, not 
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray, transform=None, chunk: int | None = None) -> np.ndarray:
-    """``ds[rows]`` for increasing ``rows``, read ``chunk`` (default :data:`READ_CHUNK`) rows at a time; ``transform`` (a
-    row-wise function of a block, e.g. pooling) is applied to each block before it is kept, so
-    peak memory is one raw block plus the transformed result."""
+    """``ds[rows]`` for increasing ``rows``, read ``chunk`` (default :data:`READ_CHUNK`) rows at a
+    time into one preallocated result; ``transform`` (a row-wise function of a block, e.g.
+    pooling) is applied to each block before it is kept, so peak memory is the result plus one
+    raw block."""
     rows = np.asarray(rows, np.int64)
     chunk = chunk or READ_CHUNK
-    blocks = []
+    out = None
     for i in range(0, len(rows), chunk):
         part = rows[i:i + chunk]
         lo, hi = int(part[0]), int(part[-1]) + 1
         # a contiguous slice is one HDF5 read; fancy indexing only when the rows are sparse
         block = ds[lo:hi][part - lo] if hi - lo <= 4 * len(part) else ds[part]
-        blocks.append(transform(block) if transform else block)
-    if not blocks:
+        block = transform(block) if transform else block
+        if out is None:
+            out = np.empty((len(rows),) + block.shape[1:], block.dtype)
+        out[i:i + len(part)] = block
+    if out is None:
         empty = ds[:0]
         return transform(empty) if transform else empty
-    return np.concatenate(blocks)
+    return out

@@ -12,6 +12,7 @@ batches, each rank taking a contiguous slice — so a 2-process run sees exactly
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from contextlib import nullcontext
@@ -20,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import BadInputError, UsageError
-from cxr_audit.runtime import autocast
+from cxr_audit.runtime import autocast, rank_and_world
 from cxr_audit.unlearn.balance import GroupBalance
 from cxr_audit.unlearn.base import Context, Mitigation
 
@@ -48,13 +48,6 @@ class FitResult:
     @property
     def seconds_per_step(self) -> float:
         return self.seconds / max(self.steps, 1)
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` outside ``torchrun``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ShardedBatchSampler(Sampler):
@@ -119,63 +112,16 @@ def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torc
         raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
     mitigation = mitigation or Mitigation()
     context = context or Context(num_classes=len(train_set.class_names))
-    rank, world_size = world()
-    frozen = freeze_up_to(model, freeze) if freeze else []
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise UsageError(f"nothing left to train after freezing up to '{freeze}'")
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    with_masks = bool({"artifact_mask", "mask"} & set(mitigation.needs)) or mitigation.name == "exbl"
-    dataset = CxrDataset(train_set, prep, with_masks=with_masks)
-    index = np.array([s.index for s in train_set.samples])
-    weights = balance.sample_weights(index) if balance else None
-    sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, weights)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
-    mitigation.prepare(model, context, loader)
-    net = model
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    total = epochs * len(sampler)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(total, 1))
+    run = _Run.create(model, train_set, prep, device, mitigation, context, balance, batch_size, lr, weight_decay,
+                      seed, freeze, num_workers, epochs)
     result = FitResult()
     best_score, best_state, stale = -math.inf, None, 0
     start = time.perf_counter()
     for epoch in range(epochs):
-        sampler.epoch = epoch
-        net.train()
-        for m in frozen:
-            m.eval()
-        sums = {"loss": 0.0, "penalty": 0.0, "n": 0}
-        for batch in loader:
-            if batch["errors"]:
-                raise BadInputError(batch["errors"][0][1])
-            x, y = batch["image"].to(device), batch["label"].to(device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp), _attention_kernel(mitigation):
-                logits, penalty = mitigation.forward(net, batch, x)
-            ce = _per_sample_loss(logits.float(), y, train_set.multilabel)
-            loss = balance.loss(ce, batch["index"]) if balance else ce.mean()
-            if penalty is not None and lambda_:
-                loss = loss + lambda_ * penalty.float()
-            if not torch.isfinite(loss):
-                raise DivergedError(f"the training loss became {loss.item()} at epoch {epoch + 1} "
-                                    f"(λ={lambda_:g} too large, or the learning rate too high)")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            result.steps += 1
-            sums["loss"] += float(ce.detach().mean()) * len(x)
-            sums["penalty"] += float(penalty.detach()) * len(x) if penalty is not None else 0.0
-            sums["n"] += len(x)
-            if on_progress:
-                seen = f" val objective {best_score:.3f}" if best_score > -math.inf else ""
-                on_progress(result.steps, total, f"epoch {epoch + 1}/{epochs} loss {sums['loss'] / sums['n']:.3f}{seen}")
-        record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
-                  "penalty": sums["penalty"] / max(sums["n"], 1)}
+        loss_of = functools.partial(_loss, run.net, mitigation, balance, device=device, amp=amp, lambda_=lambda_,
+                                    multilabel=train_set.multilabel, epoch=epoch)
+        seen = f" val objective {best_score:.3f}" if best_score > -math.inf else ""
+        record = run.epoch(epoch, loss_of, result, on_progress, f"epoch {epoch + 1}/{epochs}", seen)
         if val_score is not None:
             record["val_score"] = score = float(val_score(model))
             if score > best_score:
@@ -193,6 +139,89 @@ def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torc
     for p in model.parameters():
         p.requires_grad_(True)
     return result
+
+
+@dataclass
+class _Run:
+    """What one :func:`fit` trains with: the (DDP-wrapped) network, the sharded loader, the
+    optimiser and its cosine schedule over ``total`` steps, the frozen modules kept in eval mode."""
+
+    net: nn.Module
+    loader: DataLoader
+    sampler: "ShardedBatchSampler"
+    optimiser: torch.optim.Optimizer
+    schedule: object
+    frozen: list
+    total: int
+
+    @classmethod
+    def create(cls, model, train_set, prep, device, mitigation, context, balance, batch_size, lr, weight_decay,
+               seed, freeze, num_workers, epochs) -> "_Run":
+        rank, world_size = rank_and_world()
+        frozen = freeze_up_to(model, freeze) if freeze else []
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise UsageError(f"nothing left to train after freezing up to '{freeze}'")
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        with_masks = bool({"artifact_mask", "mask"} & set(mitigation.needs)) or mitigation.name == "exbl"
+        dataset = CxrDataset(train_set, prep, with_masks=with_masks)
+        weights = balance.sample_weights(np.array([s.index for s in train_set.samples])) if balance else None
+        sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, weights)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
+        mitigation.prepare(model, context, loader)
+        net = model
+        if world_size > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimiser = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        total = epochs * len(sampler)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(total, 1))
+        return cls(net, loader, sampler, optimiser, schedule, frozen, total)
+
+    def epoch(self, epoch: int, loss_of: Callable, result: FitResult, on_progress: Callable[..., None] | None,
+              label: str, suffix: str) -> dict:
+        """One pass over the loader; ``loss_of(batch) -> (loss, per-sample CE, penalty or None, n)``;
+        progress as ``"{label} loss L{suffix}"``."""
+        self.sampler.epoch = epoch
+        self.net.train()
+        for m in self.frozen:
+            m.eval()
+        sums = {"loss": 0.0, "penalty": 0.0, "n": 0}
+        for batch in self.loader:
+            loss, ce, penalty, n = loss_of(batch)
+            self.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimiser.step()
+            self.schedule.step()
+            result.steps += 1
+            sums["loss"] += float(ce.detach().mean()) * n
+            sums["penalty"] += float(penalty.detach()) * n if penalty is not None else 0.0
+            sums["n"] += n
+            if on_progress:
+                on_progress(result.steps, self.total, f"{label} loss {sums['loss'] / sums['n']:.3f}{suffix}")
+        return {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["n"], 1),
+                "penalty": sums["penalty"] / max(sums["n"], 1)}
+
+
+def _loss(net, mitigation: Mitigation, balance: GroupBalance | None, batch: dict, *, device, amp: bool,
+          lambda_: float, multilabel: bool, epoch: int):
+    """``(loss, per-sample CE, penalty or None, batch size)`` of one batch; a non-finite loss is
+    :class:`DivergedError`."""
+    if batch["errors"]:
+        raise BadInputError(batch["errors"][0][1])
+    x, y = batch["image"].to(device), batch["label"].to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp), _attention_kernel(mitigation):
+        logits, penalty = mitigation.forward(net, batch, x)
+    ce = _per_sample_loss(logits.float(), y, multilabel)
+    loss = balance.loss(ce, batch["index"]) if balance else ce.mean()
+    if penalty is not None and lambda_:
+        loss = loss + lambda_ * penalty.float()
+    if not torch.isfinite(loss):
+        raise DivergedError(f"the training loss became {loss.item()} at epoch {epoch + 1} "
+                            f"(λ={lambda_:g} too large, or the learning rate too high)")
+    return loss, ce, penalty, len(x)
 
 
 def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
