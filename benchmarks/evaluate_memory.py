@@ -2,7 +2,7 @@
 
 Phantom test sets of each size (64 px by default, lung masks, so `activation_precision` runs
 too), a resnet18 trained for one epoch on a separate small phantom set, and
-`evaluate --artifact text` in a fresh process per size, which reports its wall time and peak
+`evaluate --artifact text --artifact-class disease` in a fresh process per size, which reports its wall time and peak
 resident memory (`ru_maxrss`). `--code-root DIR` runs another checkout of cxr-audit (e.g. a
 `git worktree` of a commit before the streaming) for the baseline in the same run. Slope: the
 least-squares growth of peak memory per 1,000 test images.
@@ -48,7 +48,8 @@ def _child(model: str, data: str) -> None:
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    metrics = evaluate(model, data, split=None, artifact="text", device="cpu", batch_size=64).metrics["model"]
+    metrics = evaluate(model, data, split=None, artifact="text", artifact_class_name="disease", device="cpu",
+                       batch_size=64).metrics["model"]
     print(json.dumps({"seconds": time.perf_counter() - start,
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "accuracy": metrics["accuracy"], "inserted": metrics["artifact_inserted_accuracy"]}))
