@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cxr_audit.cli._common import console, err_console, friendly_errors, split_csv
+from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluating import evaluate as evaluate_lib
 
@@ -35,9 +35,11 @@ def evaluate(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint t
     pair = split_csv(sources)
     if pair is not None and len(pair) != 2:
         raise UsageError(f"--sources takes exactly two source names, got {pair}")
-    result = evaluate_lib(model, data, out, compare=compare, split=split or None, artifact=artifact,
-                          paste_from=paste_from, artifact_class_name=artifact_class, annotations=annotations,
-                          attribution=attribution, sources=tuple(pair) if pair else None, device=device,
-                          batch_size=batch_size, seed=seed, on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
+    with progress_bar("evaluate") as update:
+        result = evaluate_lib(model, data, out, compare=compare, split=split or None, artifact=artifact,
+                              paste_from=paste_from, artifact_class_name=artifact_class, annotations=annotations,
+                              attribution=attribution, sources=tuple(pair) if pair else None, device=device,
+                              batch_size=batch_size, seed=seed, on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"),
+                              on_progress=update)
     console.print(result.files["markdown"].read_text(), markup=False, highlight=False)
     console.print(f"written: [bold]{result.files['json']}[/], {result.files['markdown']}")

@@ -61,9 +61,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              paste_from: str | Path | None = None, artifact_class_name: str | None = None,
              annotations: str | Path | None = None, cav_method: str = "ridge", attribution: str = "lrp",
              sources: tuple[str, str] | None = None, device: str = "auto", batch_size: int = 32, seed: int = 0,
-             on_stage: Callable[[str], None] | None = None) -> EvaluationResult:
+             on_stage: Callable[[str], None] | None = None,
+             on_progress: Callable[..., None] | None = None) -> EvaluationResult:
     """Evaluate ``model`` (and ``compare``) on ``data``'s ``split``; write ``metrics.json`` and
-    ``metrics.md`` to ``out`` when given."""
+    ``metrics.md`` to ``out`` when given. ``on_progress(done, total, status)`` after each block
+    of test images."""
     if artifact and paste_from:
         raise UsageError("give --artifact (an injector) or --paste-from (annotated samples), not both")
     if batch_size < 1:
@@ -87,7 +89,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     for label, ckpt in labels.items():
         say(f"evaluating {Path(ckpt).name}")
         result.metrics[label] = _evaluate_one(ckpt, names, inputs, annotations, cav_method, attribution, sources,
-                                              device, batch_size, seed)
+                                              device, batch_size, seed, on_progress)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +160,8 @@ class _Plan:
     attribution_methods: tuple[str, ...] = ()
     precision_method: str | None = None
     tcav: tuple | None = None
+    on_progress: Callable[..., None] | None = None
+    label: str = ""
 
 
 def _gather(net, config, prep, inputs: _TestInputs, plan: _Plan, dev, batch_size) -> _Outputs:
@@ -184,11 +188,13 @@ def _gather(net, config, prep, inputs: _TestInputs, plan: _Plan, dev, batch_size
             layer, cav, cls = plan.tcav
             members = images[torch.as_tensor(y == cls)]
             out.sensitivity.append(_directional_derivatives(net, members, layer, cav, cls, dev, batch_size))
+        if plan.on_progress:
+            plan.on_progress(int(block.rows[-1]) + 1, len(inputs.test), plan.label)
     return out
 
 
 def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, attribution, sources, device,
-                  batch_size, seed) -> dict:
+                  batch_size, seed, on_progress=None) -> dict:
     test, target = inputs.test, inputs.target
     dev = resolve_device(device)
     net, config = load_checkpoint(ckpt)
@@ -197,13 +203,15 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
     net = net.to(dev)
     prep = preprocessing_of(config)
     if test.multilabel:
-        return _evaluate_findings(_gather(net, config, prep, inputs, _Plan(), dev, batch_size), names, inputs)
+        plan = _Plan(on_progress=on_progress, label=Path(ckpt).name)
+        return _evaluate_findings(_gather(net, config, prep, inputs, plan, dev, batch_size), names, inputs)
     ann = read_annotations(annotations, method=None if cav_method == "annotation" else cav_method) \
         if annotations else None
     plan = _Plan(attribution_methods=(attribution,) + (("gxi",) if attribution != "gxi" else ()),
                  precision_method=attribution if all(s.mask is not None for s in test.samples) else None,
                  tcav=(ann.layer, torch.from_numpy(ann.cav), target if target is not None
-                       else artifact_class(test, ann.labels)) if ann else None)
+                       else artifact_class(test, ann.labels)) if ann else None,
+                 on_progress=on_progress, label=Path(ckpt).name)
     o = _gather(net, config, prep, inputs, plan, dev, batch_size)
     logits, y = torch.from_numpy(o.cat("logits")), o.cat("labels")
     pred = logits.argmax(1).numpy()

@@ -84,3 +84,15 @@ def test_evaluate_does_not_depend_on_the_block_size(shortcut_model, poisoned, mo
     assert whole.keys() == streamed.keys()
     for key, value in whole.items():
         assert streamed[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+
+
+def test_evaluate_reports_progress_per_block(shortcut_model, poisoned, monkeypatch):
+    import cxr_audit.evaluate.blocks as blocks
+    from cxr_audit.evaluating import evaluate
+
+    monkeypatch.setattr(blocks, "EVAL_BLOCK", 10)
+    seen = []
+    evaluate(shortcut_model, poisoned, artifact="marker", device="cpu", on_progress=lambda *a: seen.append(a))
+    n = len(load_manifest(poisoned).subset("test"))
+    assert [done for done, _, _ in seen] == list(range(10, n, 10)) + [n]
+    assert all(total == n and status == shortcut_model.name for _, total, status in seen)

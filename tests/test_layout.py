@@ -1,0 +1,19 @@
+"""The codebase stays readable in an afternoon: no function over 60 lines in the library or the CLI."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 60
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for folder in ("cxr_audit", "cli"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_LINES:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split these functions: " + "; ".join(long)
