@@ -85,7 +85,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                          f"{', '.join(sorted({s.source for s in test.samples}))})")
     result = EvaluationResult()
     labels = {"model": model} | ({"compare": compare} if compare else {})
-    inputs = _TestInputs(test, target, artifact, paste_from, names, seed)
+    # streamed a block at a time; a before/after pair sharing a preprocessing sees the same tensors
+    inputs = TestBlocks(test, target, artifact, paste_from, names, seed)
     for label, ckpt in labels.items():
         say(f"evaluating {Path(ckpt).name}")
         result.metrics[label] = _evaluate_one(ckpt, names, inputs, annotations, cav_method, attribution, sources,
@@ -121,16 +122,6 @@ def _target_class(name, names, artifact, paste_from, manifest, annotations) -> i
     raise UsageError("cannot tell which class the artifact points to: pass --artifact-class")
 
 
-class _TestInputs:
-    """The test set with its artifact-inserted copies, streamed a block at a time
-    (:mod:`cxr_audit.evaluate.blocks`); a before/after pair sharing a preprocessing sees the very
-    same tensors."""
-
-    def __init__(self, test, target, artifact, paste_from, names, seed):
-        self.test, self.target, self.artifact, self.paste_from = test, target, artifact, paste_from
-        self.blocks = TestBlocks(test, target, artifact, paste_from, names, seed)
-
-
 @dataclass
 class _Outputs:
     """One model's outputs over the whole test set, gathered block by block: ``logits (N, K)``,
@@ -164,10 +155,10 @@ class _Plan:
     label: str = ""
 
 
-def _gather(net, config, prep, inputs: _TestInputs, plan: _Plan, dev, batch_size) -> _Outputs:
+def _gather(net, config, prep, inputs: TestBlocks, plan: _Plan, dev, batch_size) -> _Outputs:
     """Run the model over the test blocks once, keeping per-sample outputs only (:class:`_Outputs`)."""
     out = _Outputs()
-    for block in inputs.blocks(prep):
+    for block in inputs(prep):
         images, y = block.batch["image"], block.batch["label"]
         logits = batched_logits(net, images, dev, batch_size)
         out.logits.append(logits)
@@ -193,7 +184,7 @@ def _gather(net, config, prep, inputs: _TestInputs, plan: _Plan, dev, batch_size
     return out
 
 
-def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, attribution, sources, device,
+def _evaluate_one(ckpt, names, inputs: TestBlocks, annotations, cav_method, attribution, sources, device,
                   batch_size, seed, on_progress=None) -> dict:
     test, target = inputs.test, inputs.target
     dev = resolve_device(device)
@@ -218,7 +209,7 @@ def _evaluate_one(ckpt, names, inputs: _TestInputs, annotations, cav_method, att
     out: dict = {"n": len(test), "accuracy": M.accuracy(pred, y),
                  "auroc": M.auroc(torch.softmax(logits, 1).numpy(), y)}
     out.update(_group_metrics(pred, y, np.array([s.source for s in test.samples]), names, sources, seed))
-    if inputs.blocks.attacks:
+    if inputs.attacks:
         out.update(_inserted_metrics(o, pred, y, names[target], attribution))
     if plan.precision_method:
         out["activation_precision"] = float(o.cat("precision").mean())
@@ -272,14 +263,14 @@ def _two_source_metrics(pred: np.ndarray, y: np.ndarray, src: np.ndarray, pair, 
     return out
 
 
-def _evaluate_findings(o: _Outputs, names, inputs: _TestInputs) -> dict:
+def _evaluate_findings(o: _Outputs, names, inputs: TestBlocks) -> dict:
     """Multi-label models: per-finding AUROC/accuracy, clean and artifact-inserted (see
     :mod:`cxr_audit.evaluate.findings`), flat keys ``METRIC.FINDING`` for tables and ``gate``."""
     y = o.cat("labels")
     probs = torch.sigmoid(torch.from_numpy(o.cat("logits"))).numpy()
     findings = F.per_finding(probs, y, names)
     out: dict = {"n": len(inputs.test), "multilabel": True}
-    if inputs.blocks.attacks:
+    if inputs.attacks:
         inserted = torch.sigmoid(torch.from_numpy(o.cat("attacked_logits"))).numpy()
         F.with_inserted(findings, probs, inserted, o.cat("attacked_rows"), y, names)
         out["artifact_class"] = names[inputs.target]

@@ -16,7 +16,7 @@ from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
 from cxr_audit.reveal.concepts import BLOCK_ROWS, alarm_level, rank_concepts
-from cxr_audit.reveal.embedding import EMBEDDINGS, embed
+from cxr_audit.reveal.embedding import EMBEDDINGS, PLACE_NEIGHBOURS, embed
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
@@ -70,7 +70,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     del acts, rel
     clusters, per_class, clustered = _clusters(spaces, v.classes[v.rows], v.rows, v.index, max_k, embedding, step)
     _export_virelay(out / "reveal.virelay.h5", per_class, v.names)
-    virelay = _virelay_project(out / "virelay", scan_path, v, clustered, per_class, target, virelay_project)
+    virelay = _virelay_project(out / "virelay", v, clustered, per_class, target, virelay_project)
     _scatter(out / "embedding.png", per_class, v.names, v.sources, v.labels, v.index)
     alarm = {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
              "source_tests": source_tests, "source_linked": [c["id"] for c in concepts if c["source_linked"]]}
@@ -82,7 +82,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "versions": versions()}
     write_text_atomic(out / "reveal.json", json.dumps(result, indent=1))
     _report(out, scan_path, result, v.index, gallery, references, device)
-    step("report")
+    step("report", last=True)
     return result
 
 
@@ -92,8 +92,9 @@ class _Steps:
     def __init__(self, total: int, on_progress: Callable[..., None] | None):
         self.done, self.total, self.on_progress = 0, total, on_progress
 
-    def __call__(self, status: str) -> None:
-        self.done = min(self.done + 1, self.total)
+    def __call__(self, status: str, last: bool = False) -> None:
+        """One step done (``last``: all of them; classes too small to cluster are never stepped)."""
+        self.done = self.total if last else min(self.done + 1, self.total)
         if self.on_progress:
             self.on_progress(self.done, self.total, status)
 
@@ -314,12 +315,10 @@ def profile_features(values: np.ndarray) -> np.ndarray:
     return out
 
 
-
-
 VIRELAY_AUTO_MAX = 20000  # samples; past this the project (a thumbnail per image) is written only when asked
 
 
-def _virelay_project(folder: Path, scan_path, v: ScanView, clustered, per_class, target, wanted: bool | None) -> dict | None:
+def _virelay_project(folder: Path, v: ScanView, clustered, per_class, target, wanted: bool | None) -> dict | None:
     """Write the ViRelAy project (:mod:`cxr_audit.reveal.virelay`); ``{"project": path}``, or
     ``{"skipped": reason}`` when the scanned images are not where the scan says or, unless
     ``wanted``, the scan is larger than :data:`VIRELAY_AUTO_MAX`; ``None`` when not ``wanted``."""
@@ -426,7 +425,7 @@ def _embedding_sentence(result: dict, method: str) -> str:
         return f"{method} of every sample of each class."
     parts = ", ".join(f"{name}: {f[0]:,} of {f[1]:,}" for name, f in placed.items())
     return (f"{method} of a sample stratified by SpRAy cluster ({parts}); the other samples are placed at the "
-            f"distance-weighted mean position of their 5 nearest embedded samples.")
+            f"distance-weighted mean position of their {PLACE_NEIGHBOURS} nearest embedded samples.")
 
 
 def _report(out: Path, scan_path, result: dict, index, gallery: int, references: bool, device: str) -> None:

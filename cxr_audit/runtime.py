@@ -102,9 +102,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def write_text_atomic(path, text: str) -> None:

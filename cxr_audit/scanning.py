@@ -232,13 +232,15 @@ class _BatchRows:
     errors: list[tuple[int, int, str]]
     failure: str | None = None
 
-    def write(self, f: h5py.File) -> None:
+    def write(self, f: h5py.File) -> list[tuple[int, str]]:
+        """Write the rows and mark the unreadable ones; returns those as ``(index, message)``."""
         if self.failure:
             raise BadInputError(self.failure)
         for _, row, message in self.errors:
             _write_error(f, row, message)
         if self.arrays is not None:
             _write_rows(f, self.rows, self.arrays)
+        return [(idx, message) for idx, _, message in self.errors]
 
     @property
     def count(self) -> int:
@@ -260,8 +262,7 @@ def _scan_pending(f, loader, row_of: dict[int, int], explainer: _BatchExplainer,
         on_progress(completed, total)
     for batch in loader:
         part = _explain_rows(batch, row_of, explainer)
-        part.write(f)
-        skipped += [(idx, message) for idx, _, message in part.errors]
+        skipped += part.write(f)
         completed += part.count
         if on_progress:
             on_progress(completed, total)
@@ -290,8 +291,7 @@ def _scan_shared(f: h5py.File | None, loader, row_of: dict[int, int], explainer:
         if rank == 0:
             try:
                 for p in filter(None, parts):
-                    p.write(f)
-                    skipped += [(idx, message) for idx, _, message in p.errors]
+                    skipped += p.write(f)
                     completed += p.count
             except BadInputError as exc:
                 status = [str(exc)]

@@ -48,9 +48,9 @@ class TestBlocks:
             raise UsageError("no test samples to attack (every test image already carries the artifact or is of "
                              "the artifact's class)")
 
-    def __call__(self, prep: Preprocessing, attack: bool = True) -> Iterator[TestBlock]:
+    def __call__(self, prep: Preprocessing) -> Iterator[TestBlock]:
         size = self.block or EVAL_BLOCK
-        insert = self._inserter(prep) if attack and self.attacks else None
+        insert = self._inserter(prep) if self.attacks else None
         done_victims = 0
         for start in range(0, len(self.test), size):
             rows = np.arange(start, min(start + size, len(self.test)))

@@ -105,6 +105,7 @@ def _landmark_spray(features: np.ndarray, max_k: int, k: int | None, seed: int,
     ``1 - σ²`` (σ: singular values of Ẑ), and its eigenvectors are ``U = Ẑ V / σ`` from the
     ``p × p`` eigenproblem of ``ẐᵀẐ``. Labels: k-means on the first ``k`` columns of ``U``.
     """
+    from scipy.sparse import diags
     from sklearn.cluster import KMeans
 
     n = len(features)
@@ -112,7 +113,7 @@ def _landmark_spray(features: np.ndarray, max_k: int, k: int | None, seed: int,
     centres = _kmeans_landmarks(features, min(landmarks, n // 2), rng, seed)
     z = landmark_weights(features, centres, min(nearest, len(centres)))
     colsum = np.asarray(z.sum(0)).ravel()
-    z = z[:, colsum > 0] @ _diag(1 / np.sqrt(colsum[colsum > 0]))
+    z = z[:, colsum > 0] @ diags(1 / np.sqrt(colsum[colsum > 0]))
     sigma2, v = np.linalg.eigh((z.T @ z).toarray().astype(np.float64))
     order = np.argsort(-sigma2)[: max_k + 1]
     sigma2, v = np.clip(sigma2[order], 0, 1), v[:, order]
@@ -151,9 +152,3 @@ def landmark_weights(features: np.ndarray, centres: np.ndarray, nearest: int, ch
         w = np.exp(-d2 / np.maximum(d2.max(1, keepdims=True), 1e-24))
         cols[start:start + chunk], weights[start:start + chunk] = idx, w / w.sum(1, keepdims=True)
     return csr_matrix((weights.ravel(), cols.ravel(), np.arange(0, n * nearest + 1, nearest)), shape=(n, p))
-
-
-def _diag(values: np.ndarray):
-    from scipy.sparse import diags
-
-    return diags(values)
