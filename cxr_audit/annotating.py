@@ -39,7 +39,7 @@ from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
-from cxr_audit.store.h5 import open_scan, read_meta
+from cxr_audit.store.h5 import StoredRows, open_scan, read_meta
 
 
 @dataclass
@@ -80,18 +80,19 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     if out.resolve() == Path(scan_path).resolve():
         raise UsageError(f"--out {out} is the scan itself: annotations go to a new file")
     rng = np.random.default_rng(seed)
-    scan = _read_scan(scan_path, layer, concept, masking.layer)
-    pos = _positives(seeds, concept, from_column, scan.row_of, scan.artifact, scan.relevances, scan.layers,
-                     scan.layer, scan.usable)
-    labelling = _label_samples(scan, pos, negatives, from_column, method, n_negatives, threshold, refine, rng)
-    labels, quality = labelling.labels, labelling.quality
-    result = AnnotationResult(out, scan.layer, labelling.threshold, int(labels.sum()), quality)
-    mask_rows = np.flatnonzero(labels)[:masking.max_masks]
-    mask_stack = None
-    if masks and len(mask_rows):
-        mask_stack, mask_quality = _paint_masks(scan, labels, mask_rows, method, masking, model, data, device,
-                                                batch_size, rng, on_progress)
-        quality.update(mask_quality)
+    with open_scan(scan_path) as f:  # open throughout: activations are read a block of rows at a time
+        scan = _read_scan(f, layer, concept, masking.layer)
+        pos = _positives(seeds, concept, from_column, scan.row_of, scan.artifact, scan.relevances, scan.layers,
+                         scan.layer, scan.usable)
+        labelling = _label_samples(scan, pos, negatives, from_column, method, n_negatives, threshold, refine, rng)
+        labels, quality = labelling.labels, labelling.quality
+        result = AnnotationResult(out, scan.layer, labelling.threshold, int(labels.sum()), quality)
+        mask_rows = np.flatnonzero(labels)[:masking.max_masks]
+        mask_stack = None
+        if masks and len(mask_rows):
+            mask_stack, mask_quality = _paint_masks(scan, labels, mask_rows, method, masking, model, data, device,
+                                                    batch_size, rng, on_progress)
+            quality.update(mask_quality)
     options = {"layer": scan.layer, "mask_layer": scan.mask_layer, "method": method, "seeds": seeds,
                "negatives": negatives, "from_column": from_column, "concept": concept, "cluster": cluster,
                "n_negatives": n_negatives, "threshold": threshold, "refine": refine,
@@ -135,7 +136,8 @@ class MaskOptions:
 
 @dataclass
 class _ScanArrays:
-    """What annotate reads from a scan, once."""
+    """What annotate reads from an open scan: per-sample columns in memory, ``(N, C)`` layers as
+    :class:`StoredRows` (read in blocks, so memory does not grow with N x C)."""
 
     meta: dict
     layers: list[str]
@@ -144,35 +146,34 @@ class _ScanArrays:
     index: np.ndarray
     paths: np.ndarray
     usable: np.ndarray
-    acts: np.ndarray
-    mask_acts: np.ndarray
+    acts: StoredRows
+    mask_acts: StoredRows
     artifact: np.ndarray
     classes: np.ndarray
-    relevances: np.ndarray | None
+    relevances: StoredRows | None
 
     @cached_property
     def row_of(self) -> dict[int, int]:
         return {int(i): r for r, i in enumerate(self.index)}
 
 
-def _read_scan(scan_path, layer: str | None, concept: str | None, mask_layer: str | None) -> _ScanArrays:
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-        layers = list(meta["layers"])
-        # a concept names its layer; otherwise the earliest scanned layer, where small artifacts
-        # (text, markers) are still resolved after max-pooling (benchmarks/annotate_quality.py)
-        concept_layer = concept.rpartition(":")[0] if concept is not None else ""
-        layer = layer or concept_layer or layers[0]
-        mask_layer = mask_layer or layers[0]
-        for name in (layer, mask_layer):
-            if name not in layers:
-                raise UsageError(f"layer '{name}' is not in the scan (scanned: {', '.join(layers)})")
-        done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
-        return _ScanArrays(meta, layers, layer, mask_layer, f["samples/index"][:],
-                           f["samples/path"][:],  # recorded with the labels: which images they belong to
-                           np.flatnonzero(done), f[f"activations/{layer}/max"][:],
-                           f[f"activations/{mask_layer}/max"][:], f["samples/artifact"][:], f["samples/label"][:],
-                           f[f"relevances/{layer}"][:] if concept is not None else None)
+def _read_scan(f: h5py.File, layer: str | None, concept: str | None, mask_layer: str | None) -> _ScanArrays:
+    meta = read_meta(f)
+    layers = list(meta["layers"])
+    # a concept names its layer; otherwise the earliest scanned layer, where small artifacts
+    # (text, markers) are still resolved after max-pooling (benchmarks/annotate_quality.py)
+    concept_layer = concept.rpartition(":")[0] if concept is not None else ""
+    layer = layer or concept_layer or layers[0]
+    mask_layer = mask_layer or layers[0]
+    for name in (layer, mask_layer):
+        if name not in layers:
+            raise UsageError(f"layer '{name}' is not in the scan (scanned: {', '.join(layers)})")
+    done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
+    return _ScanArrays(meta, layers, layer, mask_layer, f["samples/index"][:],
+                       f["samples/path"][:],  # recorded with the labels: which images they belong to
+                       np.flatnonzero(done), StoredRows(f[f"activations/{layer}/max"]),
+                       StoredRows(f[f"activations/{mask_layer}/max"]), f["samples/artifact"][:], f["samples/label"][:],
+                       StoredRows(f[f"relevances/{layer}"]) if concept is not None else None)
 
 
 @dataclass
@@ -201,8 +202,8 @@ def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_neg
     fit_rows = np.union1d(pos, neg)
     # only negatives a person named are forced to 0; random contrast rows may hold the concept too
     forced_neg = neg if negatives else np.zeros(0, int)
-    cav = make_cav(method).fit(acts[fit_rows], np.isin(fit_rows, pos).astype(int))
-    scores = cav.score(acts)
+    cav = make_cav(method).fit_rows(acts, fit_rows, np.isin(fit_rows, pos).astype(int))
+    scores = cav.score_rows(acts)
     held_out = np.setdiff1d(usable, fit_rows)
     thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
     labels = _label(scores, thr, pos, forced_neg, usable)
@@ -210,8 +211,8 @@ def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_neg
         unl = np.setdiff1d(usable, np.flatnonzero(labels))
         refit_neg = rng.choice(unl, size=min(max(n_negatives, int(labels.sum())), len(unl)), replace=False)
         rows = np.union1d(np.flatnonzero(labels), refit_neg)
-        cav = make_cav(method).fit(acts[rows], labels[rows].astype(int))
-        scores = cav.score(acts)
+        cav = make_cav(method).fit_rows(acts, rows, labels[rows].astype(int))
+        scores = cav.score_rows(acts)
         thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
         labels = _label(scores, thr, pos, forced_neg, usable)
     quality: dict = {}
@@ -226,7 +227,7 @@ def _paint_masks(scan: _ScanArrays, labels, mask_rows, method, masking: MaskOpti
                  batch_size, rng, on_progress) -> tuple[np.ndarray, dict]:
     """Step 3: ``(masks (M, H, W) bool, quality)`` for ``mask_rows``, from a CAV at the mask layer."""
     usable = scan.usable
-    direction, scope = _mask_direction(method, scan.mask_acts[usable], labels[usable], scan.classes[usable],
+    direction, scope = _mask_direction(method, scan.mask_acts, usable, labels[usable], scan.classes[usable],
                                        masking.cav)
     reference_rows = None
     if masking.reference == "clean":
@@ -286,7 +287,7 @@ def _positives(seeds, concept, from_column, row_of, artifact, relevances, layers
     if not 0 <= c < relevances.shape[1]:
         raise UsageError(f"--concept channel {c} out of range (layer {layer} has {relevances.shape[1]})")
     k = max(5, len(usable) // 50)
-    return usable[np.argsort(-relevances[usable, c])[:k]]
+    return usable[np.argsort(-relevances.read(usable, lambda block: block[:, c]))[:k]]
 
 
 def _label(scores, thr, pos, neg, usable) -> np.ndarray:
@@ -309,13 +310,14 @@ N_REFERENCE = 64
 MASK_CAVS = ("within-class", "across")
 
 
-def _mask_direction(method: str, acts: np.ndarray, labels: np.ndarray, classes: np.ndarray,
+def _mask_direction(method: str, acts: StoredRows, rows: np.ndarray, labels: np.ndarray, classes: np.ndarray,
                     scope: str) -> tuple[np.ndarray, str]:
-    """``(C,)`` direction the masks are painted with, and the scope actually used: within-class
-    falls back to across classes when no class holds both labelled and unlabelled samples."""
+    """``(C,)`` direction the masks are painted with (fitted on ``acts``' ``rows``; ``labels`` and
+    ``classes`` aligned with them), and the scope actually used: within-class falls back to
+    across classes when no class holds both labelled and unlabelled samples."""
     if scope == "within-class" and has_within_group_contrast(labels, classes):
-        return make_cav(method).fit(acts, labels.astype(int), groups=classes).direction_, scope
-    return make_cav(method).fit(acts, labels.astype(int)).direction_, "across"
+        return make_cav(method).fit_rows(acts, rows, labels.astype(int), groups=classes).direction_, scope
+    return make_cav(method).fit_rows(acts, rows, labels.astype(int)).direction_, "across"
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,

@@ -10,6 +10,7 @@ from cxr_audit.annotating import annotate
 from cxr_audit.cli.main import app
 from cxr_audit.errors import UsageError
 from cxr_audit.scanning import scan
+from cxr_audit.store.h5 import StoredRows
 
 
 def test_signal_cav_recovers_the_concept_direction_despite_correlated_noise():
@@ -48,6 +49,49 @@ def test_within_class_cav_ignores_the_class_evidence_a_shortcut_correlates_with(
     assert np.allclose(make_cav(name).fit(X, art, groups=multi_hot).direction_, within, atol=1e-5)
     with pytest.raises(UsageError, match="nothing to contrast"):
         make_cav(name).fit(X, cls, groups=cls)
+
+
+def _naive_signal_direction(X, y, groups=None):
+    """The signal CAV written out in memory: (group-centred) X against (group-centred) y."""
+    X, y = np.asarray(X, float), np.asarray(y, float)
+    if groups is not None:
+        for g in np.unique(groups):
+            X[groups == g] -= X[groups == g].mean(0)
+            y[groups == g] -= y[groups == g].mean()
+    else:
+        y = y - y.mean()
+    w = (X - X.mean(0)).T @ y
+    return w / np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_streamed_signal_cav_equals_the_in_memory_formula_for_any_block(chunk):
+    rng = np.random.default_rng(3)
+    X = rng.gamma(2.0, size=(300, 9))
+    y, groups = rng.integers(0, 2, 300), rng.integers(0, 3, 300)
+    rows = np.sort(rng.choice(300, 200, replace=False))
+    for g in (None, groups):
+        fitted = SignalCAV().fit_rows(StoredRows(X, chunk=chunk), rows, y[rows], None if g is None else g[rows])
+        expected = _naive_signal_direction(X[rows], y[rows], None if g is None else g[rows])
+        np.testing.assert_allclose(fitted.direction_, expected, atol=1e-6)
+        np.testing.assert_allclose(fitted.score_rows(StoredRows(X, chunk=chunk)), X @ fitted.direction_, rtol=1e-5, atol=1e-5)
+
+
+def test_estimator_cavs_fit_a_stratified_sample_past_fit_max(monkeypatch):
+    import cxr_audit.annotate.cav as cav_module
+
+    rng = np.random.default_rng(4)
+    n = 2000
+    cls = rng.integers(0, 2, n)
+    art = (cls == 1) & (rng.random(n) < 0.1)  # a rare stratum: artifact samples of class 1
+    X = np.c_[3.0 * cls, 2.0 * art, rng.normal(size=(n, 4))]
+    full = make_cav("ridge").fit_rows(StoredRows(X, chunk=64), np.arange(n), art, cls)
+    assert full.n_fit_ == n
+    monkeypatch.setattr(cav_module, "FIT_MAX", 200)
+    sampled = make_cav("ridge").fit_rows(StoredRows(X, chunk=64), np.arange(n), art, cls)
+    assert 150 <= sampled.n_fit_ <= 210
+    assert abs(sampled.direction_[1]) > 0.9  # the rare stratum was kept: still the artifact channel
+    assert SignalCAV().fit_rows(StoredRows(X, chunk=64), np.arange(n), art, cls).n_fit_ == n  # signal streams all
 
 
 def test_cav_needs_both_classes_and_known_method():
@@ -121,6 +165,21 @@ def test_from_column_and_concept_sources(scanned, tmp_path):
     gap = rel[art == 1].mean(0) - rel[art == 0].mean(0)
     concept = annotate(scanned, tmp_path / "k.h5", concept=f"layer3:{int(np.argmax(gap))}", masks=False)
     assert concept.quality["retrieval_held_out"]["auroc"] > 0.9
+
+
+def test_annotations_do_not_depend_on_the_read_block_size(scanned, tmp_path, monkeypatch):
+    """Activations are read a block of rows at a time; 5-row blocks give the same file."""
+    import cxr_audit.store.h5 as h5_module
+
+    options = dict(from_column="artifact", refine=1, device="cpu", max_masks=8)
+    whole = annotate(scanned, tmp_path / "whole.h5", **options)
+    monkeypatch.setattr(h5_module, "READ_CHUNK", 5)
+    blocked = annotate(scanned, tmp_path / "blocked.h5", **options)
+    with h5py.File(whole.path) as a, h5py.File(blocked.path) as b:
+        np.testing.assert_allclose(a["scores"][:], b["scores"][:], rtol=1e-5, atol=1e-6)
+        assert np.array_equal(a["labels"][:], b["labels"][:]) and a["labels"][:].sum() > 0
+        assert np.array_equal(a["masks"][:], b["masks"][:])
+        np.testing.assert_allclose(a[f"cav/{whole.layer}"][:], b[f"cav/{whole.layer}"][:], atol=1e-6)
 
 
 def test_cli_annotate_and_its_errors(scanned, tmp_path):

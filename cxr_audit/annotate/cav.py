@@ -19,33 +19,83 @@ from __future__ import annotations
 import numpy as np
 
 from cxr_audit.errors import UsageError
+from cxr_audit.store.h5 import StoredRows
+
+
+#: rows an estimator CAV (SVM, ridge, logistic) is fitted on at most: past it, an evenly spaced
+#: sample of every (label, group) stratum, so memory stays O(FIT_MAX x C). The signal CAV needs
+#: only sums and always streams every row.
+FIT_MAX = 20000
 
 
 class CAV:
     name = "cav"
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "CAV":
-        X, y = np.asarray(X, np.float64), np.asarray(y).astype(int)
-        if y.min() == y.max():
-            raise UsageError("a CAV needs both concept (1) and non-concept (0) samples")
+        """Fit on in-memory activations ``X (N, C)``."""
+        y, groups = _checked(y, groups)
+        X = np.asarray(X, np.float64)
         if groups is not None:
-            groups = group_ids(groups)
-            if not has_within_group_contrast(y, groups):
-                raise UsageError("no class holds both concept and non-concept samples: a within-class CAV has "
-                                 "nothing to contrast (fit it across classes)")
             X = X - _group_means(X, groups)
-        w = self._direction(X, y, groups)
+        return self._set_direction(self._direction(X, y, groups))
+
+    def fit_rows(self, source: StoredRows, rows: np.ndarray, y: np.ndarray,
+                 groups: np.ndarray | None = None) -> "CAV":
+        """Fit on ``source``'s increasing ``rows`` (``y``, ``groups`` aligned with ``rows``),
+        read in blocks: at most :data:`FIT_MAX` of them (stratified) for this estimator."""
+        rows = np.asarray(rows, np.int64)
+        y, gid = _checked(y, groups)
+        keep = _stratified_sample(y, gid, FIT_MAX)
+        self.n_fit_ = len(keep)
+        return self.fit(source.read(rows[keep]), y[keep], None if groups is None else gid[keep])
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(X, np.float32) @ self.direction_
+
+    def score_rows(self, source: StoredRows) -> np.ndarray:
+        """``(N,)`` scores of every row of ``source``, a block at a time."""
+        scores = np.empty(len(source), np.float32)
+        for positions, block in source.blocks():
+            scores[positions] = self.score(block)
+        return scores
+
+    def _set_direction(self, w: np.ndarray) -> "CAV":
         norm = np.linalg.norm(w)
         if not np.isfinite(norm) or norm == 0:
             raise UsageError("the CAV is degenerate (zero or non-finite direction); check the activations")
         self.direction_ = (w / norm).astype(np.float32)
         return self
 
-    def score(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(X, np.float32) @ self.direction_
-
     def _direction(self, X, y, groups):
         raise NotImplementedError
+
+
+def _checked(y: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``y`` as ints and ``groups`` as ids, refusing labels a CAV cannot contrast."""
+    y = np.asarray(y).astype(int)
+    if y.min() == y.max():
+        raise UsageError("a CAV needs both concept (1) and non-concept (0) samples")
+    if groups is None:
+        return y, None
+    groups = group_ids(groups)
+    if not has_within_group_contrast(y, groups):
+        raise UsageError("no class holds both concept and non-concept samples: a within-class CAV has "
+                         "nothing to contrast (fit it across classes)")
+    return y, groups
+
+
+def _stratified_sample(y: np.ndarray, groups: np.ndarray | None, limit: int) -> np.ndarray:
+    """Increasing positions of at most ~``limit`` rows, evenly spaced within every (label, group)
+    stratum in proportion to its size (at least 2 per stratum); all rows when there are few."""
+    if len(y) <= limit:
+        return np.arange(len(y))
+    strata = group_ids(np.column_stack([y, np.zeros_like(y) if groups is None else groups]))
+    keep = []
+    for s in np.unique(strata):
+        members = np.flatnonzero(strata == s)
+        k = min(len(members), max(2, round(limit * len(members) / len(y))))
+        keep.append(members[np.linspace(0, len(members) - 1, k).round().astype(int)])
+    return np.unique(np.concatenate(keep))
 
 
 def group_ids(groups: np.ndarray) -> np.ndarray:
@@ -71,13 +121,32 @@ def _group_means(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
 class SignalCAV(CAV):
     """Pattern/signal CAV ``w ∝ cov(X, y)`` (Pahde et al., 2023, "Navigating Neural Space:
     Revisiting Concept Activation Vectors to Overcome Directional Divergence", arXiv:2202.03482;
-    after Haufe et al., 2014). Less distracted by correlated noise than a classifier's weights."""
+    after Haufe et al., 2014). Less distracted by correlated noise than a classifier's weights.
+
+    Within groups, ``w = Σ_g Σ_{i∈g} (x_i − m_g)(y_i − ȳ_g) / N = Σ_g (S_xy,g − S_x,g S_y,g / n_g) / N``
+    with per-group sums ``S``: fitted from block sums over every row, in O(groups × C) memory."""
 
     name = "signal"
 
-    def _direction(self, X, y, groups):
-        yc = y - (y.mean() if groups is None else _group_means(y.astype(np.float64), groups))
-        return (X - X.mean(0)).T @ yc / len(y)
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "CAV":
+        return self.fit_rows(StoredRows(X), np.arange(len(X)), y, groups)
+
+    def fit_rows(self, source: StoredRows, rows: np.ndarray, y: np.ndarray,
+                 groups: np.ndarray | None = None) -> "CAV":
+        y, gid = _checked(y, groups)
+        gid = np.zeros(len(y), np.int64) if gid is None else gid
+        sum_x = np.zeros((gid.max() + 1, source.shape[1]))
+        sum_xy = np.zeros_like(sum_x)
+        for positions, block in source.blocks(np.asarray(rows, np.int64)):
+            block = block.astype(np.float64)
+            for g in np.unique(gid[positions]):
+                at = gid[positions] == g
+                sum_x[g] += block[at].sum(0)
+                sum_xy[g] += y[positions][at] @ block[at]
+        count = np.bincount(gid, minlength=len(sum_x)).astype(np.float64)
+        sum_y = np.bincount(gid, weights=y, minlength=len(sum_x))
+        self.n_fit_ = len(y)
+        return self._set_direction((sum_xy - sum_x * (sum_y / count)[:, None]).sum(0) / len(y))
 
 
 class _SklearnCAV(CAV):

@@ -11,6 +11,7 @@ import numpy as np
 
 from cxr_audit.annotate.cav import make_cav
 from cxr_audit.errors import BadInputError, UsageError
+from cxr_audit.store.h5 import StoredRows
 
 
 @dataclass
@@ -93,14 +94,14 @@ def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class
     with h5py.File(scan, "r") as f:
         if f"activations/{layer}/max" not in f:
             raise UsageError(f"layer '{layer}' was not scanned (scanned: {', '.join(f['activations'].keys())})")
-        acts = f[f"activations/{layer}/max"][:]
         classes = f["samples/label"][:]
-    rows = np.flatnonzero(labels >= 0)
-    if within_class and classes.ndim == 1 and (labels == 1).any():
-        known = labels >= 0
-        prevalence = [(labels[(classes == c) & known] == 1).mean() if ((classes == c) & known).any() else 0
-                      for c in range(classes.max() + 1)]
-        in_class = np.flatnonzero((classes == int(np.argmax(prevalence))) & known)
-        if 0 < labels[in_class].sum() < len(in_class) - 1:
-            rows = in_class
-    return make_cav(method).fit(acts[rows], labels[rows]).direction_
+        rows = np.flatnonzero(labels >= 0)
+        if within_class and classes.ndim == 1 and (labels == 1).any():
+            known = labels >= 0
+            prevalence = [(labels[(classes == c) & known] == 1).mean() if ((classes == c) & known).any() else 0
+                          for c in range(classes.max() + 1)]
+            in_class = np.flatnonzero((classes == int(np.argmax(prevalence))) & known)
+            if 0 < labels[in_class].sum() < len(in_class) - 1:
+                rows = in_class
+        # read a block of rows at a time: memory O(block x C), not O(N x C)
+        return make_cav(method).fit_rows(StoredRows(f[f"activations/{layer}/max"]), rows, labels[rows]).direction_

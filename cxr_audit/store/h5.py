@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -91,24 +92,52 @@ def read_meta(f: h5py.File) -> dict:
 READ_CHUNK = 8192  # rows per read: memory of a streamed read is one block, not the data set
 
 
+def row_blocks(ds, rows: np.ndarray, chunk: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """``(positions, ds[rows[positions]])`` for consecutive blocks of ``chunk`` (default
+    :data:`READ_CHUNK`) of the increasing ``rows``; ``ds`` is an HDF5 dataset or an array."""
+    rows = np.asarray(rows, np.int64)
+    chunk = chunk or READ_CHUNK
+    for i in range(0, len(rows), chunk):
+        part = rows[i:i + chunk]
+        lo, hi = int(part[0]), int(part[-1]) + 1
+        # a contiguous slice is one HDF5 read; fancy indexing only when the rows are sparse
+        yield slice(i, i + len(part)), (ds[lo:hi][part - lo] if hi - lo <= 4 * len(part) else ds[part])
+
+
 def read_rows(ds: h5py.Dataset, rows: np.ndarray, transform=None, chunk: int | None = None) -> np.ndarray:
     """``ds[rows]`` for increasing ``rows``, read ``chunk`` (default :data:`READ_CHUNK`) rows at a
     time into one preallocated result; ``transform`` (a row-wise function of a block, e.g.
     pooling) is applied to each block before it is kept, so peak memory is the result plus one
     raw block."""
-    rows = np.asarray(rows, np.int64)
-    chunk = chunk or READ_CHUNK
     out = None
-    for i in range(0, len(rows), chunk):
-        part = rows[i:i + chunk]
-        lo, hi = int(part[0]), int(part[-1]) + 1
-        # a contiguous slice is one HDF5 read; fancy indexing only when the rows are sparse
-        block = ds[lo:hi][part - lo] if hi - lo <= 4 * len(part) else ds[part]
+    for positions, block in row_blocks(ds, rows, chunk):
         block = transform(block) if transform else block
         if out is None:
             out = np.empty((len(rows),) + block.shape[1:], block.dtype)
-        out[i:i + len(part)] = block
+        out[positions] = block
     if out is None:
         empty = ds[:0]
         return transform(empty) if transform else empty
     return out
+
+
+class StoredRows:
+    """An ``(N, ...)`` dataset (HDF5, or an array in tests) that is only ever read a block of rows
+    at a time: what statistics over a whole data set take instead of the array itself."""
+
+    def __init__(self, ds, chunk: int | None = None):
+        self.ds, self.chunk = ds, chunk
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.ds.shape)
+
+    def read(self, rows: np.ndarray, transform=None) -> np.ndarray:
+        return read_rows(self.ds, rows, transform, self.chunk)
+
+    def blocks(self, rows: np.ndarray | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """Blocks over ``rows`` (default: every row), as :func:`row_blocks`."""
+        return row_blocks(self.ds, np.arange(len(self.ds)) if rows is None else rows, self.chunk)
