@@ -2,7 +2,7 @@
 
 Uses the planted scan stores of `benchmarks/reveal_scale.py` (real schema, a known artifact in
 `/samples/artifact`; `--wide` gives ResNet-50 widths, 512/1024/2048 channels). Each `annotate`
-runs in its own process (wall time, `ru_maxrss`), without masks (a planted store has no model
+runs in its own process (wall time, its own peak RSS, `VmHWM`), without masks (a planted store has no model
 or images; masks are painted batch by batch and capped by `--max-masks` anyway), in two modes:
 
 - `seeds`: 5 artifact samples as seeds (the CAV is fitted on ~55 rows, every row is scored);
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reveal_scale import LAYERS, WIDE_LAYERS, build_planted_store  # noqa: E402
+from peak_memory import peak_rss_mb  # noqa: E402  (benchmarks/ is the script's folder)
 
 MODES = {"seeds": {}, "column": {"from_column": "artifact", "refine": 1}}
 
@@ -49,7 +49,7 @@ def _child(store: str, out: str, mode: str, method: str) -> None:
     start = time.perf_counter()
     result = annotate(store, out, method=method, masks=False, **options)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     from sklearn.metrics import roc_auc_score
 
     with h5py.File(out, "r") as f:

@@ -3,7 +3,7 @@
 Phantom test sets of each size (64 px by default, lung masks, so `activation_precision` runs
 too), a resnet18 trained for one epoch on a separate small phantom set, and
 `evaluate --artifact text --artifact-class disease` in a fresh process per size, which reports its wall time and peak
-resident memory (`ru_maxrss`). `--code-root DIR` runs another checkout of cxr-audit (e.g. a
+resident memory (`VmHWM`; see `peak_memory.py`). `--code-root DIR` runs another checkout of cxr-audit (e.g. a
 `git worktree` of a commit before the streaming) for the baseline in the same run. Slope: the
 least-squares growth of peak memory per 1,000 test images.
 
@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder
 
 
 def _subset(manifest: Path, n: int, out: Path) -> Path:
@@ -51,7 +51,7 @@ def _child(model: str, data: str) -> None:
     metrics = evaluate(model, data, split=None, artifact="text", artifact_class_name="disease", device="cpu",
                        batch_size=64).metrics["model"]
     print(json.dumps({"seconds": time.perf_counter() - start,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_mb": peak_rss_mb(),
                       "accuracy": metrics["accuracy"], "inserted": metrics["artifact_inserted_accuracy"]}))
 
 

@@ -16,7 +16,7 @@ structure (see `build_planted_store`):
 - gamma noise on every channel, Gaussian noise on every heatmap pixel, 5 % prediction flips.
 
 Each `reveal` (with `--no-references`: the planted store has no model) runs in its own process,
-which reports its wall time and peak resident memory (`ru_maxrss`). Retrieval: the best AUROC
+which reports its wall time and peak resident memory (`VmHWM`; see `peak_memory.py`). Retrieval: the best AUROC
 among the top-3 concepts (score: the member CAV, `scores.cav`, what `annotate` labels from) and
 among the top-3 clusters (score: membership) against the planted artifact. The `exact` rows rerun
 reveal on a 5k store with the dense SpRAy forced at every size (the method at scale is judged
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -150,6 +149,8 @@ def retrieval(result: dict, store: Path) -> tuple[float, float]:
 
 def _child(store: str, out: str, exact: bool) -> None:
     """Run one reveal in this process and print its figures as JSON (the parent's row)."""
+    from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder (tests load this file alone)
+
     import cxr_audit.reveal.spray as spray_module
     from cxr_audit.revealing import reveal
 
@@ -159,7 +160,7 @@ def _child(store: str, out: str, exact: bool) -> None:
     result = reveal(store, out, references=False)
     seconds = time.perf_counter() - start
     concept, cluster = retrieval(result, Path(store))
-    print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(),
                       "concept_auroc": concept, "cluster_auroc": cluster,
                       "json_mb": (Path(out) / "reveal.json").stat().st_size / 2 ** 20,
                       "clustering": sorted({c["clustering"] for c in result["clusters"]}),

@@ -3,7 +3,7 @@
 Builds one phantom set of ``--unique`` images at ``--size`` px and hard-links it up to the largest
 N (different paths, same pixels: the scan's cost per image does not depend on the content), then
 scans the first N rows for each N in ``--n``, each in its own spawned process. Reports wall time,
-steady-state images/s, the process's peak RSS (ru_maxrss) and its RSS sampled at 25/50/100 % of
+steady-state images/s, the process's own peak RSS (VmHWM) and its RSS sampled at 25/50/100 % of
 the rows, and the growth exponent of the peak from the smallest to the largest N (0 = flat).
 
     .venv/bin/python benchmarks/scan_memory.py [--arch resnet18] [--size 224] [--n 1000 20000]
@@ -15,7 +15,6 @@ import argparse
 import csv
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scan_throughput import _measure  # noqa: E402  (one spawned process per measurement)
+from peak_memory import peak_rss_mb  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def _rss_mb() -> float:
@@ -48,7 +48,7 @@ def _scan_child(ckpt: str, manifest: str, batch: int, workers: int, threads: int
     (t0, n0, _), (t1, n1, _) = next(m for m in marks if m[1] > 0), marks[-1]
     total = marks[-1][1]
     sampled = [next(m[2] for m in marks if m[1] >= q * total) for q in (0.25, 0.5, 1.0)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     queue.put((wall, (n1 - n0) / (t1 - t0), peak, sampled, out.stat().st_size / 2**20))
     out.unlink()
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
+from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder
 
 
 def _peak_mb(device: str) -> float:
@@ -25,7 +25,7 @@ def _peak_mb(device: str) -> float:
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def _forward_only(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:

@@ -67,6 +67,9 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", help="Checkpoint (d
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Manifest (default: the scanned one).")]
 DeviceOpt = Annotated[str, typer.Option("--device")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
+TargetOpt = Annotated[Optional[str], typer.Option("--target",
+    help="Multi-label scans: finding:NAME, whose positives and negatives are the classes the masks' CAV is "
+         "fitted within (default: every combination of findings).")]
 
 
 @friendly_errors
@@ -95,7 +98,8 @@ def annotate(scan: ScanOpt,
              model: ModelOpt = None,
              data: DataOpt = None,
              device: DeviceOpt = "auto",
-             seed: SeedOpt = 0) -> None:
+             seed: SeedOpt = 0,
+             target: TargetOpt = None) -> None:
     """Label artifact samples with a concept direction (CAV) and paint pixel masks with its LRP heatmap."""
     thr = threshold if threshold == "auto" else _float(threshold)
     with progress_bar("annotate") as update:
@@ -105,7 +109,7 @@ def annotate(scan: ScanOpt,
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
                               mask_threshold=mask_threshold, mask_rule=mask_rule, mask_reference=mask_reference,
                               mask_complete=mask_complete, mask_cav=mask_cav, blur=blur, dilate=dilate, model=model, data=data,
-                              device=device, seed=seed, on_progress=update)
+                              device=device, seed=seed, target=target, on_progress=update)
     console.print(f"labelled {result.n_labelled} samples as the concept (layer {result.layer}, threshold "
                   f"{result.threshold:.3f})")
     if result.quality:

@@ -40,6 +40,7 @@ from cxr_audit.explain import create_method
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.store.h5 import StoredRows, open_scan, read_meta
+from cxr_audit.store.schema import finding_index
 
 
 @dataclass
@@ -62,7 +63,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              mask_cav: str = "within-class",
              blur: float | None = None, dilate: int = 0, max_masks: int = 1000,
              model: str | Path | None = None, data: str | Path | None = None, device: str = "auto",
-             batch_size: int = 16, seed: int = 0,
+             batch_size: int = 16, seed: int = 0, target: str | None = None,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
     """Label artifact samples and paint their masks; writes ``out`` (HDF5) and, with
     ``masks_dir``, one PNG per labelled sample plus ``annotated.csv`` and ``contact_sheet.png``.
@@ -70,7 +71,9 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     Exactly one of ``seeds`` (manifest row ids, 2–5 positives suffice), ``concept``
     (``[LAYER:]CHANNEL``: its top-relevance samples are the positives), ``cluster`` (a SpRAy
     cluster id from ``reveal_json``: its members are the seeds) or ``from_column`` (``artifact``)
-    selects the positives.
+    selects the positives. ``target`` (``finding:NAME``, multi-label scans): the classes the
+    masks' CAV is fitted within are that finding's positives and negatives (default: every
+    combination of findings).
     """
     masking = MaskOptions(mask_layer, mask_threshold, mask_rule, mask_reference, mask_complete, mask_cav, blur,
                           dilate, max_masks)
@@ -81,7 +84,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         raise UsageError(f"--out {out} is the scan itself: annotations go to a new file")
     rng = np.random.default_rng(seed)
     with open_scan(scan_path) as f:  # open throughout: activations are read a block of rows at a time
-        scan = _read_scan(f, layer, concept, masking.layer)
+        scan = _read_scan(f, layer, concept, masking.layer, target)
         pos = _positives(seeds, concept, from_column, scan.row_of, scan.artifact, scan.relevances, scan.layers,
                          scan.layer, scan.usable)
         labelling = _label_samples(scan, pos, negatives, from_column, method, n_negatives, threshold, refine, rng)
@@ -98,7 +101,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
                "n_negatives": n_negatives, "threshold": threshold, "refine": refine,
                "mask_threshold": masking.threshold, "mask_rule": masking.rule, "mask_reference": masking.reference,
                "mask_complete": masking.complete, "mask_cav": masking.cav, "blur": masking.blur,
-               "dilate": masking.dilate, "seed": seed}
+               "dilate": masking.dilate, "seed": seed, "target": target}
     # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
     stored = np.full(len(labels), -1, np.int8)
     stored[scan.usable] = labels[scan.usable]
@@ -157,7 +160,8 @@ class _ScanArrays:
         return {int(i): r for r, i in enumerate(self.index)}
 
 
-def _read_scan(f: h5py.File, layer: str | None, concept: str | None, mask_layer: str | None) -> _ScanArrays:
+def _read_scan(f: h5py.File, layer: str | None, concept: str | None, mask_layer: str | None,
+               target: str | None) -> _ScanArrays:
     meta = read_meta(f)
     layers = list(meta["layers"])
     # a concept names its layer; otherwise the earliest scanned layer, where small artifacts
@@ -172,8 +176,20 @@ def _read_scan(f: h5py.File, layer: str | None, concept: str | None, mask_layer:
     return _ScanArrays(meta, layers, layer, mask_layer, f["samples/index"][:],
                        f["samples/path"][:],  # recorded with the labels: which images they belong to
                        np.flatnonzero(done), StoredRows(f[f"activations/{layer}/max"]),
-                       StoredRows(f[f"activations/{mask_layer}/max"]), f["samples/artifact"][:], f["samples/label"][:],
+                       StoredRows(f[f"activations/{mask_layer}/max"]), f["samples/artifact"][:],
+                       _task_classes(f["samples/label"][:], target, list(meta["class_names"])),
                        StoredRows(f[f"relevances/{layer}"]) if concept is not None else None)
+
+
+def _task_classes(labels: np.ndarray, target: str | None, class_names: list[str]) -> np.ndarray:
+    """The class of each row the masks' CAV is fitted within: ``labels`` (``(N,)`` ids, or
+    ``(N, K)`` multi-hot: one class per combination), or for ``finding:NAME`` that finding's 0/1."""
+    if target is None:
+        return labels
+    k = finding_index(target, class_names)
+    if k is None or labels.ndim != 2:
+        raise UsageError(f"--target {target}: annotate takes finding:NAME, and only on a multi-label scan")
+    return labels[:, k]
 
 
 @dataclass

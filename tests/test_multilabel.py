@@ -84,6 +84,31 @@ def test_scan_and_reveal_per_finding(findings_data, findings_model, tmp_path):
             assert best > 0.9, best
     r = runner.invoke(app, ["reveal", str(scan), "--out", str(tmp_path / "x"), "--target", "finding:effusion"])
     assert r.exit_code == 2 and "scan with --target finding:effusion" in r.output
+    _annotate_per_finding(scan, tmp_path)
+
+
+def _annotate_per_finding(scan, tmp_path):
+    """`annotate --target finding:lesion` fits the masks' CAV within lesion-positives and -negatives
+    (not within the 8 combinations of findings); the masks cover the stamp."""
+    import h5py
+
+    from cxr_audit.annotating import _task_classes
+
+    hot = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], np.uint8)
+    assert np.array_equal(_task_classes(hot, "finding:lesion", ["effusion", "lesion", "tube"]), [0, 1, 1])
+    assert _task_classes(hot, None, ["effusion", "lesion", "tube"]) is hot
+    out = tmp_path / "ann.h5"
+    r = runner.invoke(app, ["annotate", str(scan), "--out", str(out), "--from-column", "artifact",
+                            "--target", "finding:lesion", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        options, quality = (json.loads(f["meta"].attrs[k]) for k in ("options", "quality"))
+    assert options["target"] == "finding:lesion" and quality["mask_cav"] == "within-class"
+    assert quality["masks_with_truth"] > 0 and quality["mask_iou"] > 0.3, quality
+    for target in ("finding:nope", "pred"):
+        bad = runner.invoke(app, ["annotate", str(scan), "--out", str(tmp_path / "bad.h5"), "--from-column",
+                                  "artifact", "--target", target, "--no-masks"])
+        assert bad.exit_code == 2 and "Traceback" not in bad.output and not (tmp_path / "bad.h5").exists(), bad.output
 
 
 def test_multilabel_shortcut_is_found_on_its_finding_and_gated_there(findings_data, findings_model, tmp_path):
@@ -133,7 +158,7 @@ def test_unlearn_removes_one_findings_shortcut_with_augment(findings_data, findi
 
     record = torch.load(out, weights_only=True)["extra"]["unlearn"]
     assert record["target"] == "finding:lesion" and record["paste_probability"]["not lesion"] > 0.5
-    for args, message in ((["--method", "dfr", "--target", "finding:lesion"], "does not support multi-label"),
+    for args, message in ((["--method", "jtt", "--target", "finding:lesion"], "does not support multi-label"),
                           ([], "--target finding:NAME"), (["--target", "finding:nope"], "finding:NAME")):
         bad = runner.invoke(app, ["unlearn", "--model", str(findings_model), "--data", str(findings_data), "--out",
                                   str(tmp_path / "x.pt"), "--device", "cpu", *args])
@@ -148,3 +173,35 @@ def test_unlearn_removes_one_findings_shortcut_with_augment(findings_data, findi
         drops[name] = metrics["artifact_inserted_auroc_drop.lesion"]
     assert drops["before"] >= 0.1
     assert drops["after"] <= 0.5 * drops["before"]
+
+
+def _inserted_drop(model, data, out) -> float:
+    ev = runner.invoke(app, ["evaluate", "--model", str(model), "--data", str(data), "--out", str(out),
+                             "--artifact", "text", "--artifact-class", "lesion", "--device", "cpu"])
+    assert ev.exit_code == 0, ev.output
+    return json.loads((out / "metrics.json").read_text())["metrics"]["model"]["artifact_inserted_auroc_drop.lesion"]
+
+
+def test_dfr_refits_only_the_chosen_findings_row(findings_data, findings_model, tmp_path):
+    """DFR on one finding: the head row of 'lesion' is refitted on (lesion × stamp)-balanced
+    features, the rows of the other findings and the backbone stay bit for bit, and lesion's
+    inserted-AUROC drop shrinks."""
+    import torch
+
+    out = tmp_path / "dfr.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(findings_model), "--data", str(findings_data), "--out", str(out),
+                            "--method", "dfr", "--target", "finding:lesion", "--device", "cpu", "--keep-worse"])
+    assert r.exit_code == 0, r.output
+    before, after = (torch.load(p, weights_only=True) for p in (findings_model, out))
+    names = after["config"]["class_names"]
+    lesion = names.index("lesion")
+    w0, w1 = before["state_dict"]["fc.weight"], after["state_dict"]["fc.weight"]
+    assert not torch.equal(w0[lesion], w1[lesion])
+    others = [k for k in range(len(names)) if k != lesion]
+    assert torch.equal(w0[others], w1[others])
+    assert torch.equal(before["state_dict"]["fc.bias"][others], after["state_dict"]["fc.bias"][others])
+    assert all(torch.equal(v, after["state_dict"][k]) for k, v in before["state_dict"].items() if not k.startswith("fc."))
+    record = after["extra"]["unlearn"]
+    assert record["target"] == "finding:lesion" and "C" in record
+    assert _inserted_drop(out, findings_data, tmp_path / "after") < _inserted_drop(findings_model, findings_data,
+                                                                                    tmp_path / "before")

@@ -27,7 +27,9 @@ def test_evaluate_sees_the_shortcut_and_rrr_removes_most_of_it(shortcut_model, r
     assert before["artifact_inserted_drop"] >= 0.2  # the planted shortcut is visible
     assert after["artifact_inserted_drop"] <= 0.5 * before["artifact_inserted_drop"]
     assert after["artifact_relevance_share"] <= 0.5 * before["artifact_relevance_share"]
-    assert after["accuracy"] >= before["accuracy"] - 0.05
+    # 48 test images: one sd of an accuracy is ~0.07, and on an AVX-512 EPYC the same seeds end 3 images
+    # (0.0625) lower than on the CI machine; 0.1 still catches a collapse to one class (-0.17 here)
+    assert after["accuracy"] >= before["accuracy"] - 0.1
     assert "| artifact_inserted_accuracy |" in (tmp_path / "metrics.md").read_text()
 
 
@@ -41,8 +43,11 @@ def test_checkpoint_records_method_and_provenance(rrr_model, shortcut_model):
 
 
 def test_lambda_sweep_is_recorded_and_picks_from_the_grid(shortcut_model, poisoned, tmp_path):
+    # keep_worse: this tests the sweep's record, not the refusal (whether 1 epoch of RRR beats the input
+    # depends on the CPU's rounding here, and a refused result would fall back to DFR's own grid)
     result = unlearn(shortcut_model, poisoned, tmp_path / "m.pt", "rrr", lambdas=[1.0, 100.0], epochs=1,
-                     device="cpu")
+                     device="cpu", keep_worse=True)
+    assert result.fallback_from is None
     assert [row["lambda"] for row in result.sweep] == [1.0, 100.0]
     assert result.lambda_ in (1.0, 100.0)
     assert torch.load(tmp_path / "m.pt", weights_only=True)["extra"]["unlearn"]["lambda_sweep"]
