@@ -66,6 +66,40 @@ def test_torchvision_densenet121_imports_onto_the_registered_layout(tmp_path):
     assert config["multilabel"] is True and config["class_names"] == ["a", "b", "c"]
 
 
+XRV_PATHOLOGIES = ["Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema", "Fibrosis",
+                   "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule", "Mass", "Hernia",
+                   "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum"]
+
+
+def test_torchxrayvision_style_densenet_maps_onto_densenet121(tmp_path):
+    """torchxrayvision's DenseNet is torchvision's module layout with a 1-channel conv0 and 18
+    outputs, fed [-1024, 1024] intensities; its forward without op_threshs is features -> ReLU ->
+    average pool -> classifier, as torchvision's. Such a state_dict (with an `op_threshs` tensor
+    saved beside the weights) imports from the CLI and predicts the same logits."""
+    torch.manual_seed(0)
+    net = tvm.densenet121(weights=None, num_classes=len(XRV_PATHOLOGIES))
+    net.features.conv0 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    net.eval()
+    sd = dict(net.state_dict(), op_threshs=torch.rand(len(XRV_PATHOLOGIES)))
+    torch.save(sd, tmp_path / "xrv.pt")
+    r = runner.invoke(app, ["import", str(tmp_path / "xrv.pt"), "--arch", "densenet121", "--classes",
+                            ",".join(XRV_PATHOLOGIES), "--multilabel", "--size", "224", "--channels", "1",
+                            "--normalize", "xrv", "--ignore-key", "op_threshs", "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.output
+    model, config = load_checkpoint(tmp_path / "m.pt")
+    prep = Preprocessing(**config["preprocessing"])
+    pixels = torch.rand(1, 1, 224, 224)  # intensities in [0, 1], as cxr-audit reads images
+    xrv_input = pixels * 2048 - 1024  # torchxrayvision's normalisation
+    mean, std = (float(torch.tensor(v).flatten()[0]) for v in (prep.mean, prep.std))
+    torch.testing.assert_close((pixels - mean) / std, xrv_input)
+    torch.testing.assert_close(model(xrv_input), net(xrv_input))
+    assert config["multilabel"] is True and config["class_names"] == XRV_PATHOLOGIES
+    r = runner.invoke(app, ["import", str(tmp_path / "xrv.pt"), "--arch", "densenet121", "--classes",
+                            ",".join(XRV_PATHOLOGIES), "--multilabel", "--size", "224", "--channels", "1",
+                            "--normalize", "xrv", "--out", str(tmp_path / "n.pt")])
+    assert r.exit_code == 1 and "--ignore-key 'op_threshs'" in r.output and "Traceback" not in r.output, r.output
+
+
 def test_wrong_shapes_and_keys_are_one_line_errors(tmp_path):
     torch.save(_torchvision_resnet18(classes=5).state_dict(), tmp_path / "five.pt")
     with pytest.raises(BadInputError, match=r"'fc.weight': file \[5, 512\], resnet18 \[2, 512\].*--classes"):

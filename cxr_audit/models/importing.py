@@ -113,7 +113,8 @@ def check_fit(weights: dict[str, torch.Tensor], model_state: dict[str, torch.Ten
     if shapes:
         key, got, want = shapes[0]
         parts.append(f"{len(shapes)} with other shapes (first '{key}': file {list(got)}, {arch} {list(want)})")
-    hint = _hint(shapes)
+    hint = _hint(shapes) or (f"if '{unexpected[0]}' is no weight of the network (a calibration, a counter), "
+                             f"drop it with --ignore-key '{unexpected[0]}'" if unexpected and not missing else "")
     raise BadInputError(f"weights do not fit '{arch}': " + "; ".join(parts) + (f" — {hint}" if hint else ""))
 
 
