@@ -35,10 +35,11 @@ def train(data: Path = typer.Argument(..., help="Manifest CSV (with optional spl
         summary = train_lib(data, out, arch, size=size, channels=channels, epochs=epochs, batch_size=batch_size,
                             lr=lr, seed=seed, device=device, amp=amp, num_workers=workers, balance=balance,
                             on_progress=update)
-    table = Table("epoch", "train loss", "val accuracy")
+    staged = any("stage" in rec for rec in summary.history)  # ProtoPNet: joint and last-layer epochs per round
+    table = Table(*(["round", "stage"] if staged else []), "epoch", "train loss", "val accuracy")
     for rec in summary.history:
-        table.add_row(str(rec["epoch"]), f"{rec['train_loss']:.4f}",
-                      f"{rec['val_accuracy']:.3f}" if "val_accuracy" in rec else "-")
+        table.add_row(*([str(rec["round"]), rec["stage"]] if staged else []), str(rec["epoch"]),
+                      f"{rec['train_loss']:.4f}", f"{rec['val_accuracy']:.3f}" if "val_accuracy" in rec else "-")
     console.print(table)
     console.print(f"checkpoint: [bold]{summary.checkpoint}[/] ({summary.seconds:.1f} s)")
     for warning in summary.warnings:

@@ -72,11 +72,13 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     lr = lr if lr is not None else spec_of(arch).recommended_lr  # VGG (no BatchNorm) diverges at 1e-3
     model = build_model(arch, manifest.num_classes, channels, size).to(dev)
     val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
-    result = fit(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, seed=seed, amp=amp, val_score=val_score, num_workers=num_workers,
-                 balance=_group_balance(balance, train_set), on_progress=on_progress)
+    procedure = spec_of(arch).fit or fit  # ProtoPNet trains in its own three steps
+    result = procedure(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
+                       weight_decay=weight_decay, seed=seed, amp=amp, val_score=val_score, num_workers=num_workers,
+                       balance=_group_balance(balance, train_set), on_progress=on_progress)
     history = [{"epoch": r["epoch"], "train_loss": r["train_loss"],
-                **({"val_accuracy": r["val_score"]} if "val_score" in r else {})} for r in result.history]
+                **({"val_accuracy": r["val_score"]} if "val_score" in r else {}),
+                **{k: r[k] for k in ("stage", "round") if k in r}} for r in result.history]
     options = {"arch": arch, "size": size, "channels": channels, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "weight_decay": weight_decay, "seed": seed, "data": str(Path(data).resolve()),
                "train_split": train_split, "val_split": val_split, "amp": amp, "balance": balance}
@@ -85,7 +87,8 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     path = Path(out)
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, model, arch, manifest.class_names, prep, multilabel=manifest.multilabel,
-                        extra={"options": options, "history": history, "created": now(), "versions": versions()})
+                        extra={"options": options, "history": history, "created": now(), "versions": versions(),
+                               **result.record})
     return TrainSummary(path, history, result.seconds, label_warnings + ([collapsed] if collapsed else []))
 
 

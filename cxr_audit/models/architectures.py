@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -60,6 +61,12 @@ class ArchSpec:
     #: learning rate that trains it from scratch on small data (plain VGGs learn nothing at 1e-3)
     recommended_lr: float = 1e-3
     tags: tuple[str, ...] = field(default_factory=tuple)
+    #: ``trunk(model)``: its convolutional part as a module, images -> non-negative ``(N, C, h, w)``
+    #: (what a ProtoPNet is built on); ``None`` where there is none
+    trunk: Callable[[nn.Module], nn.Module] | None = None
+    #: ``fit(model, train_set, prep, device, **fit options)``: a training procedure of its own
+    #: (ProtoPNet's three steps) instead of :func:`cxr_audit.unlearn.engine.fit`
+    fit: Callable | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -191,6 +198,15 @@ def _vit_layers(model: nn.Module) -> list[str]:
     return [f"encoder.layers.{blocks[len(blocks) // 2 - 1]}", f"encoder.layers.{blocks[-1]}"]
 
 
+def _resnet_trunk(model: nn.Module) -> nn.Module:
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    return nn.Sequential(OrderedDict((n, getattr(model, n)) for n in names))
+
+
+def _densenet_trunk(model: nn.Module) -> nn.Module:
+    return nn.Sequential(OrderedDict([("features", model.features), ("head_relu", model.head_relu)]))
+
+
 def _resnet_canonizers(model: nn.Module) -> list:
     from zennit.torchvision import ResNetCanonizer
 
@@ -217,18 +233,39 @@ def _densenet_canonizers(model: nn.Module) -> list:
 
 for _name, _factory in (("resnet18", tvm.resnet18), ("resnet34", tvm.resnet34), ("resnet50", tvm.resnet50)):
     register(ArchSpec(_name, _torchvision(_factory, "conv1"), _resnet_layers, "layer4", "fast",
-                      _resnet_canonizers, _name, "conv1", early_layers=("layer1",)))
+                      _resnet_canonizers, _name, "conv1", early_layers=("layer1",), trunk=_resnet_trunk))
 for _name, _factory in (("vgg11", tvm.vgg11), ("vgg16", tvm.vgg16)):
     register(ArchSpec(_name, _torchvision(_factory, "features.0"), _vgg_layers, "features", "fast",
                       _vgg_canonizers, _name, "features.0", recommended_lr=1e-4))
 register(ArchSpec("densenet121", _densenet(32, (6, 12, 24, 16), 64), _densenet_layers, "head_relu", "fast",
-                  _densenet_canonizers, "densenet121", "features.conv0"))
+                  _densenet_canonizers, "densenet121", "features.conv0", trunk=_densenet_trunk))
 #: a 4-block DenseNet small enough for tests and CPU benchmarks (same modules as densenet121)
 register(ArchSpec("densenet_tiny", _densenet(8, (2, 2, 2, 2), 16), _densenet_layers, "head_relu", "fast",
-                  _densenet_canonizers, None, "features.conv0"))
+                  _densenet_canonizers, None, "features.conv0", trunk=_densenet_trunk))
 register(ArchSpec("vit_b_16", _vit(16, 12, 12, 768, 3072), _vit_layers, None, "vit", torchvision_name="vit_b_16",
                   first_conv="conv_proj"))
 register(ArchSpec("vit_tiny", _vit(8, 4, 4, 64, 128), _vit_layers, None, "vit", first_conv="conv_proj"))
+
+
+def _register_protopnets() -> None:
+    """``protopnet:<backbone>`` for every architecture with a convolutional trunk."""
+    from cxr_audit.models.protopnet import protopnet_builder, protopnet_layers
+
+    for backbone in [name for name, spec in _REGISTRY.items() if spec.trunk is not None]:
+        register(ArchSpec(f"protopnet:{backbone}", protopnet_builder(backbone), protopnet_layers, "add_on",
+                          canonizers=_REGISTRY[backbone].canonizers,  # the trunk's; they match modules by type
+                          first_conv=f"features.{_REGISTRY[backbone].first_conv}",
+                          recommended_lr=_REGISTRY[backbone].recommended_lr, tags=("protopnet",),
+                          fit=_fit_protopnet))
+
+
+def _fit_protopnet(*args, **kwargs):
+    from cxr_audit.models.protopnet_training import fit_protopnet  # imports the training loop: only when used
+
+    return fit_protopnet(*args, **kwargs)
+
+
+_register_protopnets()
 
 
 # --- user factories -----------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class FitResult:
     best_epoch: int = 0
     seconds: float = 0.0
     steps: int = 0
+    record: dict = field(default_factory=dict)  # what the checkpoint should add (ProtoPNet's projection)
 
     @property
     def seconds_per_step(self) -> float:

@@ -1,0 +1,143 @@
+"""ProtoPNet's three training steps (Chen et al., 2019, arXiv:1806.10574, Sec. 2.2), on the shared
+training loop (:func:`cxr_audit.unlearn.engine.fit`) with the prototype costs as its penalty:
+
+1. **joint**: every layer but the last, on cross-entropy + ``0.8 * cluster - 0.08 * separation``
+   (cluster: each image's smallest distance to a prototype of its class; separation: to one of
+   another class);
+2. **projection** ("push"): each prototype is replaced by the nearest add-on feature of a training
+   image of its class (distance 0 to that patch afterwards), recorded with the image, its source
+   and label and the patch's box in input pixels;
+3. **last layer**: only the last layer, on cross-entropy + ``1e-4 * |W ⊙ (1 - class identity)|_1``
+   (the wrong-class connections go towards 0).
+
+The three steps repeat every ``push_every`` joint epochs (default: once, after all of them), as
+the paper pushes every 10 epochs. Departure: the paper's warm-up (trunk frozen at ImageNet weights)
+is skipped: cxr-audit trains from scratch, where a frozen random trunk teaches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
+from cxr_audit.data.manifest import Manifest
+from cxr_audit.errors import UsageError
+from cxr_audit.unlearn.base import Mitigation
+from cxr_audit.unlearn.engine import FitResult, fit
+
+CLUSTER_COST, SEPARATION_COST, L1_COST = 0.8, 0.08, 1e-4  # the paper's coefficients
+LAST_LAYER_EPOCHS = 5
+
+
+class PrototypeCosts(Mitigation):
+    """Step 1's penalty: ``0.8 * cluster - 0.08 * separation`` from the forward pass's minimum
+    distances ``(N, P)``."""
+
+    name = "protopnet-joint"
+
+    def forward(self, model, batch, x):
+        logits = model(x)
+        net = getattr(model, "module", model)
+        own = net.class_identity()[batch["label"].to(x.device)]  # (N, P)
+        far = net.min_distances.detach().max() + 1  # masks the other group out of a min
+        cluster = (net.min_distances + far * (1 - own)).amin(1).mean()
+        separation = (net.min_distances + far * own).amin(1).mean()
+        return logits, CLUSTER_COST * cluster - SEPARATION_COST * separation
+
+
+class WrongClassSparsity(Mitigation):
+    """Step 3's penalty: the L1 norm of the last layer's wrong-class connections."""
+
+    name = "protopnet-last-layer"
+
+    def forward(self, model, batch, x):
+        net = getattr(model, "module", model)
+        return model(x), (net.last_layer.weight * (1 - net.class_identity())).abs().sum()
+
+
+def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch.device, *, epochs: int,
+                  push_every: int | None = None, last_layer_epochs: int = LAST_LAYER_EPOCHS, **options) -> FitResult:
+    """Train ``model`` (a :class:`~cxr_audit.models.protopnet.ProtoPNet`) in place in the three steps
+    of the module docstring; ``options`` are :func:`~cxr_audit.unlearn.engine.fit`'s. The result's
+    ``record["prototypes"]`` is the last projection (:func:`project_prototypes`)."""
+    if train_set.multilabel:
+        raise UsageError("a ProtoPNet is a single-label classifier (its prototypes belong to one class each)")
+    options.pop("mitigation", None)
+    push_every = push_every or epochs
+    result = FitResult()
+    on_progress = options.pop("on_progress", None)
+    for round_ in range(math.ceil(epochs / push_every)):
+        joint_epochs = min(push_every, epochs - round_ * push_every)
+        joint = fit(model, train_set, prep, device, epochs=joint_epochs, mitigation=PrototypeCosts(), lambda_=1.0,
+                    on_progress=_stage(on_progress, f"prototypes round {round_ + 1}: joint"), **options)
+        projection = project_prototypes(model, train_set, prep, device, options.get("batch_size", 32))
+        last = fit(model, train_set, prep, device, epochs=last_layer_epochs, mitigation=WrongClassSparsity(),
+                   lambda_=L1_COST, freeze="prototypes",
+                   on_progress=_stage(on_progress, f"prototypes round {round_ + 1}: last layer"), **options)
+        for stage, part in (("joint", joint), ("last layer", last)):
+            result.history += [{**row, "stage": stage, "round": round_ + 1} for row in part.history]
+            result.seconds += part.seconds
+            result.steps += part.steps
+    result.best_epoch = len(result.history)
+    result.record = {"prototypes": projection}
+    return result
+
+
+def _stage(on_progress, label: str):
+    if on_progress is None:
+        return None
+    return lambda done, total, text="": on_progress(done, total, f"{label} {text}".strip())
+
+
+def project_prototypes(model, train_set: Manifest, prep: Preprocessing, device: torch.device,
+                       batch_size: int = 32) -> list[dict]:
+    """Step 2: move every prototype onto its nearest add-on feature vector among the training
+    images of its class, in place; one record per prototype (image, source, label, patch)."""
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    best = _nearest_patches(net, train_set, prep, device, batch_size)
+    with torch.no_grad():
+        for j, found in enumerate(best):
+            if found is not None:
+                net.prototypes.vectors[j] = found.pop("vector").to(net.prototypes.vectors)[:, None, None]
+    net.train(was_training)
+    class_names = train_set.class_names
+    return [{"prototype": j, "class": class_names[int(net.prototype_class[j])], **(found or {"sample": None})}
+            for j, found in enumerate(best)]
+
+
+def _nearest_patches(net, train_set: Manifest, prep: Preprocessing, device, batch_size: int) -> list[dict | None]:
+    """Per prototype: the nearest patch of its class so far (``vector (D,)``, sample, patch, box)."""
+    samples = {s.index: s for s in train_set.samples}
+    loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
+    best: list[dict | None] = [None] * len(net.prototype_class)
+    nearest = torch.full((len(best),), math.inf)
+    with torch.no_grad():
+        for batch in loader:
+            z = net.latent(batch["image"].to(device))  # (N, D, h, w)
+            d = net.prototypes(z).flatten(2)  # (N, P, hw)
+            own = net.prototype_class[None, :] == batch["label"].to(device)[:, None]  # (N, P)
+            value, position = d.masked_fill(~own[..., None], math.inf).min(2)  # (N, P)
+            value, row = value.cpu().min(0)  # (P,) the nearest image of the batch per prototype
+            for j in np.flatnonzero((value < nearest).numpy()):
+                i, cell = int(row[j]), int(position[row[j], j])
+                nearest[j] = value[j]
+                best[j] = _patch_record(z[i, :, cell // z.shape[3], cell % z.shape[3]], samples[int(batch["index"][i])],
+                                        cell, z.shape[2:], prep.size, float(value[j]), train_set.class_names)
+    return best
+
+
+def _patch_record(vector, sample, cell: int, grid, size: int, distance: float, class_names) -> dict:
+    """Where a prototype was projected: the image, its source and label, and the feature cell's box
+    ``[y0, x0, y1, x1]`` in input pixels."""
+    h, w = int(grid[0]), int(grid[1])
+    r, c = divmod(cell, w)
+    box = [r * size // h, c * size // w, -(-(r + 1) * size // h), -(-(c + 1) * size // w)]
+    return {"vector": vector.cpu(), "sample": sample.index, "path": str(sample.path), "source": sample.source,
+            "label": class_names[sample.label], "patch": [r, c], "grid": [h, w], "box": box,
+            "distance_before": distance}

@@ -1,0 +1,127 @@
+"""ProtoPNet (Chen et al., 2019): architecture, costs, the three training steps and the projection."""
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxr_audit.cli.main import app
+from cxr_audit.models.architectures import build_model
+from cxr_audit.models.protopnet import SIMILARITY_EPS
+from cxr_audit.models.protopnet_training import CLUSTER_COST, SEPARATION_COST, PrototypeCosts
+from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+
+runner = CliRunner()
+
+
+def test_forward_is_distances_similarity_max_and_a_class_connected_last_layer():
+    torch.manual_seed(0)
+    model = build_model("protopnet:resnet18", 3, 1, 64).eval()
+    x = torch.randn(2, 1, 64, 64)
+    logits = model(x)
+    z = model.latent(x)  # (N, D, h, w), in [0, 1] after the sigmoid
+    assert z.shape[1] == 128 and z.min() >= 0 and z.max() <= 1
+    p = model.prototypes.vectors[:, :, 0, 0]  # (P, D)
+    naive = ((z.permute(0, 2, 3, 1)[:, :, :, None, :] - p) ** 2).sum(-1)  # (N, h, w, P)
+    naive_min = naive.flatten(1, 2).amin(1)
+    torch.testing.assert_close(model.min_distances, naive_min, rtol=1e-4, atol=1e-4)
+    scores = torch.log((naive_min + 1) / (naive_min + SIMILARITY_EPS))  # max similarity = min distance
+    torch.testing.assert_close(logits, scores @ model.last_layer.weight.T, rtol=1e-4, atol=1e-4)
+    w = model.last_layer.weight  # (K, P): 10 prototypes per class, +1 own class, -0.5 others
+    assert w.shape == (3, 30) and model.last_layer.bias is None
+    assert torch.equal(w[1, 10:20], torch.ones(10)) and torch.equal(w[1, :10], torch.full((10,), -0.5))
+
+
+def test_cluster_and_separation_costs_match_a_naive_loop():
+    torch.manual_seed(1)
+    model = build_model("protopnet:resnet18", 2, 1, 32)
+    x, labels = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 1, 0])
+    _, penalty = PrototypeCosts().forward(model, {"label": labels}, x)
+    d = model.min_distances
+    cluster = sum(min(d[i, j] for j in range(20) if j // 10 == labels[i]) for i in range(4)) / 4
+    separation = sum(min(d[i, j] for j in range(20) if j // 10 != labels[i]) for i in range(4)) / 4
+    torch.testing.assert_close(penalty, CLUSTER_COST * cluster - SEPARATION_COST * separation)
+    assert penalty.requires_grad
+
+
+@pytest.fixture(scope="module")
+def protopnet_model(phantoms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("protopnet") / "pp.pt"
+    r = runner.invoke(app, ["train", str(phantoms), "--out", str(out), "--arch", "protopnet:resnet18", "--size",
+                            "64", "--epochs", "2", "--batch-size", "16", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "last layer" in r.output and "joint" in r.output  # the table shows the steps
+    return out
+
+
+def test_three_steps_project_every_prototype_onto_a_training_patch_of_its_class(protopnet_model, phantoms):
+    from cxr_audit.data.dataset import CxrDataset
+    from cxr_audit.data.manifest import load_manifest
+
+    payload = torch.load(protopnet_model, weights_only=True)
+    records = payload["extra"]["prototypes"]
+    model, config = load_checkpoint(protopnet_model)
+    manifest = load_manifest(phantoms, config["class_names"])
+    dataset = CxrDataset(manifest, preprocessing_of(config), with_masks=False)
+    by_index = {s.index: s for s in manifest.samples}
+    assert len(records) == 20 and all(r["sample"] is not None for r in records)
+    with torch.no_grad():
+        for r in records:
+            sample = by_index[r["sample"]]
+            assert sample.split == "train" and config["class_names"][sample.label] == r["class"] == r["label"]
+            assert r["source"] == sample.source and r["path"] == str(sample.path)
+            z = model.latent(dataset[r["sample"]]["image"][None])  # (1, D, h, w)
+            row, col = r["patch"]
+            patch = z[0, :, row, col]
+            # projection: the prototype *is* that patch's feature (distance 0)
+            assert float(((patch - model.prototypes.vectors[r["prototype"], :, 0, 0]) ** 2).sum()) < 1e-6
+            y0, x0, y1, x1 = r["box"]
+            assert 0 <= y0 < y1 <= 64 and 0 <= x0 < x1 <= 64
+    # step 3 pushed the wrong-class connections from -0.5 towards 0 and left the own-class ones
+    w = payload["state_dict"]["last_layer.weight"]
+    own = torch.arange(20)[None, :] // 10 == torch.arange(2)[:, None]
+    assert w[~own].abs().mean() < 0.5 and w[own].mean() > 0.5
+    history = payload["extra"]["history"]
+    assert [h["stage"] for h in history] == ["joint"] * 2 + ["last layer"] * 5
+
+
+def test_scan_of_a_protopnet_stores_per_prototype_similarities(protopnet_model, phantoms, tmp_path):
+    import h5py
+
+    r = runner.invoke(app, ["scan", str(phantoms), "--model", str(protopnet_model), "--out", str(tmp_path / "s.h5"),
+                            "--split", "test", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    model, _ = load_checkpoint(protopnet_model)
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert "activations/similarity/max" in f and f["activations/similarity/max"].shape[1] == 20
+        similarity = f["activations/similarity/max"][:]
+        index = f["samples/index"][:]
+    from cxr_audit.data.dataset import CxrDataset
+    from cxr_audit.data.manifest import load_manifest
+
+    _, config = load_checkpoint(protopnet_model)
+    dataset = CxrDataset(load_manifest(phantoms, config["class_names"]), preprocessing_of(config), with_masks=False)
+    with torch.no_grad():
+        model(dataset[int(index[0])]["image"][None])
+    expected = torch.log((model.min_distances + 1) / (model.min_distances + SIMILARITY_EPS))[0]
+    torch.testing.assert_close(torch.from_numpy(similarity[0]).float(), expected, rtol=1e-3, atol=1e-3)
+    assert not math.isnan(float(similarity.sum()))
+
+
+def test_protopnet_refuses_multilabel_data_in_one_line(tmp_path, phantoms):
+    import csv
+
+    rows = list(csv.DictReader(open(phantoms)))
+    for r in rows:
+        r["label"] = r["label"] + "|extra" if r["label"] == "disease" else r["label"]
+        r["path"] = str((phantoms.parent / r["path"]).resolve())
+        r["mask"] = str((phantoms.parent / r["mask"]).resolve()) if r.get("mask") else ""
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    r = runner.invoke(app, ["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "m.pt"), "--arch",
+                            "protopnet:resnet18", "--size", "32", "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 2 and "single-label" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "m.pt").exists()
