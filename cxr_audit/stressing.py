@@ -82,7 +82,8 @@ def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None
         rows = M.balanced_two_source(src, h1, h2, np.random.default_rng(seed))
         result.rows.append({"x": x, "test_100_h1": M.accuracy(pred[src == h1], y[src == h1]),
                             "test_100_h2": M.accuracy(pred[src == h2], y[src == h2]),
-                            "test_50_50": M.accuracy(pred[rows], y[rows]), "train_per_class": per_class})
+                            "test_50_50": M.accuracy(pred[rows], y[rows]), "train_per_class": per_class,
+                            **prototype_source_shares(ckpt, h1)})
     options = {"data": str(data), "sources": [h1, h2], "positive": manifest.class_names[pos], "grid": list(grid),
                "per_class": per_class, "arch": arch, "size": size, "epochs": epochs, "seed": seed}
     write_text_atomic(out / "stress.json", json.dumps({"rows": result.rows, "options": options, "created": now(),
@@ -125,10 +126,29 @@ def _write_subset(path: Path, manifest: Manifest, samples) -> None:
     write_manifest(path, rows)
 
 
+def prototype_source_shares(checkpoint: Path, h1: str) -> dict:
+    """For a ProtoPNet checkpoint, ``{"prototypes_from_h1": {class: share}}``: the share of each class's
+    prototypes projected onto a training image from source ``h1`` (Gautam et al., 2022); ``{}`` for
+    other models."""
+    import torch
+
+    records = torch.load(checkpoint, map_location="cpu", weights_only=True)["extra"].get("prototypes")
+    if not records:
+        return {}
+    by_class: dict[str, list[bool]] = {}
+    for r in records:
+        by_class.setdefault(r["class"], []).append(r.get("source") == h1)
+    return {"prototypes_from_h1": {c: float(np.mean(v)) for c, v in by_class.items()}}
+
+
 def stress_markdown(rows: list[dict], h1: str, h2: str, positive: str) -> str:
-    lines = [f"| % of {positive} from {h1} | Test-100{h1} | Test-100{h2} | Test-50-50 |", "|---|---|---|---|"]
+    classes = list(rows[0].get("prototypes_from_h1", {})) if rows else []
+    extra = "".join(f" {c} prototypes from {h1} |" for c in classes)
+    lines = [f"| % of {positive} from {h1} | Test-100{h1} | Test-100{h2} | Test-50-50 |{extra}",
+             "|---|---|---|---|" + "---|" * len(classes)]
     for r in rows:
-        lines.append(f"| {r['x']} | {r['test_100_h1']:.3f} | {r['test_100_h2']:.3f} | {r['test_50_50']:.3f} |")
+        shares = "".join(f" {r['prototypes_from_h1'][c]:.2f} |" for c in classes)
+        lines.append(f"| {r['x']} | {r['test_100_h1']:.3f} | {r['test_100_h2']:.3f} | {r['test_50_50']:.3f} |{shares}")
     return "\n".join(lines) + "\n"
 
 

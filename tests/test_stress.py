@@ -46,3 +46,19 @@ def test_sweep_shows_the_hospital_detector(tmp_path):
 def test_one_source_is_a_usage_error(poisoned, tmp_path):
     r = CliRunner().invoke(app, ["stress", str(poisoned), "--out", str(tmp_path)])
     assert r.exit_code == 2 and "two sources" in r.output
+
+
+def test_protopnet_sweep_reports_where_each_class_prototypes_come_from(tmp_path):
+    """With x % of the positive class from H1, that class's prototypes can only be projected onto
+    H1 images at x = 100 and never at x = 0 (every one of its training images is from there)."""
+    data = two_hospitals(tmp_path, 120, 32, 0.15)
+    r = CliRunner().invoke(app, ["stress", str(data), "--out", str(tmp_path / "out"), "--grid", "0,100", "--size", "32",
+                                 "--epochs", "1", "--arch", "protopnet:resnet18", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "out" / "stress.json").read_text())
+    positive, (h1, _) = result["options"]["positive"], result["options"]["sources"]
+    rows = {row["x"]: row for row in result["rows"]}
+    assert rows[100]["prototypes_from_h1"][positive] == 1.0 and rows[0]["prototypes_from_h1"][positive] == 0.0
+    other = next(c for c in rows[0]["prototypes_from_h1"] if c != positive)
+    assert 0.0 <= rows[0]["prototypes_from_h1"][other] <= 1.0
+    assert f"{positive} prototypes from {h1}" in (tmp_path / "out" / "stress.md").read_text()
