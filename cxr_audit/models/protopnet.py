@@ -13,9 +13,9 @@ registered architecture's convolutional part (:attr:`ArchSpec.trunk`): ``protopn
 ``protopnet:densenet121``, ...
 
 Training (:mod:`cxr_audit.models.protopnet_training`) follows the paper's three steps; the
-projection onto training patches is recorded in the checkpoint. Every forward pass keeps the
-minimum distance of each prototype (:attr:`ProtoPNet.min_distances`, ``(N, P)``) for the
-cluster and separation costs.
+projection onto training patches is recorded in the checkpoint. The model holds no state between
+forward passes (the training costs hook :attr:`ProtoPNet.prototypes`), so it copies and pickles
+like any module.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class ProtoPNet(nn.Module):
         self.register_buffer("prototype_class", torch.arange(num_prototypes) // per_class)
         with torch.no_grad():
             self.last_layer.weight.copy_(torch.where(self.class_identity().bool(), 1.0, -0.5))
-        self.min_distances: torch.Tensor | None = None
 
     def class_identity(self) -> torch.Tensor:
         """``(K, P)`` 1 where prototype ``j`` belongs to class ``k``."""
@@ -83,10 +82,12 @@ class ProtoPNet(nn.Module):
         """The add-on features ``z (N, D, h, w)`` the prototypes live among."""
         return self.add_on(self.features(x))
 
+    def min_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, P)`` each prototype's smallest distance to a patch of each image."""
+        return self.prototypes(self.latent(x)).flatten(2).amin(2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        distances = self.prototypes(self.latent(x))
-        self.min_distances = distances.flatten(2).amin(2)
-        scores = self.pool(self.similarity(distances)).flatten(1)
+        scores = self.pool(self.similarity(self.prototypes(self.latent(x)))).flatten(1)
         return self.last_layer(scores)
 
 

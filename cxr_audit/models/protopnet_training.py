@@ -34,19 +34,30 @@ LAST_LAYER_EPOCHS = 5
 
 
 class PrototypeCosts(Mitigation):
-    """Step 1's penalty: ``0.8 * cluster - 0.08 * separation`` from the forward pass's minimum
-    distances ``(N, P)``."""
+    """Step 1's penalty: ``0.8 * cluster - 0.08 * separation`` from each image's minimum distance to
+    every prototype ``(N, P)``, read by a forward hook on the prototype layer during the pass."""
 
     name = "protopnet-joint"
+
+    def prepare(self, model, context, loader):
+        super().prepare(model, context, loader)
+        self._seen: dict = {}
+        net = getattr(model, "module", model)
+        self._handle = net.prototypes.register_forward_hook(lambda _m, _i, out: self._seen.__setitem__("d", out))
 
     def forward(self, model, batch, x):
         logits = model(x)
         net = getattr(model, "module", model)
+        distances = self._seen.pop("d").flatten(2).amin(2)  # (N, P)
         own = net.class_identity()[batch["label"].to(x.device)]  # (N, P)
-        far = net.min_distances.detach().max() + 1  # masks the other group out of a min
-        cluster = (net.min_distances + far * (1 - own)).amin(1).mean()
-        separation = (net.min_distances + far * own).amin(1).mean()
+        far = distances.detach().max() + 1  # masks the other group out of a min
+        cluster = (distances + far * (1 - own)).amin(1).mean()
+        separation = (distances + far * own).amin(1).mean()
         return logits, CLUSTER_COST * cluster - SEPARATION_COST * separation
+
+    def finish(self, model):
+        self._handle.remove()
+        return {}
 
 
 class WrongClassSparsity(Mitigation):
@@ -72,8 +83,10 @@ def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch
     on_progress = options.pop("on_progress", None)
     for round_ in range(math.ceil(epochs / push_every)):
         joint_epochs = min(push_every, epochs - round_ * push_every)
-        joint = fit(model, train_set, prep, device, epochs=joint_epochs, mitigation=PrototypeCosts(), lambda_=1.0,
+        costs = PrototypeCosts()
+        joint = fit(model, train_set, prep, device, epochs=joint_epochs, mitigation=costs, lambda_=1.0,
                     on_progress=_stage(on_progress, f"prototypes round {round_ + 1}: joint"), **options)
+        costs.finish(model)
         projection = project_prototypes(model, train_set, prep, device, options.get("batch_size", 32))
         last = fit(model, train_set, prep, device, epochs=last_layer_epochs, mitigation=WrongClassSparsity(),
                    lambda_=L1_COST, freeze="prototypes",
