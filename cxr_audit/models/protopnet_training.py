@@ -28,6 +28,7 @@ from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.unlearn.base import Mitigation
 from cxr_audit.unlearn.engine import FitResult, fit
+from cxr_audit.unlearn.sweep import prefixed
 
 CLUSTER_COST, SEPARATION_COST, L1_COST = 0.8, 0.08, 1e-4  # the paper's coefficients
 LAST_LAYER_EPOCHS = 5
@@ -77,7 +78,6 @@ def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch
     ``record["prototypes"]`` is the last projection (:func:`project_prototypes`)."""
     if train_set.multilabel:
         raise UsageError("a ProtoPNet is a single-label classifier (its prototypes belong to one class each)")
-    options.pop("mitigation", None)
     push_every = push_every or epochs
     result = FitResult()
     on_progress = options.pop("on_progress", None)
@@ -85,12 +85,12 @@ def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch
         joint_epochs = min(push_every, epochs - round_ * push_every)
         costs = PrototypeCosts()
         joint = fit(model, train_set, prep, device, epochs=joint_epochs, mitigation=costs, lambda_=1.0,
-                    on_progress=_stage(on_progress, f"prototypes round {round_ + 1}: joint"), **options)
+                    on_progress=prefixed(on_progress, f"prototypes round {round_ + 1}: joint"), **options)
         costs.finish(model)
         projection = project_prototypes(model, train_set, prep, device, options.get("batch_size", 32))
         last = fit(model, train_set, prep, device, epochs=last_layer_epochs, mitigation=WrongClassSparsity(),
                    lambda_=L1_COST, freeze="prototypes",
-                   on_progress=_stage(on_progress, f"prototypes round {round_ + 1}: last layer"), **options)
+                   on_progress=prefixed(on_progress, f"prototypes round {round_ + 1}: last layer"), **options)
         for stage, part in (("joint", joint), ("last layer", last)):
             result.history += [{**row, "stage": stage, "round": round_ + 1} for row in part.history]
             result.seconds += part.seconds
@@ -98,12 +98,6 @@ def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch
     result.best_epoch = len(result.history)
     result.record = {"prototypes": projection}
     return result
-
-
-def _stage(on_progress, label: str):
-    if on_progress is None:
-        return None
-    return lambda done, total, text="": on_progress(done, total, f"{label} {text}".strip())
 
 
 def project_prototypes(model, train_set: Manifest, prep: Preprocessing, device: torch.device,
