@@ -27,6 +27,9 @@ def scan(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder."),
          split: Optional[str] = typer.Option(None, "--split", help="Only scan this split of the manifest."),
          init: str = typer.Option("logit", "--init", help="Initial relevance: 'logit' (target logit) or 'onehot'."),
          cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="GradCAM layer (method gradcam)."),
+         prototype_maps: int = typer.Option(3, "--prototype-maps", min=0,
+                                            help="ProtoPNet models: store PRP and upsampled-similarity maps of this "
+                                                 "many of the predicted class's top prototypes per image (0: none)."),
          device: str = typer.Option("auto", "--device"),
          amp: bool = typer.Option(False, "--amp/--no-amp", help="bf16 autocast (faster, less exact LRP): on CUDA, and on CPUs with "
                                                     "AVX-512/AMX bf16 kernels (about 2x there)."),
@@ -43,7 +46,7 @@ def scan(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder."),
                            targets=tuple(split_csv(targets) or ["pred"]), heatmap_size=heatmap_size,
                            batch_size=batch_size, split=split, init=init, device=device, amp=amp,
                            num_workers=workers, skip_bad=skip_bad, overwrite=overwrite, cam_layer=cam_layer,
-                           on_progress=update)
+                           prototype_maps=prototype_maps, on_progress=update)
     for idx, message in summary.skipped:
         console.print(f"[yellow]skipped[/] sample {idx}: {message}")
     resumed = f", resumed after {summary.resumed_from}" if summary.resumed_from else ""

@@ -32,6 +32,8 @@ from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method, default_layers, explain_batch
 from cxr_audit.explain.capture import get_module
+from cxr_audit.explain.prp import prototype_explanations
+from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import autocast, init_distributed, now, rank_and_world, resolve_device, versions
 from cxr_audit.store.h5 import create_scan_file, open_scan
@@ -60,7 +62,8 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
          method: str = "lrp", targets: tuple[str, ...] = ("pred",), heatmap_size: int = 64,
          batch_size: int = 16, split: str | None = None, init: str = "logit", device: str = "auto",
          amp: bool = False, num_workers: int = 0, skip_bad: bool = False, overwrite: bool = False,
-         cam_layer: str | None = None, on_progress: Callable[..., None] | None = None) -> ScanSummary:
+         cam_layer: str | None = None, prototype_maps: int = 3,
+         on_progress: Callable[..., None] | None = None) -> ScanSummary:
     """Scan ``data`` (manifest CSV or ImageFolder) with checkpoint ``model`` into ``out`` (.h5).
 
     ``targets``: which class each heatmap explains, ``pred`` (predicted) and/or ``true`` (label), or
@@ -68,28 +71,26 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     are those of the first target.
     ``layers``: layers whose channel activations (spatial max/mean) and CRP relevances are stored
     (default: early/middle/late layers of the architecture). ``heatmap_size``: stored heatmaps are
-    sum-pooled to this size. An existing ``out`` with the same options is resumed; with other
+    sum-pooled to this size. ``prototype_maps``: for a prototype model (ProtoPNet), the PRP and
+    upsampled-similarity maps of this many of the predicted class's top prototypes per image
+    (:mod:`cxr_audit.explain.prp`). An existing ``out`` with the same options is resumed; with other
     options it is an error unless ``overwrite``.
     """
     out = Path(out)
     _check_options(targets, batch_size, heatmap_size, num_workers, init)
     dev = init_distributed(resolve_device(device))
-    net, config = load_frozen(model, dev)
-    for target in targets:
-        finding_index(target, config["class_names"])
-    prep = preprocessing_of(config)
-    manifest = load_manifest(data, class_names=config["class_names"],
-                             multilabel=config.get("multilabel", False)).subset(split)
-    if "true" in targets and manifest.multilabel:
-        raise UsageError("target 'true' needs single-label data; use --target pred")
+    net, config, prep, manifest = _load_inputs(model, data, targets, split, dev)
     layers = _layers_to_record(layers, config["arch"], net)
     heatmap_size = min(heatmap_size, prep.size)
+    prototype_layer = spec_of(config["arch"]).prototype_layer
     options = {"layers": layers, "method": method, "targets": list(targets), "heatmap_size": heatmap_size,
-               "split": split, "init": init, "cam_layer": cam_layer, "amp": bool(amp)}
+               "split": split, "init": init, "cam_layer": cam_layer, "amp": bool(amp),
+               "prototype_maps": prototype_maps if prototype_layer else 0}
     meta = _scan_meta(model, data, config, prep, options)
 
     autocast(dev, amp, on_cpu=True)  # refuses --amp on a CPU without bf16 kernels before any file is written
-    net, attribution, capture = _attribution(net, config["arch"], prep, method, cam_layer, layers)
+    net, attribution, capture = _attribution(net, config["arch"], prep, method, cam_layer,
+                                             layers + ([prototype_layer] if options["prototype_maps"] else []))
     rank, world = rank_and_world()
     opened = _agreed(lambda: _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep,
                                              targets, heatmap_size, config, dev) if rank == 0 else None)
@@ -103,7 +104,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
                                    pending[rank::world].tolist()),
                             batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
         explainer = _BatchExplainer(attribution, capture, dev, amp, init, tuple(targets), config["class_names"],
-                                    layers, heatmap_size)
+                                    layers, heatmap_size, prototype_layer, options["prototype_maps"])
         with attribution.rules(), capture.attached(attribution.model):
             if world == 1:
                 skipped = _scan_pending(opened, loader, row_of, explainer, resumed_from, len(manifest), on_progress)
@@ -116,6 +117,19 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
         if opened is not None:
             _close_after_writes(opened)
     return ScanSummary(out, len(manifest), total_done, skipped, time.perf_counter() - start, resumed_from)
+
+
+def _load_inputs(model, data, targets: tuple[str, ...], split: str | None, dev):
+    """``(frozen net, its config, preprocessing, manifest subset)``; one-line errors for targets the
+    model or data cannot have."""
+    net, config = load_frozen(model, dev)
+    for target in targets:
+        finding_index(target, config["class_names"])
+    manifest = load_manifest(data, class_names=config["class_names"],
+                             multilabel=config.get("multilabel", False)).subset(split)
+    if "true" in targets and manifest.multilabel:
+        raise UsageError("target 'true' needs single-label data; use --target pred")
+    return net, config, preprocessing_of(config), manifest
 
 
 def _attribution(net, arch: str, prep, method: str, cam_layer: str | None, layers: list[str]):
@@ -201,6 +215,8 @@ class _BatchExplainer:
     class_names: list[str]
     layers: list[str]
     heatmap_size: int
+    prototype_layer: str | None = None
+    prototype_maps: int = 0
 
     def __call__(self, batch: dict) -> dict[str, np.ndarray]:
         """The batch's values per dataset name (``outputs/logits``, ``heatmaps/pred``, ...)."""
@@ -219,7 +235,20 @@ class _BatchExplainer:
             arrays[f"activations/{layer}/max"] = expl.act_max[layer].cpu().numpy()
             arrays[f"activations/{layer}/mean"] = expl.act_mean[layer].cpu().numpy()
             arrays[f"relevances/{layer}"] = expl.relevances[layer].cpu().numpy()
+        if self.prototype_maps:
+            with autocast(self.device, self.amp, on_cpu=True):
+                arrays.update(self._prototypes(x))
         return arrays
+
+    def _prototypes(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """``prototypes/*``: the top prototypes' numbers, scores, PRP and upsampled-similarity maps."""
+        pe = prototype_explanations(self.attribution, self.capture, x, self.prototype_layer, self.prototype_maps)
+        n, k, h, w = pe.prp.shape
+        prp = _pool(pe.prp.reshape(n * k, h, w), self.heatmap_size).reshape(n, k, self.heatmap_size, -1)
+        act = F.adaptive_avg_pool2d(pe.activation, self.heatmap_size)
+        return {"prototypes/index": pe.index.cpu().numpy(), "prototypes/score": pe.score.cpu().numpy(),
+                "prototypes/prp": prp.cpu().numpy().astype(np.float16),
+                "prototypes/activation": act.cpu().numpy().astype(np.float16)}
 
 
 @dataclass
@@ -319,7 +348,7 @@ def _open_or_create(out, meta, options, overwrite, manifest, net, capture, layer
     out.parent.mkdir(parents=True, exist_ok=True)
     channels = _layer_channels(net, capture, layers, prep, dev)
     f = create_scan_file(out, len(manifest), meta, channels, config["num_classes"], list(targets),
-                         heatmap_size, manifest.multilabel)
+                         heatmap_size, manifest.multilabel, prototype_maps=options["prototype_maps"])
     f["samples/index"][:] = [s.index for s in manifest.samples]
     f["samples/path"][:] = [str(s.path.resolve()) for s in manifest.samples]
     f["samples/source"][:] = [s.source for s in manifest.samples]

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -114,6 +116,67 @@ def test_scan_of_a_protopnet_stores_per_prototype_similarities(protopnet_model, 
     expected = torch.log((d + 1) / (d + SIMILARITY_EPS))[0]
     torch.testing.assert_close(torch.from_numpy(similarity[0]).float(), expected, rtol=1e-3, atol=1e-3)
     assert not math.isnan(float(similarity.sum()))
+    with h5py.File(tmp_path / "s.h5") as f:  # PRP maps of the predicted class's top-3 prototypes
+        top, score = f["prototypes/index"][:], f["prototypes/score"][:]
+        prp, act, pred = f["prototypes/prp"][:].astype(float), f["prototypes/activation"][:], f["outputs/pred"][:]
+    assert top.shape == (len(index), 3) and prp.shape == act.shape == (len(index), 3, 64, 64)
+    assert (top // 10 == pred[:, None]).all()  # each belongs to the predicted class
+    np.testing.assert_allclose(score, np.take_along_axis(similarity, top, 1), rtol=1e-5)
+    assert (np.diff(score, axis=1) <= 1e-6).all()  # ranked by score
+    # relevance starts at the score; the add-on's positive biases take a share, nothing is created
+    assert (prp.sum((2, 3)) > 0).all() and (prp.sum((2, 3)) <= score * 1.02 + 1e-3).all()
+
+
+def test_prp_distance_rule_matches_a_naive_loop_and_conserves():
+    from cxr_audit.explain.prp import prototype_relevance
+
+    torch.manual_seed(2)
+    z, p, rel = torch.rand(2, 5, 3, 4), torch.rand(20, 5, 1, 1), torch.rand(2, 20, 3, 4)
+    out = prototype_relevance(z, p, rel)
+    naive = torch.zeros_like(z)
+    for n in range(2):
+        for i in range(3):
+            for j in range(4):
+                for k in range(20):
+                    close = [1 / ((z[n, c, i, j] - p[k, c, 0, 0]) ** 4 + 1e-12) for c in range(5)]
+                    for c in range(5):
+                        naive[n, c, i, j] += rel[n, k, i, j] * close[c] / sum(close)
+    torch.testing.assert_close(out, naive)
+    torch.testing.assert_close(out.sum(1), rel.sum(1))  # conserved at every position
+    # the channel where the patch equals the prototype takes (nearly) all of that prototype's relevance
+    z[0, 3, 0, 0] = p[7, 3, 0, 0]
+    only = torch.zeros_like(rel)
+    only[0, 7, 0, 0] = 1.0
+    assert prototype_relevance(z, p, only)[0, 3, 0, 0] > 0.999
+
+
+def test_prp_conserves_the_score_down_to_the_pixels_through_the_prp_rule():
+    from test_explain import _bias_free, _explain
+
+    from cxr_audit.explain.prp import prototype_explanations, prototype_relevance
+
+    arch = "protopnet:resnet18"
+    model = _bias_free(arch)
+    x = torch.randn(3, 1, 64, 64)
+    expl, attribution, capture = _explain(model, arch, x, layers=["add_on", "similarity"])
+    logit = expl.logits.gather(1, expl.targets["pred"][:, None])[:, 0]
+    torch.testing.assert_close(expl.heatmaps["pred"].sum((1, 2)), logit, rtol=1e-3, atol=1e-5)  # PRP of the logit
+    with attribution.rules(), capture.attached(attribution.model):
+        pe = prototype_explanations(attribution, capture, x, "similarity", 1)
+        start = torch.zeros_like(capture.outputs["similarity"])
+        flat = capture.outputs["similarity"].detach().flatten(2)
+        for n in range(3):
+            j = int(pe.index[n, 0])
+            start.view(3, flat.shape[1], -1)[n, j, flat[n, j].argmax()] = pe.score[n, 0]
+        z = capture.outputs["add_on"].detach()
+        at_latent = capture.grads["add_on"]
+    assert (model.prototype_class[pe.index[:, 0]] == expl.logits.argmax(1)).all()
+    torch.testing.assert_close(pe.score[:, 0], flat.amax(2).gather(1, pe.index)[:, 0])
+    # the relevance reaching the add-on is the PRP distance rule's, not the plain gradient's
+    torch.testing.assert_close(at_latent, prototype_relevance(z, model.prototypes.vectors, start), rtol=1e-4,
+                               atol=1e-7)
+    torch.testing.assert_close(pe.prp.sum((2, 3)), pe.score, rtol=1e-3, atol=1e-5)
+    assert pe.activation.shape == (3, 1, 64, 64) and pe.prp.std() > 0
 
 
 def test_protopnet_refuses_multilabel_data_in_one_line(tmp_path, phantoms):

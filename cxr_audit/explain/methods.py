@@ -80,7 +80,8 @@ class LRP(AttributionMethod):
     def composite(self):
         from zennit.composites import EpsilonPlusFlat
 
-        return EpsilonPlusFlat(layer_map=self._fast_conv_rule(), canonizers=self._canonizers())
+        return EpsilonPlusFlat(layer_map=spec_of(self.arch).lrp_rules() + self._fast_conv_rule(),
+                               canonizers=self._canonizers())
 
     def _fast_conv_rule(self):
         """Where every convolution after the first (Flat) one reads a ReLU/pooling output (an
@@ -145,7 +146,8 @@ class LRPGammaBox(LRP):
         from zennit.composites import EpsilonGammaBox
 
         low, high = (b.reshape(1, -1, 1, 1) for b in self.prep.bounds())
-        return EpsilonGammaBox(low=low, high=high, canonizers=self._canonizers())
+        return EpsilonGammaBox(low=low, high=high, layer_map=spec_of(self.arch).lrp_rules(),
+                               canonizers=self._canonizers())
 
 
 class ViTLRP(AttributionMethod):

@@ -31,6 +31,10 @@ def _no_layers(model: nn.Module) -> list[str]:
     return []
 
 
+def _no_rules() -> list:
+    return []
+
+
 def _no_canonizers(model: nn.Module) -> list:
     from zennit.canonizers import SequentialMergeBatchNorm
 
@@ -67,6 +71,12 @@ class ArchSpec:
     #: ``fit(model, train_set, prep, device, **fit options)``: a training procedure of its own
     #: (ProtoPNet's three steps) instead of :func:`cxr_audit.unlearn.engine.fit`
     fit: Callable | None = None
+    #: ``lrp_rules()``: extra zennit ``(module type, rule)`` pairs put before a composite's defaults
+    #: (ProtoPNet's PRP rule for its distance layer)
+    lrp_rules: Callable[[], list] = _no_rules
+    #: the layer whose output ``(N, P, h, w)`` holds one similarity map per prototype (ProtoPNet), for
+    #: :mod:`cxr_audit.explain.prp`; ``None`` for models without prototypes
+    prototype_layer: str | None = None
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -256,7 +266,13 @@ def _register_protopnets() -> None:
                           canonizers=_REGISTRY[backbone].canonizers,  # the trunk's; they match modules by type
                           first_conv=f"features.{_REGISTRY[backbone].first_conv}",
                           recommended_lr=_REGISTRY[backbone].recommended_lr, tags=("protopnet",),
-                          fit=_fit_protopnet))
+                          fit=_fit_protopnet, lrp_rules=_prp_rules, prototype_layer="similarity"))
+
+
+def _prp_rules() -> list:
+    from cxr_audit.explain.prp import prp_rules
+
+    return prp_rules()
 
 
 def _fit_protopnet(*args, **kwargs):

@@ -21,8 +21,10 @@ STR = h5py.string_dtype("utf-8")
 
 
 def create_scan_file(path: Path, n: int, meta: dict, layer_channels: dict[str, int], num_classes: int,
-                     targets: list[str], heatmap_size: int, multilabel: bool, chunk_rows: int = 16) -> h5py.File:
-    """Allocate an empty scan file for ``n`` samples and return it open for writing."""
+                     targets: list[str], heatmap_size: int, multilabel: bool, chunk_rows: int = 16,
+                     prototype_maps: int = 0) -> h5py.File:
+    """Allocate an empty scan file for ``n`` samples and return it open for writing; with
+    ``prototype_maps`` k > 0 also ``prototypes/{index,score,prp,activation}`` (ProtoPNet scans)."""
     f = h5py.File(path, "w")
     g = f.create_group("meta")
     for key, value in meta.items():
@@ -51,6 +53,11 @@ def create_scan_file(path: Path, n: int, meta: dict, layer_channels: dict[str, i
         ds(f"activations/{layer}/max", (c,), np.float32)
         ds(f"activations/{layer}/mean", (c,), np.float32)
         ds(f"relevances/{layer}", (c,), np.float32)
+    if prototype_maps:
+        ds("prototypes/index", (prototype_maps,), np.int64, fill=-1)
+        ds("prototypes/score", (prototype_maps,), np.float32, fill=np.nan)
+        ds("prototypes/prp", (prototype_maps, heatmap_size, heatmap_size), np.float16)
+        ds("prototypes/activation", (prototype_maps, heatmap_size, heatmap_size), np.float16)
     f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
     return f
 
