@@ -20,6 +20,10 @@ inserted artifacts, computes (keys of ``metrics.json``; ``gate`` thresholds use 
 * with lung masks: ``activation_precision`` (top-5 % relevance pixels inside the lungs);
 * for a multi-label model, per finding (``auroc.NAME``, ``artifact_inserted_auroc_drop.NAME``, ...)
   and their macro means (:mod:`cxr_audit.evaluate.findings`);
+* for a prototype model (ProtoPNet), ``prp_average_drop`` / ``prp_average_increase`` and
+  ``activation_average_drop`` / ``activation_average_increase``: how much of each top prototype's
+  similarity score survives when only the most relevant half of its PRP map, or of its upsampled
+  similarity map, is kept (:mod:`cxr_audit.evaluate.faithfulness`);
 * with ``annotations``: ``tcav_score`` (share of the artifact class's test samples whose logit
   increases along the CAV; Kim et al., 2018, ICML) and ``tcav_sensitivity`` (mean directional
   derivative).
@@ -43,8 +47,11 @@ from cxr_audit.evaluate import findings as F
 from cxr_audit.evaluate import metrics as M
 from cxr_audit.evaluate.attack import artifact_class
 from cxr_audit.evaluate.blocks import TestBlocks
+from cxr_audit.evaluate.faithfulness import PrototypeFaithfulness, prototype_faithfulness
 from cxr_audit.evaluate.relevance import relevance_share
 from cxr_audit.explain import create_method, explain_batch
+from cxr_audit.explain.core import parameters_frozen
+from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions, write_text_atomic
 from cxr_audit.training import batched_logits
@@ -137,6 +144,7 @@ class _Outputs:
     mask_area: list = field(default_factory=list)
     precision: list = field(default_factory=list)
     sensitivity: list = field(default_factory=list)
+    faithfulness: list = field(default_factory=list)  # PrototypeFaithfulness per block
 
     def cat(self, name: str):
         parts = getattr(self, name)
@@ -151,6 +159,8 @@ class _Plan:
     attribution_methods: tuple[str, ...] = ()
     precision_method: str | None = None
     tcav: tuple | None = None
+    prototype_layer: str | None = None  # a prototype model's similarity maps: AD/AI of PRP vs upsampled maps
+    generator: torch.Generator | None = None  # the noise of the AD/AI masks
     on_progress: Callable[..., None] | None = None
     label: str = ""
 
@@ -179,6 +189,9 @@ def _gather(net, config, prep, inputs: TestBlocks, plan: _Plan, dev, batch_size)
             layer, cav, cls = plan.tcav
             members = images[torch.as_tensor(y == cls)]
             out.sensitivity.append(_directional_derivatives(net, members, layer, cav, cls, dev, batch_size))
+        if plan.prototype_layer:
+            out.faithfulness.append(prototype_faithfulness(net, config["arch"], prep, plan.prototype_layer, images,
+                                                           dev, plan.generator, batch_size=batch_size))
         if plan.on_progress:
             plan.on_progress(int(block.rows[-1]) + 1, len(inputs.test), plan.label)
     return out
@@ -202,7 +215,8 @@ def _evaluate_one(ckpt, names, inputs: TestBlocks, annotations, cav_method, attr
                  precision_method=attribution if all(s.mask is not None for s in test.samples) else None,
                  tcav=(ann.layer, torch.from_numpy(ann.cav), target if target is not None
                        else artifact_class(test, ann.labels)) if ann else None,
-                 on_progress=on_progress, label=Path(ckpt).name)
+                 prototype_layer=spec_of(config["arch"]).prototype_layer,
+                 generator=torch.Generator().manual_seed(seed), on_progress=on_progress, label=Path(ckpt).name)
     o = _gather(net, config, prep, inputs, plan, dev, batch_size)
     logits, y = torch.from_numpy(o.cat("logits")), o.cat("labels")
     pred = logits.argmax(1).numpy()
@@ -218,6 +232,8 @@ def _evaluate_one(ckpt, names, inputs: TestBlocks, annotations, cav_method, attr
         out["tcav_score"] = float((sens > 0).mean()) if len(sens) else float("nan")
         out["tcav_sensitivity"] = float(sens.mean()) if len(sens) else float("nan")
         out["cav_layer"] = ann.layer
+    if o.faithfulness:
+        out.update(PrototypeFaithfulness.concat(o.faithfulness).metrics())
     return out
 
 
@@ -283,21 +299,15 @@ def _evaluate_findings(o: _Outputs, names, inputs: TestBlocks) -> dict:
 
 def _heatmaps(net, config, prep, images, targets, method, dev, batch_size) -> np.ndarray:
     """``(N, S, S)`` heatmaps for ``targets (N,)``."""
-    frozen = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
-    attribution = create_method(method, net, config["arch"], prep)
-    capture = attribution.capture([])
     heat = []
-    try:
+    with parameters_frozen(net):
+        attribution = create_method(method, net, config["arch"], prep)
+        capture = attribution.capture([])
         with attribution.rules(), capture.attached(attribution.model):
             for i in range(0, len(images), batch_size):
                 expl = explain_batch(attribution, capture, images[i:i + batch_size].to(dev),
                                      {"t": targets[i:i + batch_size]})
                 heat.append(expl.heatmaps["t"].cpu())
-    finally:
-        for p, flag in zip(net.parameters(), frozen):
-            p.requires_grad_(flag)
     return torch.cat(heat).numpy() if heat else np.zeros((0,) + images.shape[-2:])
 
 

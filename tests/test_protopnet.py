@@ -195,3 +195,34 @@ def test_protopnet_refuses_multilabel_data_in_one_line(tmp_path, phantoms):
                             "protopnet:resnet18", "--size", "32", "--epochs", "1", "--device", "cpu"])
     assert r.exit_code == 2 and "single-label" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_average_drop_and_increase_follow_their_formulas_and_masking_keeps_the_top_half():
+    from cxr_audit.evaluate.faithfulness import average_drop_increase, keep_most_relevant
+
+    before, after = np.array([2.0, 1.0, 4.0, 1.0]), np.array([1.0, 1.5, 4.0, 0.0])
+    ad, ai = average_drop_increase(before, after)
+    assert ad == pytest.approx(100 * (0.5 + 0 + 0 + 1.0) / 4) and ai == pytest.approx(25.0)
+    torch.manual_seed(0)
+    images, maps = torch.randn(2, 1, 8, 8), torch.randn(2, 8, 8)
+    masked = keep_most_relevant(images, maps, torch.tensor([-1.0]), torch.tensor([2.0]), torch.Generator().manual_seed(0))
+    kept = masked == images
+    for n in range(2):
+        top = maps[n].flatten().argsort(descending=True)[:32]
+        assert kept[n, 0].flatten()[top].all() and kept[n].sum() == 32  # the 50 % most relevant pixels, only
+    noise = masked[~kept]
+    assert noise.min() >= -1 and noise.max() <= 2 and noise.std() > 0.5  # uniform over the input range
+
+
+def test_evaluate_compares_prp_with_the_upsampled_maps_by_average_drop(protopnet_model, phantoms, tmp_path):
+    import json
+
+    r = runner.invoke(app, ["evaluate", "--model", str(protopnet_model), "--data", str(phantoms), "--out",
+                            str(tmp_path / "ev"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]["model"]
+    for key in ("prp_average_drop", "prp_average_increase", "activation_average_drop", "activation_average_increase"):
+        assert 0 <= metrics[key] <= 100, key
+    # PRP keeps what the prototype responds to: masking the rest costs less of the score (Gautam et al.)
+    assert metrics["prp_average_drop"] <= metrics["activation_average_drop"]
+    assert "prp_average_drop" in (tmp_path / "ev" / "metrics.md").read_text()

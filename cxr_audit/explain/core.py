@@ -6,13 +6,28 @@ Shapes: ``x (N, C, H, W)``; heatmaps ``(N, H, W)``; per-layer activations/releva
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from cxr_audit.explain.capture import LayerCapture, channel_stats
 from cxr_audit.explain.methods import AttributionMethod
+
+
+@contextmanager
+def parameters_frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad inside the block (explanations need no weight
+    gradients); each one's previous setting is restored after it."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 @dataclass
