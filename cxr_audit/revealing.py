@@ -14,10 +14,11 @@ from scipy.stats import norm
 
 from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import BadInputError, UsageError
-from cxr_audit.report.figures import concept_reference, heatmap_grid, save_figure
+from cxr_audit.report.figures import concept_reference, heatmap_grid, prototype_gallery, save_figure
 from cxr_audit.reveal.concepts import BLOCK_ROWS, alarm_level, rank_concepts
 from cxr_audit.reveal.embedding import EMBEDDINGS, PLACE_NEIGHBOURS, embed
 from cxr_audit.reveal.location import outside_lung_share
+from cxr_audit.reveal.prototypes import SOURCE_SHARE, as_records, audit_prototypes
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
@@ -78,7 +79,8 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "class_names": v.names, "sample_ids": [int(v.index[r]) for r in v.rows], "embedding": embedding,
               "embedding_fitted": {v.names[k]: [d["fitted"], len(d["ids"])] for k, d in per_class.items()},
               "alarm": alarm, "concepts": concepts, "clusters": clusters, "virelay": virelay,
-              "prevalence": _prevalence(v.labels[v.rows], v.sources[v.rows], v.names), "created": now(),
+              "prevalence": _prevalence(v.labels[v.rows], v.sources[v.rows], v.names),
+              "prototypes": _prototypes(scan_path, device), "created": now(),
               "versions": versions()}
     write_text_atomic(out / "reveal.json", json.dumps(result, indent=1))
     _report(out, scan_path, result, v.index, gallery, references, device)
@@ -428,6 +430,38 @@ def _embedding_sentence(result: dict, method: str) -> str:
             f"distance-weighted mean position of their {PLACE_NEIGHBOURS} nearest embedded samples.")
 
 
+def _prototypes(scan_path, device: str) -> list[dict] | None:
+    """A prototype model's prototypes audited (:mod:`cxr_audit.reveal.prototypes`); ``None`` otherwise."""
+    audits = audit_prototypes(scan_path, device)
+    return None if audits is None else as_records(audits)
+
+
+def _prototype_section(out: Path, scan_path, prototypes: list[dict] | None, device: str) -> list[str]:
+    """The report's prototype table and gallery (flagged prototypes first)."""
+    if not prototypes:
+        return []
+    flagged = [p for p in prototypes if p["flagged"]]
+    parts = [f"<h2>Prototypes</h2><p>{len(flagged)} of {len(prototypes)} prototypes flagged: their nearest "
+             f"patches come mostly from one source (share &ge; {SOURCE_SHARE:.0%}, binomial test, Bonferroni) or "
+             f"their PRP relevance lies mostly, and densely, outside the lungs.</p><table><tr><th>prototype</th><th>class</th><th>projected onto</th>"
+             "<th>its source / label</th><th>nearest: top source (share)</th><th>p</th><th>PRP outside lungs</th>"
+             "<th>flag</th></tr>"]
+    for p in prototypes:
+        proj, outside = p["projected"], p["outside_lungs"]
+        where = "" if outside is None else f"{outside:.2f} (x{p['outside_enrichment']:.1f} denser)"
+        parts.append(f"<tr><td>{p['prototype']}</td><td>{html.escape(p['class'])}</td>"
+                     f"<td>#{proj.get('sample')} {html.escape(Path(str(proj.get('path', ''))).name)}</td>"
+                     f"<td>{html.escape(str(proj.get('source')))} / {html.escape(str(proj.get('label')))}</td>"
+                     f"<td>{html.escape(p['top_source'])} ({p['top_source_share']:.2f})</td><td>{p['source_p']:.1e}</td>"
+                     f"<td>{where}</td><td>{'yes' if p['flagged'] else ''}</td></tr>")
+    parts.append("</table>")
+    png = prototype_gallery(scan_path, prototypes[:20], out / "prototypes.png", device,
+                            title="prototypes: projected training patch, enlarged, PRP map")
+    if png is not None:
+        parts.append(f"<img src='{png.name}'>")
+    return parts
+
+
 def _report(out: Path, scan_path, result: dict, index, gallery: int, references: bool, device: str) -> None:
     """One folder, opens offline: report.html + PNG galleries (top items only)."""
     row_of = {int(i): r for r, i in enumerate(index)}
@@ -462,6 +496,7 @@ def _report(out: Path, scan_path, result: dict, index, gallery: int, references:
                                     title=f"concept {c['id']}: conditional heatmaps (this channel only) and crops",
                                     device=device, explained=result["explained_output"])
             parts.append(f"<img src='{ref.name}'>")
+    parts += _prototype_section(out, scan_path, result.get("prototypes"), device)
     if (out / "embedding.png").exists():
         method = {"tsne": "t-SNE", "umap": "UMAP"}[result.get("embedding", "tsne")]
         parts.append(f"<h2>Heatmap embedding ({method})</h2><p>{html.escape(_embedding_sentence(result, method))}</p>"

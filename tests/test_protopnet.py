@@ -226,3 +226,61 @@ def test_evaluate_compares_prp_with_the_upsampled_maps_by_average_drop(protopnet
     # PRP keeps what the prototype responds to: masking the rest costs less of the score (Gautam et al.)
     assert metrics["prp_average_drop"] <= metrics["activation_average_drop"]
     assert "prp_average_drop" in (tmp_path / "ev" / "metrics.md").read_text()
+
+
+def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share_a_source(
+        protopnet_model, phantoms, tmp_path):
+    import csv
+    import json
+
+    import h5py
+
+    # the same images, now from two alternating sources
+    rows = list(csv.DictReader(open(phantoms)))
+    for i, r in enumerate(rows):
+        r.update(source=f"site{i % 2}", path=str((phantoms.parent / r["path"]).resolve()),
+                 mask=str((phantoms.parent / r["mask"]).resolve()))
+    data = tmp_path / "two.csv"
+    with open(data, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    scan = tmp_path / "s.h5"
+    r = runner.invoke(app, ["scan", str(data), "--model", str(protopnet_model), "--out", str(scan), "--device", "cpu",
+                            "--prototype-maps", "1"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(scan, "r+") as f:  # prototype 3 now responds most to site1's images, the others to no source
+        sources = f["samples/source"].asstr()[:]
+        scores = f["activations/similarity/max"][:]
+        rng = np.random.default_rng(0)
+        scores[:] = rng.random(scores.shape)
+        scores[:, 3] += (sources == "site1") * 10
+        f["activations/similarity/max"][:] = scores
+    r = runner.invoke(app, ["reveal", str(scan), "--out", str(tmp_path / "rev"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "rev" / "reveal.json").read_text())
+    audits = {p["prototype"]: p for p in result["prototypes"]}
+    assert sorted(audits) == list(range(20))
+    three = audits[3]
+    assert three["top_source"] == "site1" and three["top_source_share"] == 1.0 and three["source_linked"]
+    assert three["flagged"] and result["prototypes"][0]["flagged"]  # flagged ones come first
+    assert not any(p["source_linked"] for j, p in audits.items() if j != 3)
+    for p in audits.values():
+        assert len(p["nearest"]) == 16 and 0 <= p["outside_lungs"] <= 1 and p["projected"]["sample"] is not None
+    # prototype similarities are ranked like channels
+    assert any(c["layer"] == "similarity" for c in result["concepts"])
+    html_text = (tmp_path / "rev" / "report.html").read_text()
+    assert "<h2>Prototypes</h2>" in html_text and "prototypes.png" in html_text
+    assert (tmp_path / "rev" / "prototypes.png").stat().st_size > 1000
+
+
+def test_outside_share_and_enrichment_follow_their_formulas():
+    from cxr_audit.reveal.prototypes import _outside_share, outside_enrichment
+
+    lungs = np.zeros((1, 4, 4))
+    lungs[0, :, :2] = 1  # left half is lung
+    relevance = np.zeros((1, 4, 4))
+    relevance[0, 0, 3], relevance[0, 0, 0], relevance[0, 1, 1] = 3.0, 1.0, -5.0  # negative relevance ignored
+    assert _outside_share(relevance, lungs) == pytest.approx(0.75)
+    assert outside_enrichment(0.75, 0.5) == pytest.approx(3.0)
+    assert outside_enrichment(0.3, 0.3) == pytest.approx(1.0)  # spread evenly

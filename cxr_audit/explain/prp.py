@@ -89,8 +89,10 @@ def top_prototypes(model: nn.Module, scores: torch.Tensor, pred: torch.Tensor, k
     return scores.masked_fill(~own, float("-inf")).topk(k, dim=1).indices
 
 
-def prototype_explanations(method, capture, x: torch.Tensor, layer: str, k: int) -> PrototypeExplanations:
-    """PRP and upsampled-activation maps of the top-``k`` prototypes of each image's predicted class.
+def prototype_explanations(method, capture, x: torch.Tensor, layer: str, k: int,
+                           index: torch.Tensor | None = None) -> PrototypeExplanations:
+    """PRP and upsampled-activation maps of the top-``k`` prototypes of each image's predicted class
+    (or of the prototypes ``index (N, k)``).
 
     ``layer``: the similarity-map layer (``(N, P, h, w)`` output); must run inside ``method.rules()``
     and ``capture.attached(model)`` with ``layer`` captured. One forward, ``k`` backward passes."""
@@ -99,7 +101,9 @@ def prototype_explanations(method, capture, x: torch.Tensor, layer: str, k: int)
     logits = method.model(x)
     maps = capture.outputs[layer]  # (N, P, h, w)
     scores = maps.detach().flatten(2).amax(2).float()
-    index = top_prototypes(method.model, scores, logits.argmax(1), k)
+    if index is None:
+        index = top_prototypes(method.model, scores, logits.argmax(1), k)
+    index = index.to(scores.device)
     flat = maps.detach().flatten(2)
     prp, activation = [], []
     for i in range(index.shape[1]):

@@ -91,6 +91,14 @@ class ProtoPNet(nn.Module):
         return self.last_layer(scores)
 
 
+def cell_box(cell: int, grid: tuple[int, int], size: int) -> list[int]:
+    """``[y0, x0, y1, x1]`` in input pixels (``size`` x ``size``) of feature cell ``cell`` (row-major)
+    of a ``grid = (h, w)`` feature map: the patch a prototype at that cell stands for."""
+    h, w = int(grid[0]), int(grid[1])
+    r, c = divmod(int(cell), w)
+    return [r * size // h, c * size // w, -(-(r + 1) * size // h), -(-(c + 1) * size // w)]
+
+
 def protopnet_builder(backbone: str):
     """``build(num_classes, in_channels, image_size)`` of ``protopnet:<backbone>``."""
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.models.protopnet import cell_box
 from cxr_audit.unlearn.base import Mitigation
 from cxr_audit.unlearn.engine import FitResult, fit
 from cxr_audit.unlearn.sweep import prefixed
@@ -198,8 +199,7 @@ def _patch_record(vector, sample, cell: int, grid, size: int, distance: float, c
     """Where a prototype was projected: the image, its source and label, and the feature cell's box
     ``[y0, x0, y1, x1]`` in input pixels."""
     h, w = int(grid[0]), int(grid[1])
-    r, c = divmod(cell, w)
-    box = [r * size // h, c * size // w, -(-(r + 1) * size // h), -(-(c + 1) * size // w)]
     return {"vector": vector.cpu(), "sample": sample.index, "path": str(sample.path), "source": sample.source,
-            "label": class_names[sample.label], "patch": [r, c], "grid": [h, w], "box": box,
+            "label": class_names[sample.label], "patch": list(divmod(cell, w)), "grid": [h, w],
+            "box": cell_box(cell, (h, w), size),
             "distance_before": distance}

@@ -111,3 +111,58 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
         for ax in axes[:, j]:
             ax.axis("off")
     return save_figure(fig, out_png, title)
+
+
+def prototype_gallery(scan_path: str | Path, audits: list[dict], out_png: str | Path, device: str = "cpu",
+                      title: str = "") -> Path | None:
+    """One row per prototype: the training image it was projected onto with the patch boxed, the
+    patch enlarged, and the prototype's PRP map on that image (:mod:`cxr_audit.explain.prp`).
+    ``audits``: :func:`cxr_audit.reveal.prototypes.as_records` rows. ``None`` when the projected
+    images are not in the scanned data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from matplotlib.patches import Rectangle
+
+    from cxr_audit.data.dataset import CxrDataset, collate
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.explain import create_method
+    from cxr_audit.explain.core import parameters_frozen
+    from cxr_audit.explain.prp import prototype_explanations
+    from cxr_audit.models.architectures import spec_of
+    from cxr_audit.models.registry import load_frozen, preprocessing_of
+
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
+    known = {s.index for s in manifest.samples}
+    shown = [a for a in audits if a["projected"].get("sample") in known]
+    if not shown:
+        return None
+    net, config = load_frozen(meta["checkpoint"], torch.device(device))
+    prep = preprocessing_of(config)
+    batch = collate([CxrDataset(manifest, prep, with_masks=False)[a["projected"]["sample"]] for a in shown])
+    layer = spec_of(config["arch"]).prototype_layer
+    with parameters_frozen(net):
+        method = create_method("lrp", net, config["arch"], prep)
+        capture = method.capture([layer])
+        with method.rules(), capture.attached(method.model):
+            prp = prototype_explanations(method, capture, batch["image"].to(device), layer, 1,
+                                         index=torch.tensor([[a["prototype"]] for a in shown])).prp[:, 0]
+    fig, axes = plt.subplots(len(shown), 3, figsize=(5.4, 1.8 * len(shown)), squeeze=False)
+    for row, (a, img, heat) in enumerate(zip(shown, batch["image"][:, 0].numpy(), prp.cpu().numpy())):
+        y0, x0, y1, x1 = a["projected"]["box"]
+        axes[row, 0].imshow(img, cmap="gray")
+        axes[row, 0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="red", linewidth=1))
+        flag = " FLAGGED" if a["flagged"] else ""
+        axes[row, 0].set_title(f"p{a['prototype']} {a['class']}{flag}", fontsize=7)
+        pad = max(y1 - y0, x1 - x0) // 2
+        axes[row, 1].imshow(img[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad], cmap="gray")
+        axes[row, 1].set_title(f"{a['projected'].get('source')} / {a['projected'].get('label')}", fontsize=7)
+        show_heatmap(axes[row, 2], heat)
+        axes[row, 2].set_title("PRP", fontsize=7)
+        for ax in axes[row]:
+            ax.axis("off")
+    return save_figure(fig, out_png, title)

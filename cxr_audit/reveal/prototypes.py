@@ -1,0 +1,144 @@
+"""Audit a prototype model's prototypes (ProtoPNet; Chen et al., 2019), as Gautam et al. (2022,
+ISBI; 2023, PRP) read them for source-specific cues: each prototype *is* a training patch (the
+projection recorded in the checkpoint), and its nearest patches among the scanned images show
+what it responds to.
+
+Per prototype ``j`` with similarity scores ``s_j (N,)`` from the scan:
+
+* ``nearest``: the :data:`NEAREST` scanned images with the highest ``s_j``; ``top_source`` and
+  ``top_source_share`` among them; ``source_p``: binomial tail of that many from ``top_source``
+  at its share of the scan. **Source-linked** when the share is >= :data:`SOURCE_SHARE` and
+  ``source_p`` passes Bonferroni over the prototypes (and the scan has two or more sources);
+* with lung masks, ``outside_lungs``: over the nearest images, the mean share of the prototype's
+  positive PRP relevance (:mod:`cxr_audit.explain.prp`) outside the lungs, as
+  :mod:`cxr_audit.reveal.location` measures concepts, and ``outside_enrichment``, how much denser
+  it is there than inside (1: spread evenly, as a coarse or untrained map is). **Outside** when
+  the share is >= :data:`OUTSIDE` and the enrichment >= :data:`ENRICHMENT`;
+* ``flagged``: source-linked or outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import binom
+
+from cxr_audit.data.dataset import CxrDataset, collate
+from cxr_audit.data.manifest import load_manifest
+from cxr_audit.explain import create_method
+from cxr_audit.explain.core import parameters_frozen
+from cxr_audit.explain.prp import prototype_explanations
+from cxr_audit.models.architectures import spec_of
+from cxr_audit.models.registry import load_frozen, preprocessing_of
+from cxr_audit.store.h5 import open_scan, read_meta, read_rows
+
+NEAREST = 16
+SOURCE_SHARE = 0.8
+OUTSIDE = 0.5
+ENRICHMENT = 2.0
+ALPHA = 0.05
+
+
+@dataclass
+class PrototypeAudit:
+    """One prototype: its class, where it was projected (checkpoint record) and what the scan says."""
+
+    prototype: int
+    cls: str
+    projected: dict
+    nearest: list[int]  # manifest ids, most similar first
+    top_source: str
+    top_source_share: float
+    source_p: float
+    source_linked: bool
+    outside_lungs: float | None
+    outside_enrichment: float | None
+    flagged: bool
+
+
+def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[PrototypeAudit] | None:
+    """The audit of every prototype of the scanned model, or ``None`` when it has no prototypes or
+    its checkpoint (with the projection record) is not where the scan says."""
+    with open_scan(scan_path) as f:
+        meta = read_meta(f)
+        layer = spec_of(meta["arch"]).prototype_layer
+        if layer is None or f"activations/{layer}/max" not in f or not Path(meta["checkpoint"]).is_file():
+            return None
+        rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
+        scores = read_rows(f[f"activations/{layer}/max"], rows)  # (n, P)
+        index, sources = f["samples/index"][:][rows], f["samples/source"].asstr()[:][rows]
+    records = torch.load(meta["checkpoint"], map_location="cpu", weights_only=True)["extra"].get("prototypes")
+    if not records:
+        return None
+    nearest = np.argsort(-scores, axis=0, kind="stable")[:NEAREST].T  # (P, NEAREST) positions in rows
+    outside = _outside_lungs(meta, layer, [index[n].tolist() for n in nearest], device)
+    values, counts = np.unique(sources, return_counts=True)
+    base = dict(zip(values, counts / counts.sum()))
+    audits = []
+    for j, record in enumerate(records):
+        src, k = np.unique(sources[nearest[j]], return_counts=True)
+        top = int(np.argmax(k))
+        share = float(k[top] / len(nearest[j]))
+        p = float(binom.sf(k[top] - 1, len(nearest[j]), base[src[top]]))
+        linked = len(values) > 1 and share >= SOURCE_SHARE and p < ALPHA / len(records)
+        out, enriched = (None, None) if outside is None else (outside[j][0], outside_enrichment(*outside[j]))
+        away = out is not None and out >= OUTSIDE and enriched >= ENRICHMENT
+        audits.append(PrototypeAudit(j, record["class"], record, index[nearest[j]].tolist(), str(src[top]), share,
+                                     p, bool(linked), out, enriched, bool(linked or away)))
+    return audits
+
+
+def _outside_lungs(meta: dict, layer: str, nearest: list[list[int]],
+                   device: str) -> list[tuple[float, float]] | None:
+    """Per prototype ``(share, area)``: the mean share of its positive PRP relevance outside the lungs over its nearest
+    images (resolution-independent, unlike the coarse feature cell); ``None`` without lung masks or
+    without the scanned data."""
+    if not Path(meta["data"]).exists():
+        return None
+    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
+    if any(s.mask is None for s in manifest.samples):
+        return None
+    dev = torch.device(device)
+    net, config = load_frozen(meta["checkpoint"], dev)
+    prep = preprocessing_of(config)
+    dataset = CxrDataset(manifest, prep)
+    shares = []
+    with parameters_frozen(net):
+        method = create_method("lrp", net, config["arch"], prep)
+        capture = method.capture([layer])
+        with method.rules(), capture.attached(method.model):
+            for j, ids in enumerate(nearest):
+                batch = collate([dataset[i] for i in ids])
+                prp = prototype_explanations(method, capture, batch["image"].to(dev), layer, 1,
+                                             index=torch.full((len(ids), 1), j)).prp[:, 0].cpu().numpy()
+                lungs = batch["mask"][:, 0].numpy()
+                shares.append((_outside_share(prp, lungs), float(1 - lungs.mean())))
+    return shares
+
+
+def _outside_share(relevance: np.ndarray, lungs: np.ndarray) -> float:
+    """Mean over images of ``sum(max(R, 0) * (1 - lungs)) / sum(max(R, 0))`` (``(n, H, W)`` each)."""
+    pos = np.clip(relevance, 0, None)
+    total = pos.sum(axis=(1, 2))
+    share = (pos * (1 - lungs)).sum(axis=(1, 2)) / np.maximum(total, 1e-12)
+    return float(share[total > 0].mean()) if (total > 0).any() else float("nan")
+
+
+def outside_enrichment(share: float, area: float) -> float:
+    """How much denser relevance is outside the lungs than inside: ``(share / area) / ((1 - share) /
+    (1 - area))`` for ``share`` of the relevance on ``area`` of the pixels; 1 for a uniform map."""
+    inside = max(1 - share, 1e-6) / max(1 - area, 1e-6)
+    return (share / max(area, 1e-6)) / inside
+
+
+def as_records(audits: list[PrototypeAudit]) -> list[dict]:
+    """JSON-ready dicts (``class`` for ``cls``), flagged prototypes first."""
+    out = []
+    for a in sorted(audits, key=lambda a: (not a.flagged, a.prototype)):
+        record = asdict(a)
+        record["class"] = record.pop("cls")
+        out.append(record)
+    return out
