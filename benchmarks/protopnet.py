@@ -1,0 +1,147 @@
+"""ProtoPNet per training mix: accuracy, flagged prototypes, stamped projections, PRP faithfulness.
+
+Gautam et al. (2022, ISBI) train ProtoPNet on mixes in which x % of the positive class comes from
+source H1 and show the prototypes latching onto H1's cues. Here, per mix and seed: a
+``protopnet:ARCH`` is trained (`train`'s three steps), evaluated on the clean test split, the
+training images are scanned and revealed (:mod:`cxr_audit.reveal.prototypes`), and the table
+gives the test accuracy, the share of each class's prototypes flagged (source-linked or with PRP
+relevance densely outside the lungs), the share projected onto a stamped patch (phantoms: the
+projected box overlaps the injected stamp's mask) and Average Drop of PRP vs the upsampled
+similarity maps (`evaluate`); mean ± sd over seeds.
+
+Data: ``phantoms`` (two alternating sources; a text stamp on every H1 = ``site0`` image; the
+positive class ``disease``) at mixes ``--mixes`` (default 50 and 90 % of disease from H1), and
+``covid`` (``../shared/data/covid-two-source``: every COVID image from Hannover, every normal from
+the NIH — the 100/0 extreme, the only mix its sources allow; no lung masks, so no outside flag).
+
+    .venv/bin/python benchmarks/protopnet.py [--data phantoms covid] [--seeds 0 1 2] [--size 128] [--epochs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+COVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
+
+
+def phantom_mix(work: Path, n: int, size: int, seed: int, x: int) -> Path:
+    """Phantoms with a stamp on every ``site0`` image and ``x`` % of the disease images from ``site0``
+    (site1's disease images dropped to reach it; healthy stays 50/50)."""
+    from cxr_audit.data.inject import inject
+    from cxr_audit.data.phantom import generate_phantoms
+
+    stamped = work / "stamped" / "manifest.csv"
+    if not stamped.exists():
+        phantoms = generate_phantoms(work / "ph", n=n, size=size, seed=seed, sources=2)
+        stamped = inject(phantoms, work / "stamped", "text", {"site0": 1.0}, by="source", seed=seed)
+    rows = list(csv.DictReader(open(stamped)))
+    h2_disease = [i for i, r in enumerate(rows) if r["label"] == "disease" and r["source"] == "site1"]
+    h1_disease = sum(r["label"] == "disease" and r["source"] == "site0" for r in rows)
+    keep_h2 = len(h2_disease) if x <= 50 else round(h1_disease * (100 - x) / x)
+    drop = set(h2_disease[keep_h2:])
+    out = work / f"mix{x}.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for i, r in enumerate(rows):
+            if i not in drop:
+                writer.writerow({k: (str((stamped.parent / v).resolve()) if k in ("path", "mask", "artifact_mask") and v
+                                     else v) for k, v in r.items()})
+    return out
+
+
+def stamped_projection(record: dict, artifact_masks: dict) -> bool:
+    """Whether a prototype's projected box overlaps the injected stamp of its image."""
+    from cxr_audit.data.io import read_image
+
+    mask_path = artifact_masks.get(record.get("sample"))
+    if not mask_path:
+        return False
+    y0, x0, y1, x1 = record["box"]
+    return bool((read_image(mask_path)[y0:y1, x0:x1] > 0.5).any())
+
+
+def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
+    """Train, evaluate, scan and reveal one ProtoPNet; its row of the table."""
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.evaluating import evaluate
+    from cxr_audit.revealing import reveal
+    from cxr_audit.scanning import scan
+    from cxr_audit.training import train
+
+    start = time.perf_counter()
+    ckpt = train(data, work / "pp.pt", f"protopnet:{args.arch}", size=args.size, epochs=args.epochs,
+                 batch_size=16, seed=seed, device="cpu").checkpoint
+    metrics = evaluate(ckpt, data, device="cpu", seed=seed).metrics["model"]
+    s = scan(ckpt, data, work / "train.h5", split="train", device="cpu", prototype_maps=1).path
+    prototypes = reveal(s, work / "reveal", references=False)["prototypes"]
+    manifest = load_manifest(data)
+    masks = {smp.index: smp.artifact_mask for smp in manifest.samples}
+    share = {}
+    for cls in sorted({p["class"] for p in prototypes}):
+        own = [p for p in prototypes if p["class"] == cls]
+        share[cls] = (np.mean([p["flagged"] for p in own]),
+                      np.mean([stamped_projection(p["projected"], masks) for p in own]))
+    other = next(c for c in share if c != positive)
+    return {"accuracy": metrics["accuracy"], "flagged_pos": share[positive][0], "flagged_other": share[other][0],
+            "stamped_pos": share[positive][1], "stamped_other": share[other][1],
+            "ad_prp": metrics["prp_average_drop"], "ad_act": metrics["activation_average_drop"],
+            "seconds": time.perf_counter() - start}
+
+
+def _cells(args, root: Path):
+    """``(data kind, mix label, seed, manifest, work folder, positive class)`` of every cell."""
+    for kind in args.data:
+        for seed in args.seeds:
+            if kind == "covid":
+                yield kind, "100/0", seed, COVID, root / f"covid{seed}", "covid"
+                continue
+            for x in args.mixes:
+                work = root / f"ph{seed}"
+                yield kind, f"{x}/{100 - x}", seed, phantom_mix(work, args.n, args.size, seed, x), work / f"x{x}", \
+                    "disease"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", default=["phantoms"], choices=["phantoms", "covid"])
+    parser.add_argument("--mixes", nargs="+", type=int, default=[50, 90], help="%% of disease images from H1")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--n", type=int, default=400)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(2)
+    root = Path(tempfile.mkdtemp())
+    results: dict = {}
+    for kind, mix, seed, data, work, positive in _cells(args, root):
+        work.mkdir(parents=True, exist_ok=True)
+        row = run_cell(data, work, args, seed, positive)
+        print("done:", kind, mix, seed, {k: round(float(v), 3) for k, v in row.items()}, flush=True)
+        results.setdefault((kind, mix), []).append(row)
+    _print_table(results, args)
+
+
+def _print_table(results: dict, args) -> None:
+    keys = ["accuracy", "flagged_pos", "flagged_other", "stamped_pos", "stamped_other", "ad_prp", "ad_act", "seconds"]
+    print(f"\nprotopnet:{args.arch}, {args.size}px, {args.epochs} epochs; mean ± sd over seeds {args.seeds}; "
+          "pos = the class over-represented in H1")
+    print("| data | mix H1/H2 (pos) | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for (kind, mix), rows in results.items():
+        cells = [f"{np.mean([r[k] for r in rows]):.2f} ± {np.std([r[k] for r in rows]):.2f}" for k in keys]
+        print(f"| {kind} | {mix} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
