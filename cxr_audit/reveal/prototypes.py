@@ -28,6 +28,7 @@ from scipy.stats import binom
 
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.manifest import load_manifest
+from cxr_audit.errors import UsageError
 from cxr_audit.explain import create_method
 from cxr_audit.explain.core import parameters_frozen
 from cxr_audit.explain.prp import prototype_explanations
@@ -64,7 +65,7 @@ def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[Prototy
     its checkpoint (with the projection record) is not where the scan says."""
     with open_scan(scan_path) as f:
         meta = read_meta(f)
-        layer = spec_of(meta["arch"]).prototype_layer
+        layer = _prototype_layer(meta["arch"])
         if layer is None or f"activations/{layer}/max" not in f or not Path(meta["checkpoint"]).is_file():
             return None
         rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
@@ -89,6 +90,15 @@ def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[Prototy
         audits.append(PrototypeAudit(j, record["class"], record, index[nearest[j]].tolist(), str(src[top]), share,
                                      p, bool(linked), out, enriched, bool(linked or away)))
     return audits
+
+
+def _prototype_layer(arch: str) -> str | None:
+    """The architecture's similarity-map layer; ``None`` for other or unregistered architectures
+    (a scan of a user's factory model is audited like any other, without prototypes)."""
+    try:
+        return spec_of(arch).prototype_layer
+    except UsageError:
+        return None
 
 
 def _outside_lungs(meta: dict, layer: str, nearest: list[list[int]],
