@@ -3,21 +3,18 @@ set (covid-two-source radiographs with synthetic lung lesions and a planted stam
 pure-shortcut set, one seed each. The full grid (3 seeds, more data sets and architectures) is
 `benchmarks/mitigation.py`; its table is in docs/unlearn.md."""
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from benchmark_files import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("mitigation_benchmark", ROOT / "benchmarks" / "mitigation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mitigation")
 
 
 def _args(tmp_path, methods):

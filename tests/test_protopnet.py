@@ -275,12 +275,13 @@ def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share
 
 
 def test_outside_share_and_enrichment_follow_their_formulas():
-    from cxr_audit.reveal.prototypes import _outside_share, outside_enrichment
+    from cxr_audit.reveal.location import outside_share
+    from cxr_audit.reveal.prototypes import outside_enrichment
 
     lungs = np.zeros((1, 4, 4))
     lungs[0, :, :2] = 1  # left half is lung
     relevance = np.zeros((1, 4, 4))
     relevance[0, 0, 3], relevance[0, 0, 0], relevance[0, 1, 1] = 3.0, 1.0, -5.0  # negative relevance ignored
-    assert _outside_share(relevance, lungs) == pytest.approx(0.75)
+    assert outside_share(relevance, lungs) == pytest.approx(0.75)
     assert outside_enrichment(0.75, 0.5) == pytest.approx(3.0)
     assert outside_enrichment(0.3, 0.3) == pytest.approx(1.0)  # spread evenly

@@ -2,21 +2,18 @@
 ``../shared/data/covid-two-source`` (every COVID image from one hospital, every normal from
 another). Its full table (phantom mixes, seeds) is in docs/reveal.md."""
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from benchmark_files import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("protopnet_benchmark", ROOT / "benchmarks" / "protopnet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("protopnet")
 
 
 @pytest.mark.slow

@@ -2,12 +2,12 @@
 reveal on a planted store where the scaled paths are forced (benchmarks/reveal_scale.py builds
 the store and measures 1k-100k)."""
 
-import importlib.util
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from benchmark_files import load_benchmark
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 import cxr_audit.reveal.embedding as embedding_module
@@ -23,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _planted_benchmark():
-    spec = importlib.util.spec_from_file_location("reveal_scale", ROOT / "benchmarks" / "reveal_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reveal_scale")
 
 
 def _clusters(n, shares, noise, seed=0, dim=64):

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from cxr_audit.data.dataset import Preprocessing
-from cxr_audit.explain import create_method
-from cxr_audit.explain.core import parameters_frozen
-from cxr_audit.explain.prp import prototype_explanations
+from cxr_audit.explain.capture import LayerCapture
+from cxr_audit.explain.prp import prototype_explainer
 
 #: share of pixels kept (the most relevant ones); the rest become noise
 KEEP = 0.5
@@ -75,14 +74,12 @@ def prototype_faithfulness(net: torch.nn.Module, arch: str, prep: Preprocessing,
     """:class:`PrototypeFaithfulness` of ``images (N, C, H, W)`` for a prototype model whose
     similarity maps are ``layer``'s output."""
     low, high = prep.bounds()
+    capture = LayerCapture([layer])
     parts = []
-    with parameters_frozen(net):
-        method = create_method("lrp", net, arch, prep)
-        capture = method.capture([layer])
+    with prototype_explainer(net, arch, prep, layer) as explain:
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(dev)
-            with method.rules(), capture.attached(method.model):
-                pe = prototype_explanations(method, capture, x, layer, k)
+            pe = explain(x, k)
             parts.append((pe.score.cpu(), *(_masked_scores(net, capture, layer, x, maps, pe.index, low, high,
                                                             generator) for maps in (pe.prp, pe.activation))))
     score, prp, act = (torch.cat([p[i] for p in parts]).numpy() for i in range(3))

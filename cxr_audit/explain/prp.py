@@ -20,7 +20,9 @@ ProtoPNet's own explanation, the prototype's similarity map upsampled to the ima
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -118,3 +120,22 @@ def prototype_explanations(method, capture, x: torch.Tensor, layer: str, k: int,
         activation.append(F.interpolate(own_map, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
     score = scores.gather(1, index)
     return PrototypeExplanations(index, score, torch.stack(prp, 1), torch.stack(activation, 1))
+
+
+@contextmanager
+def prototype_explainer(net: nn.Module, arch: str, prep, layer: str) -> Iterator[Callable[..., PrototypeExplanations]]:
+    """Inside the block, ``explain(x, k=1, index=None)`` gives :func:`prototype_explanations` of ``x``
+    on the frozen ``net`` (``layer``: its similarity maps); the LRP rules are on only during each
+    call, so ``net`` forwards as itself in between."""
+    from cxr_audit.explain.core import parameters_frozen
+    from cxr_audit.explain.methods import create_method
+
+    with parameters_frozen(net):
+        method = create_method("lrp", net, arch, prep)
+        capture = method.capture([layer])
+
+        def explain(x: torch.Tensor, k: int = 1, index: torch.Tensor | None = None) -> PrototypeExplanations:
+            with method.rules(), capture.attached(method.model):
+                return prototype_explanations(method, capture, x, layer, k, index)
+
+        yield explain

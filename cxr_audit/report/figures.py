@@ -128,9 +128,7 @@ def prototype_gallery(scan_path: str | Path, audits: list[dict], out_png: str | 
 
     from cxr_audit.data.dataset import CxrDataset, collate
     from cxr_audit.data.manifest import load_manifest
-    from cxr_audit.explain import create_method
-    from cxr_audit.explain.core import parameters_frozen
-    from cxr_audit.explain.prp import prototype_explanations
+    from cxr_audit.explain.prp import prototype_explainer
     from cxr_audit.models.architectures import spec_of
     from cxr_audit.models.registry import load_frozen, preprocessing_of
 
@@ -145,12 +143,8 @@ def prototype_gallery(scan_path: str | Path, audits: list[dict], out_png: str | 
     prep = preprocessing_of(config)
     batch = collate([CxrDataset(manifest, prep, with_masks=False)[a["projected"]["sample"]] for a in shown])
     layer = spec_of(config["arch"]).prototype_layer
-    with parameters_frozen(net):
-        method = create_method("lrp", net, config["arch"], prep)
-        capture = method.capture([layer])
-        with method.rules(), capture.attached(method.model):
-            prp = prototype_explanations(method, capture, batch["image"].to(device), layer, 1,
-                                         index=torch.tensor([[a["prototype"]] for a in shown])).prp[:, 0]
+    with prototype_explainer(net, config["arch"], prep, layer) as explain:
+        prp = explain(batch["image"].to(device), index=torch.tensor([[a["prototype"]] for a in shown])).prp[:, 0]
     fig, axes = plt.subplots(len(shown), 3, figsize=(5.4, 1.8 * len(shown)), squeeze=False)
     for row, (a, img, heat) in enumerate(zip(shown, batch["image"][:, 0].numpy(), prp.cpu().numpy())):
         y0, x0, y1, x1 = a["projected"]["box"]

@@ -55,9 +55,14 @@ def outside_lung_share(scan_path: str | Path, concepts: list[tuple[str, int, lis
             targets = None if explained is None else torch.full((len(ids),), explained)
             heat = conditional_heatmaps(attribution, capture, batch["image"].to(dev), layer, select,
                                         targets=targets).cpu().numpy()
-        pos = np.clip(heat, 0, None)
-        outside = 1.0 - batch["mask"][:, 0].numpy()
-        total = pos.sum(axis=(1, 2))
-        share = np.where(total > 0, (pos * outside).sum(axis=(1, 2)) / np.maximum(total, 1e-12), np.nan)
-        shares.append(float(np.nanmean(share)) if np.isfinite(share).any() else float("nan"))
+        shares.append(outside_share(heat, batch["mask"][:, 0].numpy()))
     return shares
+
+
+def outside_share(relevance: np.ndarray, lungs: np.ndarray) -> float:
+    """Mean over images of ``sum(max(R, 0) * (1 - L)) / sum(max(R, 0))`` for relevance ``R`` and lung
+    masks ``L`` (``(n, H, W)`` each); images without positive relevance are left out (NaN if all)."""
+    pos = np.clip(relevance, 0, None)
+    total = pos.sum(axis=(1, 2))
+    share = (pos * (1.0 - lungs)).sum(axis=(1, 2)) / np.maximum(total, 1e-12)
+    return float(share[total > 0].mean()) if (total > 0).any() else float("nan")

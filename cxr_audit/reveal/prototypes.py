@@ -29,11 +29,10 @@ from scipy.stats import binom
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import UsageError
-from cxr_audit.explain import create_method
-from cxr_audit.explain.core import parameters_frozen
-from cxr_audit.explain.prp import prototype_explanations
+from cxr_audit.explain.prp import prototype_explainer
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import load_frozen, preprocessing_of
+from cxr_audit.reveal.location import outside_share
 from cxr_audit.store.h5 import open_scan, read_meta, read_rows
 
 NEAREST = 16
@@ -116,25 +115,13 @@ def _outside_lungs(meta: dict, layer: str, nearest: list[list[int]],
     prep = preprocessing_of(config)
     dataset = CxrDataset(manifest, prep)
     shares = []
-    with parameters_frozen(net):
-        method = create_method("lrp", net, config["arch"], prep)
-        capture = method.capture([layer])
-        with method.rules(), capture.attached(method.model):
-            for j, ids in enumerate(nearest):
-                batch = collate([dataset[i] for i in ids])
-                prp = prototype_explanations(method, capture, batch["image"].to(dev), layer, 1,
-                                             index=torch.full((len(ids), 1), j)).prp[:, 0].cpu().numpy()
-                lungs = batch["mask"][:, 0].numpy()
-                shares.append((_outside_share(prp, lungs), float(1 - lungs.mean())))
+    with prototype_explainer(net, config["arch"], prep, layer) as explain:
+        for j, ids in enumerate(nearest):
+            batch = collate([dataset[i] for i in ids])
+            prp = explain(batch["image"].to(dev), index=torch.full((len(ids), 1), j)).prp[:, 0].cpu().numpy()
+            lungs = batch["mask"][:, 0].numpy()
+            shares.append((outside_share(prp, lungs), float(1 - lungs.mean())))
     return shares
-
-
-def _outside_share(relevance: np.ndarray, lungs: np.ndarray) -> float:
-    """Mean over images of ``sum(max(R, 0) * (1 - lungs)) / sum(max(R, 0))`` (``(n, H, W)`` each)."""
-    pos = np.clip(relevance, 0, None)
-    total = pos.sum(axis=(1, 2))
-    share = (pos * (1 - lungs)).sum(axis=(1, 2)) / np.maximum(total, 1e-12)
-    return float(share[total > 0].mean()) if (total > 0).any() else float("nan")
 
 
 def outside_enrichment(share: float, area: float) -> float:
