@@ -35,13 +35,13 @@ def main() -> None:
 
     import torch
 
-    from cxr_audit.annotating import annotate
+    from cxr_audit.annotate.pipeline import annotate
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.explain.methods import default_layers
     from cxr_audit.models.architectures import build_model, spec_of
-    from cxr_audit.scanning import scan
-    from cxr_audit.training import train
+    from cxr_audit.scan.pipeline import scan
+    from cxr_audit.training.pipeline import train
 
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp())

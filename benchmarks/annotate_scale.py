@@ -39,7 +39,7 @@ def _child(store: str, out: str, mode: str, method: str) -> None:
     import h5py
     import numpy as np
 
-    from cxr_audit.annotating import annotate
+    from cxr_audit.annotate.pipeline import annotate
 
     options = dict(MODES[mode])
     with h5py.File(store, "r") as f:

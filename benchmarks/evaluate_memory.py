@@ -44,7 +44,7 @@ def _subset(manifest: Path, n: int, out: Path) -> Path:
 def _child(model: str, data: str) -> None:
     import torch
 
-    from cxr_audit.evaluating import evaluate
+    from cxr_audit.evaluate.pipeline import evaluate
 
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def main() -> None:
         _child(*args.child)
         return
     from cxr_audit.data.phantom import generate_phantoms
-    from cxr_audit.training import train
+    from cxr_audit.training.pipeline import train
 
     work = args.work or Path(tempfile.mkdtemp(prefix="evaluate-memory-"))
     model = work / "model.pt"

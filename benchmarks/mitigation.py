@@ -65,10 +65,10 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     """``(checkpoint, annotations.h5, annotated manifest, annotation quality)``: trained, scanned,
     annotated; the quality (mask IoU against the injected masks) says whether a method failed on
     the model or on its annotation."""
-    from cxr_audit.annotating import annotate
+    from cxr_audit.annotate.pipeline import annotate
     from cxr_audit.models.architectures import build_model, spec_of
-    from cxr_audit.scanning import scan
-    from cxr_audit.training import train
+    from cxr_audit.scan.pipeline import scan
+    from cxr_audit.training.pipeline import train
 
     spec = spec_of(arch)
     base = train(data, work / "base.pt", arch, size=size, epochs=epochs, seed=seed, device=device).checkpoint
@@ -82,7 +82,7 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
 
 
 def measure(checkpoint, data: Path, positive: str, device: str, seed: int, artifact: str = "text") -> dict:
-    from cxr_audit.evaluating import evaluate
+    from cxr_audit.evaluate.pipeline import evaluate
 
     m = evaluate(checkpoint, data, artifact=artifact, artifact_class_name=positive, device=device, seed=seed).metrics["model"]
     worst = min(m["worst_group_accuracy"], m["victims_inserted_accuracy"])
@@ -105,7 +105,7 @@ def parse_variant(method: str) -> tuple[str, dict]:
 
 def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     """Every method on one (data set, architecture, seed); one row per method."""
-    from cxr_audit.unlearning import input_at_chance, is_refused, unlearn
+    from cxr_audit.unlearn.pipeline import input_at_chance, is_refused, unlearn
 
     work = Path(tempfile.mkdtemp(prefix=f"mit-{kind}-{arch}-{seed}-", dir=args.work))
     positive = "disease" if kind == "phantoms" else "lesion"

@@ -70,10 +70,10 @@ def stamped_projection(record: dict, artifact_masks: dict) -> bool:
 def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     """Train, evaluate, scan and reveal one ProtoPNet; its row of the table."""
     from cxr_audit.data.manifest import load_manifest
-    from cxr_audit.evaluating import evaluate
-    from cxr_audit.revealing import reveal
-    from cxr_audit.scanning import scan
-    from cxr_audit.training import train
+    from cxr_audit.evaluate.pipeline import evaluate
+    from cxr_audit.reveal.pipeline import reveal
+    from cxr_audit.scan.pipeline import scan
+    from cxr_audit.training.pipeline import train
 
     start = time.perf_counter()
     ckpt = train(data, work / "pp.pt", f"protopnet:{args.arch}", size=args.size, epochs=args.epochs,

@@ -43,9 +43,9 @@ def main() -> None:
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.models.architectures import spec_of
-    from cxr_audit.revealing import reveal
-    from cxr_audit.scanning import scan
-    from cxr_audit.training import train
+    from cxr_audit.reveal.pipeline import reveal
+    from cxr_audit.scan.pipeline import scan
+    from cxr_audit.training.pipeline import train
 
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp())

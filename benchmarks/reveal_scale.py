@@ -152,7 +152,7 @@ def _child(store: str, out: str, exact: bool) -> None:
     from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder (tests load this file alone)
 
     import cxr_audit.reveal.spray as spray_module
-    from cxr_audit.revealing import reveal
+    from cxr_audit.reveal.pipeline import reveal
 
     if exact:  # the reference: the dense method at every size
         spray_module.EXACT_MAX = 10 ** 9

@@ -36,7 +36,7 @@ def _rss_mb() -> float:
 def _scan_child(ckpt: str, manifest: str, batch: int, workers: int, threads: int, queue) -> None:
     import torch
 
-    from cxr_audit.scanning import scan
+    from cxr_audit.scan.pipeline import scan
 
     torch.set_num_threads(threads)
     out = Path(tempfile.mkdtemp()) / "scan.h5"

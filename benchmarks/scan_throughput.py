@@ -51,7 +51,7 @@ def _forward_only(ckpt: str, data: str, n: int, batch: int, device: str, threads
 def _our_scan(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, amp: bool, queue) -> None:
     import torch
 
-    from cxr_audit.scanning import scan
+    from cxr_audit.scan.pipeline import scan
 
     torch.set_num_threads(threads)
     out = Path(tempfile.mkdtemp()) / "bench.h5"

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cxr_audit.annotate.cav import CAV_METHODS
-from cxr_audit.annotating import annotate as annotate_lib
+from cxr_audit.annotate.pipeline import annotate as annotate_lib
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 

@@ -9,7 +9,7 @@ import typer
 
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
-from cxr_audit.evaluating import evaluate as evaluate_lib
+from cxr_audit.evaluate.pipeline import evaluate as evaluate_lib
 
 
 @friendly_errors

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cxr_audit.cli._common import console, err_console, friendly_errors
 from cxr_audit.errors import CxrAuditError, UsageError
-from cxr_audit.gating import gate as gate_lib
+from cxr_audit.gate.pipeline import gate as gate_lib
 
 
 @friendly_errors

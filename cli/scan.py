@@ -9,7 +9,7 @@ import typer
 
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.explain.methods import METHODS
-from cxr_audit.scanning import scan as scan_lib
+from cxr_audit.scan.pipeline import scan as scan_lib
 
 
 @friendly_errors

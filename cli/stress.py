@@ -9,7 +9,7 @@ import typer
 
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
-from cxr_audit.stressing import stress as stress_lib
+from cxr_audit.stress.pipeline import stress as stress_lib
 
 
 @friendly_errors

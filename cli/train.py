@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
 from cxr_audit.models.architectures import names
-from cxr_audit.training import train as train_lib
+from cxr_audit.training.pipeline import train as train_lib
 
 
 @friendly_errors

@@ -11,8 +11,8 @@ from rich.table import Table
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
-from cxr_audit.unlearning import DEFAULT_FALLBACK, DEFAULT_METHOD
-from cxr_audit.unlearning import unlearn as unlearn_lib
+from cxr_audit.unlearn.pipeline import DEFAULT_FALLBACK, DEFAULT_METHOD
+from cxr_audit.unlearn.pipeline import unlearn as unlearn_lib
 
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to fine-tune.")]

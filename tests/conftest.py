@@ -30,7 +30,7 @@ def poisoned(phantoms, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shortcut_model(poisoned, tmp_path_factory) -> Path:
-    from cxr_audit.training import train
+    from cxr_audit.training.pipeline import train
 
     out = tmp_path_factory.mktemp("model") / "resnet18.pt"
     return train(poisoned, out, "resnet18", size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint

@@ -6,10 +6,10 @@ from typer.testing import CliRunner
 
 from cxr_audit.annotate.cav import SignalCAV, make_cav
 from cxr_audit.annotate.masks import binarise, otsu_threshold
-from cxr_audit.annotating import annotate
+from cxr_audit.annotate.pipeline import annotate
 from cxr_audit.cli.main import app
 from cxr_audit.errors import UsageError
-from cxr_audit.scanning import scan
+from cxr_audit.scan.pipeline import scan
 from cxr_audit.store.h5 import StoredRows
 
 
@@ -209,7 +209,7 @@ BRIGHT_ARTIFACT_MASKS = {"resnet18": {"mask_rule": "intensity", "mask_threshold"
 def test_acceptance_grid(arch, artifact, phantoms, tmp_path):
     """Issue #4 acceptance: each artifact x architecture, 5 seeds -> AUROC >= 0.95, IoU >= 0.5."""
     from cxr_audit.data.inject import inject
-    from cxr_audit.training import train
+    from cxr_audit.training.pipeline import train
 
     data = inject(phantoms, tmp_path / "d", artifact, {"disease": 0.9}, splits=["train", "val"], seed=2)
     ckpt = train(data, tmp_path / "m.pt", arch, size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint

@@ -84,7 +84,7 @@ def test_errors_from_dataloader_workers_stay_one_line(tmp_path, shortcut_model):
 def test_train_warns_when_the_model_predicts_one_class(tmp_path, monkeypatch):
     import torch
 
-    import cxr_audit.training as training
+    import cxr_audit.training.pipeline as training
 
     names = ["disease", "healthy"]
     assert "'healthy' for every one of 3" in training.single_class_warning(

@@ -12,7 +12,7 @@ from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.models.registry import build_model
 from cxr_audit.unlearn import Context, get_mitigation
-from cxr_audit.unlearn.engine import fit
+from cxr_audit.training.engine import fit
 
 PREP = Preprocessing(size=32)
 
@@ -89,7 +89,7 @@ def test_torchrun_unlearn_on_cpu(small, tmp_path):
     import subprocess
     import sys
 
-    from cxr_audit.training import train
+    from cxr_audit.training.pipeline import train
 
     base = train(small, tmp_path / "m.pt", "vgg11", size=32, epochs=1, device="cpu").checkpoint
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -103,7 +103,7 @@ def test_torchrun_unlearn_on_cpu(small, tmp_path):
 def _scan_worker(rank, world, port, model, data, out, skip_bad):
     import torch.distributed as dist
 
-    from cxr_audit.scanning import scan
+    from cxr_audit.scan.pipeline import scan
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -127,8 +127,8 @@ def test_two_gloo_processes_scan_into_one_store_equal_to_one_process(small, tmp_
     single-process scan, also for a sample that cannot be read (--skip-bad)."""
     import csv
 
-    from cxr_audit.scanning import scan
-    from cxr_audit.training import train
+    from cxr_audit.scan.pipeline import scan
+    from cxr_audit.training.pipeline import train
 
     model = train(small, tmp_path / "m.pt", "resnet18", size=32, epochs=1, device="cpu").checkpoint
     with open(small, newline="") as f:

@@ -76,7 +76,7 @@ def test_test_blocks_insert_what_the_whole_set_would_get(poisoned, attack):
 
 def test_evaluate_does_not_depend_on_the_block_size(shortcut_model, poisoned, monkeypatch):
     import cxr_audit.evaluate.blocks as blocks
-    from cxr_audit.evaluating import evaluate
+    from cxr_audit.evaluate.pipeline import evaluate
 
     whole = evaluate(shortcut_model, poisoned, artifact="marker", device="cpu").metrics["model"]
     monkeypatch.setattr(blocks, "EVAL_BLOCK", 7)
@@ -88,7 +88,7 @@ def test_evaluate_does_not_depend_on_the_block_size(shortcut_model, poisoned, mo
 
 def test_evaluate_reports_progress_per_block(shortcut_model, poisoned, monkeypatch):
     import cxr_audit.evaluate.blocks as blocks
-    from cxr_audit.evaluating import evaluate
+    from cxr_audit.evaluate.pipeline import evaluate
 
     monkeypatch.setattr(blocks, "EVAL_BLOCK", 10)
     seen = []

@@ -15,7 +15,7 @@ from cxr_audit.cli.main import app
 from cxr_audit.data.io import read_image
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError, UsageError
-from cxr_audit.gating import _nan_to_null
+from cxr_audit.gate.pipeline import _nan_to_null
 
 runner = CliRunner()
 
@@ -80,7 +80,7 @@ def test_train_refuses_blank_labels_and_bad_sizes_and_warns_on_rare_classes(tmp_
     assert "image size" in r.output
     typo = [header, with_label(rows[0], "diseaes")] + rows[1:]
     (phantoms.parent / "typo.csv").write_text("\n".join(typo) + "\n")
-    from cxr_audit.training import manifest_warnings
+    from cxr_audit.training.pipeline import manifest_warnings
 
     warnings = manifest_warnings(load_manifest(phantoms.parent / "typo.csv"))
     assert any("'diseaes' has only 1 image" in w for w in warnings)
@@ -105,7 +105,7 @@ def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_outputs_that_are_inputs_are_refused(tmp_path, poisoned):
-    from cxr_audit.annotating import annotate
+    from cxr_audit.annotate.pipeline import annotate
     from cxr_audit.data.inject import inject
 
     before = poisoned.read_bytes()
@@ -289,7 +289,7 @@ def test_scan_option_errors_are_one_line(tmp_path, shortcut_model, poisoned, arg
 
 
 def test_reveal_refuses_empty_rankings(tmp_path):
-    from cxr_audit.revealing import reveal
+    from cxr_audit.reveal.pipeline import reveal
 
     for kwargs in ({"top": 0}, {"max_k": 0}):
         with pytest.raises(UsageError, match="must be >= 1"):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_audit.scanning import scan
-from cxr_audit.training import train
+from cxr_audit.scan.pipeline import scan
+from cxr_audit.training.pipeline import train
 
 pytestmark = pytest.mark.gpu
 
@@ -38,9 +38,9 @@ def test_cuda_amp_training_and_amp_scan(poisoned, tmp_path):
                                     "jtt"])
 def test_cuda_amp_unlearn_every_method(shortcut_model, poisoned, tmp_path, method):
     """bf16 autocast with double backprop on CUDA: finite losses, a loadable checkpoint."""
-    from cxr_audit.annotating import annotate
-    from cxr_audit.evaluating import evaluate
-    from cxr_audit.unlearning import unlearn
+    from cxr_audit.annotate.pipeline import annotate
+    from cxr_audit.evaluate.pipeline import evaluate
+    from cxr_audit.unlearn.pipeline import unlearn
 
     s = scan(shortcut_model, poisoned, tmp_path / "s.h5", split="train", device="cuda").path
     annotate(s, tmp_path / "a.h5", from_column="artifact", masks=False, device="cuda")

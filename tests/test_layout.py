@@ -17,3 +17,22 @@ def test_no_function_is_longer_than_sixty_lines():
                     if lines > MAX_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "split these functions: " + "; ".join(long)
+
+
+STAGES = {"scan": "scan", "reveal": "reveal", "annotate": "annotate", "unlearn": "unlearn", "evaluate": "evaluate",
+          "gate": "gate", "stress": "stress", "training": "train"}
+CROSS_CUTTING = {"__init__.py", "errors.py", "runtime.py", "configfile.py", "demo.py"}
+
+
+def test_top_of_the_package_holds_only_cross_cutting_modules():
+    top = {p.name for p in (ROOT / "cxr_audit").glob("*.py")}
+    assert top <= CROSS_CUTTING, f"move these into their stage package: {sorted(top - CROSS_CUTTING)}"
+
+
+def test_every_stage_package_exposes_its_one_entry():
+    import importlib
+
+    for package, entry in STAGES.items():
+        module = importlib.import_module(f"cxr_audit.{package}")
+        pipeline = importlib.import_module(f"cxr_audit.{package}.pipeline")
+        assert getattr(module, entry) is getattr(pipeline, entry), package

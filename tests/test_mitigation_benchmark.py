@@ -25,7 +25,7 @@ def _args(tmp_path, methods):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_file(), reason="needs ../shared/data/covid-two-source")
 def test_default_method_closes_the_gap_on_real_anatomy(tmp_path):
-    from cxr_audit.unlearning import DEFAULT_METHOD
+    from cxr_audit.unlearn.pipeline import DEFAULT_METHOD
 
     rows = _benchmark().run_cell("real", "resnet18", 0, _args(tmp_path, ["none", DEFAULT_METHOD]))
     trained = rows[0]
@@ -38,7 +38,7 @@ def test_default_method_closes_the_gap_on_real_anatomy(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_file(), reason="needs ../shared/data/covid-two-source")
 def test_a_pure_shortcut_model_is_refused_not_presented_as_fixed(tmp_path):
-    from cxr_audit.unlearning import DEFAULT_METHOD
+    from cxr_audit.unlearn.pipeline import DEFAULT_METHOD
 
     rows = _benchmark().run_cell("pure", "resnet18", 0, _args(tmp_path, ["none", DEFAULT_METHOD]))
     assert rows[0]["clean"] <= 0.65  # nothing but the stamp to learn

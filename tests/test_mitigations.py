@@ -150,7 +150,7 @@ WORSE = {"objective": -1.0, "clean_balanced_accuracy": 0.0, "inserted_balanced_a
 
 
 def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model, poisoned, tmp_path, monkeypatch):
-    import cxr_audit.unlearning as unlearning
+    import cxr_audit.unlearn.pipeline as unlearning
 
     monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: WORSE)
     out = tmp_path / "never.pt"
@@ -162,7 +162,7 @@ def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model
 
 
 def test_a_refused_method_falls_back_to_dfr_once(shortcut_model, poisoned, tmp_path, monkeypatch):
-    import cxr_audit.unlearning as unlearning
+    import cxr_audit.unlearn.pipeline as unlearning
 
     real, calls = unlearning._after, []
 
@@ -196,7 +196,7 @@ def test_a_refused_method_falls_back_to_dfr_once(shortcut_model, poisoned, tmp_p
 
 def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_model, poisoned, tmp_path,
                                                                       monkeypatch):
-    import cxr_audit.unlearning as unlearning
+    import cxr_audit.unlearn.pipeline as unlearning
 
     at_chance = {"objective": 0.5, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.5}
     monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: at_chance)
@@ -222,7 +222,7 @@ def test_the_sweep_does_not_swallow_other_errors(shortcut_model, poisoned, tmp_p
 
     monkeypatch.setattr(sweep, "fit", broken)
     with pytest.raises(RuntimeError, match="a bug"):
-        from cxr_audit.unlearning import unlearn
+        from cxr_audit.unlearn.pipeline import unlearn
 
         unlearn(shortcut_model, poisoned, tmp_path / "x.pt", "rrr", lambdas=[1.0, 10.0], epochs=1, device="cpu")
     assert not (tmp_path / "x.pt").exists()
@@ -276,7 +276,7 @@ def test_augment_from_the_cli_removes_the_reliance_on_the_stamp(shortcut_model, 
     before = torch.load(shortcut_model, weights_only=True)["state_dict"]
     after = torch.load(out, weights_only=True)["state_dict"]
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])  # every layer trains
-    from cxr_audit.evaluating import evaluate
+    from cxr_audit.evaluate.pipeline import evaluate
 
     m0, m1 = (evaluate(c, poisoned, artifact="text", artifact_class_name="disease", device="cpu").metrics["model"]
               for c in (shortcut_model, out))
@@ -291,7 +291,7 @@ def test_dfr_and_jtt_are_inert_without_an_artifact_or_an_error():
     from cxr_audit.unlearn.base import Context
     from cxr_audit.unlearn.dfr import DFR
     from cxr_audit.unlearn.jtt import JTT
-    from cxr_audit.unlearning import _balance
+    from cxr_audit.unlearn.pipeline import _balance
 
     with pytest.raises(UsageError, match="nothing to unlearn"):
         DFR().check(Context(num_classes=2, artifact={0: 0, 1: 0}))

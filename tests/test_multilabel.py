@@ -92,7 +92,7 @@ def _annotate_per_finding(scan, tmp_path):
     (not within the 8 combinations of findings); the masks cover the stamp."""
     import h5py
 
-    from cxr_audit.annotating import _task_classes
+    from cxr_audit.annotate.pipeline import _task_classes
 
     hot = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], np.uint8)
     assert np.array_equal(_task_classes(hot, "finding:lesion", ["effusion", "lesion", "tube"]), [0, 1, 1])

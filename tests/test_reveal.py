@@ -9,8 +9,8 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from cxr_audit.cli.main import app
-from cxr_audit.revealing import reveal
-from cxr_audit.scanning import scan
+from cxr_audit.reveal.pipeline import reveal
+from cxr_audit.scan.pipeline import scan
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def shortcut_scan(shortcut_model, poisoned, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean_scan(phantoms, tmp_path_factory):
-    from cxr_audit.training import train
+    from cxr_audit.training.pipeline import train
 
     out = tmp_path_factory.mktemp("clean")
     ckpt = train(phantoms, out / "m.pt", "resnet18", size=64, epochs=8, batch_size=16, seed=0, device="cpu").checkpoint
@@ -85,7 +85,7 @@ def test_concept_tied_to_a_source_within_a_class_raises_the_source_alarm():
     """A stamp only one hospital burns in splits *both* classes by source: the source test flags
     it; a concept split the same way but independent of the source is not flagged."""
     from cxr_audit.reveal.concepts import alarm_level, rank_concepts
-    from cxr_audit.revealing import flag_alarms
+    from cxr_audit.reveal.pipeline import flag_alarms
 
     rng = np.random.default_rng(0)
     n = 240
@@ -126,7 +126,7 @@ def test_cli_reveal_and_wrong_file(shortcut_scan, tmp_path):
 
 
 def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
-    from cxr_audit.annotating import annotate
+    from cxr_audit.annotate.pipeline import annotate
     from cxr_audit.errors import UsageError
 
     result = reveal(shortcut_scan, tmp_path / "r")
@@ -143,7 +143,7 @@ def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
 def test_degenerate_heatmaps_do_not_crash(tmp_path):
     """A class whose heatmaps are all zero (or identical) must not crash t-SNE/UMAP/SpRAy."""
     from cxr_audit.reveal.spray import prepare_heatmaps
-    from cxr_audit.revealing import _clusters, profile_features
+    from cxr_audit.reveal.pipeline import _clusters, profile_features
 
     heat = np.zeros((30, 16, 16), np.float32)
     heat[15:, 2, 2] = 1.0  # class 1: identical non-zero maps
@@ -272,7 +272,7 @@ def test_a_bimodal_concept_alarms_only_when_tied_to_the_label():
     """An artifact in half of class 1 only is label-linked and alarms; anatomy's own bimodal
     variation, alike in both classes, splits each class just as clearly but does not."""
     from cxr_audit.reveal.concepts import alarm_level, rank_concepts
-    from cxr_audit.revealing import flag_alarms
+    from cxr_audit.reveal.pipeline import flag_alarms
 
     rng = np.random.default_rng(1)
     n = 240
@@ -301,7 +301,7 @@ def test_acceptance_grid(arch, artifact, phantoms, tmp_path):
     training images a top-3 concept retrieves the artifact samples (AUROC >= 0.9 by its members'
     CAV); the same phantoms without an artifact (``none``) raise no alarm."""
     from cxr_audit.data.inject import inject
-    from cxr_audit.training import train
+    from cxr_audit.training.pipeline import train
 
     data = phantoms if artifact == "none" else inject(phantoms, tmp_path / "d", artifact, {"disease": 0.5},
                                                       splits=["train", "val"], seed=3)

@@ -12,11 +12,11 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 import cxr_audit.reveal.embedding as embedding_module
 import cxr_audit.reveal.spray as spray_module
-import cxr_audit.revealing as revealing_module
+import cxr_audit.reveal.pipeline as revealing_module
 import cxr_audit.store.h5 as h5_module
 from cxr_audit.reveal.embedding import embed, stratified_sample
 from cxr_audit.reveal.spray import landmark_weights, spray
-from cxr_audit.revealing import reveal
+from cxr_audit.reveal.pipeline import reveal
 from cxr_audit.store.h5 import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.evaluate.relevance import scan_artifact_share
 from cxr_audit.models.registry import save_checkpoint, build_model
 from cxr_audit.data.dataset import Preprocessing
-from cxr_audit.scanning import scan
+from cxr_audit.scan.pipeline import scan
 from cxr_audit.store import open_scan, read_meta, validate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-two-source"

@@ -7,9 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from cxr_audit.cli.main import app
-from cxr_audit.evaluating import evaluate
+from cxr_audit.evaluate.pipeline import evaluate
 from cxr_audit.models.registry import load_checkpoint
-from cxr_audit.unlearning import unlearn
+from cxr_audit.unlearn.pipeline import unlearn
 
 runner = CliRunner()
 
@@ -54,8 +54,8 @@ def test_lambda_sweep_is_recorded_and_picks_from_the_grid(shortcut_model, poison
 
 
 def test_pclarc_checkpoint_loads_with_its_projection(shortcut_model, poisoned, tmp_path):
-    from cxr_audit.annotating import annotate
-    from cxr_audit.scanning import scan
+    from cxr_audit.annotate.pipeline import annotate
+    from cxr_audit.scan.pipeline import scan
 
     s = scan(shortcut_model, poisoned, tmp_path / "s.h5", split="train", layers=["layer3"], device="cpu").path
     annotate(s, tmp_path / "a.h5", from_column="artifact", masks=False, device="cpu")

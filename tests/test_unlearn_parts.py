@@ -10,7 +10,7 @@ from cxr_audit.models.projection import install_projection, pooled_max
 from cxr_audit.models.registry import build_model
 from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import balanced_weights
-from cxr_audit.unlearn.engine import ShardedBatchSampler, freeze_up_to
+from cxr_audit.training.engine import ShardedBatchSampler, freeze_up_to
 
 
 def tiny(seed=0):
@@ -178,7 +178,7 @@ def test_sharded_batches_partition_the_global_batches():
 def test_double_backprop_penalties_train_a_vit(method):
     """Penalties on a gradient need the attention's second derivative: the fused CPU/flash
     attention kernels have none, so the engine switches to the math kernel for these methods."""
-    from cxr_audit.unlearn.engine import _attention_kernel
+    from cxr_audit.training.engine import _attention_kernel
 
     torch.manual_seed(0)
     model = build_model("vit_tiny", 2, 1, 32).train()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cxr_audit.revealing import reveal
-from cxr_audit.scanning import scan
+from cxr_audit.reveal.pipeline import reveal
+from cxr_audit.scan.pipeline import scan
 
 VIRELAY_VENV = Path(__file__).resolve().parents[1] / ".venv-virelay"
 

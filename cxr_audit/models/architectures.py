@@ -69,7 +69,7 @@ class ArchSpec:
     #: (what a ProtoPNet is built on); ``None`` where there is none
     trunk: Callable[[nn.Module], nn.Module] | None = None
     #: ``fit(model, train_set, prep, device, **fit options)``: a training procedure of its own
-    #: (ProtoPNet's three steps) instead of :func:`cxr_audit.unlearn.engine.fit`
+    #: (ProtoPNet's three steps) instead of :func:`cxr_audit.training.engine.fit`
     fit: Callable | None = None
     #: ``lrp_rules()``: extra zennit ``(module type, rule)`` pairs put before a composite's defaults
     #: (ProtoPNet's PRP rule for its distance layer)

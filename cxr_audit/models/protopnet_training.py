@@ -1,5 +1,5 @@
 """ProtoPNet's three training steps (Chen et al., 2019, arXiv:1806.10574, Sec. 2.2), on the shared
-training loop (:func:`cxr_audit.unlearn.engine.fit`) with the prototype costs as its penalty:
+training loop (:func:`cxr_audit.training.engine.fit`) with the prototype costs as its penalty:
 
 1. **joint**: every layer but the last, on cross-entropy + ``0.8 * cluster - 0.08 * separation``
    (cluster: each image's smallest distance to a prototype of its class; separation: to one of
@@ -32,7 +32,7 @@ from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.models.protopnet import cell_box
 from cxr_audit.unlearn.base import Mitigation
-from cxr_audit.unlearn.engine import FitResult, fit
+from cxr_audit.training.engine import FitResult, fit
 from cxr_audit.unlearn.sweep import prefixed
 
 CLUSTER_COST, SEPARATION_COST, L1_COST = 0.8, 0.08, 1e-4  # the paper's coefficients
@@ -130,7 +130,7 @@ def _training_scores(net, train_set: Manifest, prep: Preprocessing, device, batc
 def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch.device, *, epochs: int,
                   push_every: int | None = None, last_layer_epochs: int = LAST_LAYER_EPOCHS, **options) -> FitResult:
     """Train ``model`` (a :class:`~cxr_audit.models.protopnet.ProtoPNet`) in place in the three steps
-    of the module docstring; ``options`` are :func:`~cxr_audit.unlearn.engine.fit`'s. The result's
+    of the module docstring; ``options`` are :func:`~cxr_audit.training.engine.fit`'s. The result's
     ``record["prototypes"]`` is the last projection (:func:`project_prototypes`)."""
     if train_set.multilabel:
         raise UsageError("a ProtoPNet is a single-label classifier (its prototypes belong to one class each)")

@@ -2,6 +2,8 @@
 
 Adding a method is one new file with a :class:`~cxr_audit.unlearn.base.Mitigation` subclass and
 one line in :data:`MITIGATIONS`. Group balancing (``--balance``) composes with every method.
+Stage 4's public entry: :func:`cxr_audit.unlearn.pipeline.unlearn` (``from cxr_audit.unlearn import
+unlearn``, imported lazily).
 """
 
 from cxr_audit.errors import UsageError
@@ -39,6 +41,14 @@ def get_mitigation(name: str, **options) -> Mitigation:
     if name not in MITIGATIONS:
         raise UsageError(f"unknown --method '{name}' (choose from {', '.join(MITIGATIONS)})")
     return MITIGATIONS[name](**options)
+
+
+def __getattr__(name: str):
+    if name == "unlearn":
+        from cxr_audit.unlearn.pipeline import unlearn
+
+        return unlearn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["BALANCE_MODES", "Context", "GroupBalance", "MITIGATIONS", "Mitigation", "get_mitigation"]

@@ -22,7 +22,7 @@ from cxr_audit.errors import UsageError
 
 @dataclass
 class Context:
-    """Everything a mitigation may need, gathered once by :func:`cxr_audit.unlearning.unlearn`.
+    """Everything a mitigation may need, gathered once by :func:`cxr_audit.unlearn.pipeline.unlearn`.
 
     ``artifact`` maps manifest row index -> 0/1 (from annotations or the manifest column);
     ``cav`` is a unit direction at ``layer``; ``cav_scores`` are the annotation's projections
@@ -62,7 +62,7 @@ def task_logits(logits: torch.Tensor, finding: int | None) -> torch.Tensor:
 class TrainingData:
     """What methods that fit in closed form (DFR) or inspect the input model first (JTT) read:
     the training split, how to load it, and the validation objective (``score_logits``,
-    ``clean_logits``, ``images``, ``inserted``; see :class:`cxr_audit.unlearning.Validation`)."""
+    ``clean_logits``, ``images``, ``inserted``; see :class:`cxr_audit.unlearn.pipeline.Validation`)."""
 
     train_set: Manifest
     prep: Preprocessing

@@ -42,7 +42,7 @@ class JTT(Mitigation):
 @torch.no_grad()
 def training_errors(model, data) -> np.ndarray:
     """``(N,)`` bool: which training samples ``model`` misclassifies (eval mode)."""
-    from cxr_audit.training import predict  # training imports the engine, which imports this package
+    from cxr_audit.training.pipeline import predict  # training imports the engine, which imports this package
 
     was_training = model.training
     try:

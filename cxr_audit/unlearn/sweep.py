@@ -12,7 +12,7 @@ import copy
 
 from cxr_audit.unlearn import get_mitigation
 from cxr_audit.unlearn.choice import choose
-from cxr_audit.unlearn.engine import DivergedError, fit
+from cxr_audit.training.engine import DivergedError, fit
 from cxr_audit.unlearn.validation import Validation
 
 

@@ -54,7 +54,7 @@ from cxr_audit.explain.core import parameters_frozen
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions, write_text_atomic
-from cxr_audit.training import batched_logits
+from cxr_audit.training.pipeline import batched_logits
 from cxr_audit.unlearn.rrclarc import spatial_mean
 
 @dataclass

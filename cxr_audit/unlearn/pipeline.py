@@ -32,7 +32,7 @@ from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_de
 from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.balance import group_ids
 from cxr_audit.unlearn.base import TrainingData
-from cxr_audit.unlearn.engine import fit
+from cxr_audit.training.engine import fit
 from cxr_audit.unlearn.sweep import choose, prefixed, sweep_lambdas
 from cxr_audit.unlearn.validation import Validation
 

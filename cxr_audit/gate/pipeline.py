@@ -35,7 +35,7 @@ from typing import Callable
 
 from cxr_audit.configfile import read_config_file
 from cxr_audit.errors import UsageError
-from cxr_audit.evaluating import evaluate
+from cxr_audit.evaluate.pipeline import evaluate
 from cxr_audit.runtime import now, versions, write_text_atomic
 
 METRICS = ("accuracy", "auroc", "worst_group_accuracy", "test_100_h1", "test_100_h2", "test_50_50", "h1_h2_gap",
@@ -178,8 +178,8 @@ def gate(config: str | Path, out: str | Path, on_stage: Callable[[str], None] | 
 
 
 def _scan_and_annotate(cfg: dict, out: Path, say) -> Path:
-    from cxr_audit.annotating import annotate
-    from cxr_audit.scanning import scan
+    from cxr_audit.annotate.pipeline import annotate
+    from cxr_audit.scan.pipeline import scan
 
     say("scanning for the annotation")
     scan_opts = dict(cfg.get("scan") or {})

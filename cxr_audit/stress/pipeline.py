@@ -26,7 +26,7 @@ from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import metrics as M
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions, write_text_atomic
-from cxr_audit.training import predict, train
+from cxr_audit.training.pipeline import predict, train
 
 
 @dataclass

@@ -22,7 +22,7 @@ from cxr_audit.errors import UsageError
 from cxr_audit.models.architectures import build_model, spec_of, trust_factory
 from cxr_audit.models.registry import save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
-from cxr_audit.unlearn.engine import fit
+from cxr_audit.training.engine import fit
 
 
 @dataclass
