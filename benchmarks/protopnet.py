@@ -6,7 +6,8 @@ source H1 and show the prototypes latching onto H1's cues. Here, per mix and see
 training images are scanned and revealed (:mod:`cxr_audit.reveal.prototypes`), and the table
 gives the test accuracy, the share of each class's prototypes flagged (source-linked or with PRP
 relevance densely outside the lungs), the share projected onto a stamped patch (phantoms: the
-projected box overlaps the injected stamp's mask) and Average Drop of PRP vs the upsampled
+projected box overlaps the injected stamp's mask), whether one of the class's stamped prototypes
+is also flagged (``caught``: the issue's acceptance, 1 = in every seed) and Average Drop of PRP vs the upsampled
 similarity maps (`evaluate`); mean ± sd over seeds.
 
 Data: ``phantoms`` (two alternating sources; a text stamp on every H1 = ``site0`` image; the
@@ -86,11 +87,13 @@ def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     share = {}
     for cls in sorted({p["class"] for p in prototypes}):
         own = [p for p in prototypes if p["class"] == cls]
-        share[cls] = (np.mean([p["flagged"] for p in own]),
-                      np.mean([stamped_projection(p["projected"], masks) for p in own]))
+        stamped = [stamped_projection(p["projected"], masks) for p in own]
+        share[cls] = (np.mean([p["flagged"] for p in own]), np.mean(stamped),
+                      float(any(s and p["flagged"] for s, p in zip(stamped, own))))
     other = next(c for c in share if c != positive)
     return {"accuracy": metrics["accuracy"], "flagged_pos": share[positive][0], "flagged_other": share[other][0],
             "stamped_pos": share[positive][1], "stamped_other": share[other][1],
+            "caught_pos": share[positive][2], "caught_other": share[other][2],
             "ad_prp": metrics["prp_average_drop"], "ad_act": metrics["activation_average_drop"],
             "seconds": time.perf_counter() - start}
 
@@ -133,7 +136,8 @@ def main() -> None:
 
 
 def _print_table(results: dict, args) -> None:
-    keys = ["accuracy", "flagged_pos", "flagged_other", "stamped_pos", "stamped_other", "ad_prp", "ad_act", "seconds"]
+    keys = ["accuracy", "flagged_pos", "flagged_other", "stamped_pos", "stamped_other", "caught_pos", "caught_other",
+            "ad_prp", "ad_act", "seconds"]
     print(f"\nprotopnet:{args.arch}, {args.size}px, {args.epochs} epochs; mean ± sd over seeds {args.seeds}; "
           "pos = the class over-represented in H1")
     print("| data | mix H1/H2 (pos) | " + " | ".join(keys) + " |")

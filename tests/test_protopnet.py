@@ -235,10 +235,15 @@ def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share
 
     import h5py
 
-    # the same images, now from two alternating sources
+    from cxr_audit.store.h5 import read_meta
+
+    # the same images, now from two sources: site1 gives 7 of 8 healthy images and 1 of 8 disease images
     rows = list(csv.DictReader(open(phantoms)))
-    for i, r in enumerate(rows):
-        r.update(source=f"site{i % 2}", path=str((phantoms.parent / r["path"]).resolve()),
+    seen = {"healthy": 0, "disease": 0}
+    for r in rows:
+        seen[r["label"]] += 1
+        site1 = (seen[r["label"]] % 8 != 0) == (r["label"] == "healthy")
+        r.update(source=f"site{int(site1)}", path=str((phantoms.parent / r["path"]).resolve()),
                  mask=str((phantoms.parent / r["mask"]).resolve()))
     data = tmp_path / "two.csv"
     with open(data, "w", newline="") as fh:
@@ -249,29 +254,49 @@ def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share
     r = runner.invoke(app, ["scan", str(data), "--model", str(protopnet_model), "--out", str(scan), "--device", "cpu",
                             "--prototype-maps", "1"])
     assert r.exit_code == 0, r.output
-    with h5py.File(scan, "r+") as f:  # prototype 3 now responds most to site1's images, the others to no source
-        sources = f["samples/source"].asstr()[:]
+    with h5py.File(scan, "r+") as f:
+        sources, labels = f["samples/source"].asstr()[:], f["samples/label"][:]
         scores = f["activations/similarity/max"][:]
         rng = np.random.default_rng(0)
-        scores[:] = rng.random(scores.shape)
-        scores[:, 3] += (sources == "site1") * 10
+        scores[:] = rng.random(scores.shape)  # no source, no class
+        site1, disease = sources == "site1", labels == read_meta(f)["class_names"].index("disease")
+        scores[:, 3] += site1 * 10 + (site1 & disease) * 5  # the source's cue, in either class (a stamp)
+        scores[:, 5] += (site1 & ~disease) * 10  # a healthy cue that site1's healthy images carry
         f["activations/similarity/max"][:] = scores
     r = runner.invoke(app, ["reveal", str(scan), "--out", str(tmp_path / "rev"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "rev" / "reveal.json").read_text())
     audits = {p["prototype"]: p for p in result["prototypes"]}
     assert sorted(audits) == list(range(20))
-    three = audits[3]
+    three, five = audits[3], audits[5]
     assert three["top_source"] == "site1" and three["top_source_share"] == 1.0 and three["source_linked"]
     assert three["flagged"] and result["prototypes"][0]["flagged"]  # flagged ones come first
-    assert not any(p["source_linked"] for j, p in audits.items() if j != 3)
+    assert not any(p["source_linked"] for j, p in audits.items() if j not in (3, 5))
+    # both are source-linked; only the stamp-like one follows the source beyond what its class explains
+    assert five["source_linked"] and five["top_source_share"] == 1.0
+    assert three["beyond_class"] and three["source_p_within_class"] < 1e-6
+    assert not five["beyond_class"] and five["source_p_within_class"] > 0.05
     for p in audits.values():
         assert len(p["nearest"]) == 16 and 0 <= p["outside_lungs"] <= 1 and p["projected"]["sample"] is not None
     # prototype similarities are ranked like channels
     assert any(c["layer"] == "similarity" for c in result["concepts"])
     html_text = (tmp_path / "rev" / "report.html").read_text()
     assert "<h2>Prototypes</h2>" in html_text and "prototypes.png" in html_text
+    assert html_text.count("(beyond class)") == 1
     assert (tmp_path / "rev" / "prototypes.png").stat().st_size > 1000
+
+
+def test_poisson_binomial_tail_is_the_enumerated_one():
+    import itertools
+
+    from cxr_audit.reveal.prototypes import class_shares, poisson_binomial_sf
+
+    probs = np.array([0.9, 0.1, 0.5, 0.3, 0.75])
+    for k in range(len(probs) + 1):
+        naive = sum(np.prod(np.where(o, probs, 1 - probs)) for o in itertools.product([0, 1], repeat=len(probs))
+                    if sum(o) >= k)
+        assert poisson_binomial_sf(k, probs) == pytest.approx(naive)
+    np.testing.assert_allclose(class_shares(np.array([1, 0, 1, 1, 0], bool), np.array([0, 0, 1, 1, 1])), [0.5, 2 / 3])
 
 
 def test_outside_share_and_enrichment_follow_their_formulas():

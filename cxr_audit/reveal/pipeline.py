@@ -442,10 +442,11 @@ def _prototype_section(out: Path, scan_path, prototypes: list[dict] | None, devi
         return []
     flagged = [p for p in prototypes if p["flagged"]]
     parts = [f"<h2>Prototypes</h2><p>{len(flagged)} of {len(prototypes)} prototypes flagged: their nearest "
-             f"patches come mostly from one source (share &ge; {SOURCE_SHARE:.0%}, binomial test, Bonferroni) or "
+             f"patches come mostly from one source (share &ge; {SOURCE_SHARE:.0%}, binomial test, Bonferroni; "
+             "'beyond class' when that source explains more than the prototype's class does) or "
              f"their PRP relevance lies mostly, and densely, outside the lungs.</p><table><tr><th>prototype</th><th>class</th><th>projected onto</th>"
-             "<th>its source / label</th><th>nearest: top source (share)</th><th>p</th><th>PRP outside lungs</th>"
-             "<th>flag</th></tr>"]
+             "<th>its source / label</th><th>nearest: top source (share)</th><th>p</th><th>p within class</th>"
+             "<th>PRP outside lungs</th><th>flag</th></tr>"]
     for p in prototypes:
         proj, outside = p["projected"], p["outside_lungs"]
         where = "" if outside is None else f"{outside:.2f} (x{p['outside_enrichment']:.1f} denser)"
@@ -453,6 +454,7 @@ def _prototype_section(out: Path, scan_path, prototypes: list[dict] | None, devi
                      f"<td>#{proj.get('sample')} {html.escape(Path(str(proj.get('path', ''))).name)}</td>"
                      f"<td>{html.escape(str(proj.get('source')))} / {html.escape(str(proj.get('label')))}</td>"
                      f"<td>{html.escape(p['top_source'])} ({p['top_source_share']:.2f})</td><td>{p['source_p']:.1e}</td>"
+                     f"<td>{p['source_p_within_class']:.1e}{' (beyond class)' if p['beyond_class'] else ''}</td>"
                      f"<td>{where}</td><td>{'yes' if p['flagged'] else ''}</td></tr>")
     parts.append("</table>")
     png = prototype_gallery(scan_path, prototypes[:20], out / "prototypes.png", device,

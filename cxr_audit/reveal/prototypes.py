@@ -54,6 +54,8 @@ class PrototypeAudit:
     top_source_share: float
     source_p: float
     source_linked: bool
+    source_p_within_class: float
+    beyond_class: bool
     outside_lungs: float | None
     outside_enrichment: float | None
     flagged: bool
@@ -70,6 +72,7 @@ def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[Prototy
         rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
         scores = read_rows(f[f"activations/{layer}/max"], rows)  # (n, P)
         index, sources = f["samples/index"][:][rows], f["samples/source"].asstr()[:][rows]
+        labels = f["samples/label"][:][rows]
     records = torch.load(meta["checkpoint"], map_location="cpu", weights_only=True)["extra"].get("prototypes")
     if not records:
         return None
@@ -77,18 +80,38 @@ def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[Prototy
     outside = _outside_lungs(meta, layer, [index[n].tolist() for n in nearest], device)
     values, counts = np.unique(sources, return_counts=True)
     base = dict(zip(values, counts / counts.sum()))
+    group = np.unique(labels.reshape(len(labels), -1), axis=0, return_inverse=True)[1].ravel()  # label (combination)
+    bonferroni = ALPHA / len(records)
     audits = []
     for j, record in enumerate(records):
         src, k = np.unique(sources[nearest[j]], return_counts=True)
         top = int(np.argmax(k))
         share = float(k[top] / len(nearest[j]))
         p = float(binom.sf(k[top] - 1, len(nearest[j]), base[src[top]]))
-        linked = len(values) > 1 and share >= SOURCE_SHARE and p < ALPHA / len(records)
+        within = poisson_binomial_sf(int(k[top]), class_shares(sources == src[top], group)[group[nearest[j]]])
+        linked = len(values) > 1 and share >= SOURCE_SHARE and p < bonferroni
         out, enriched = (None, None) if outside is None else (outside[j][0], outside_enrichment(*outside[j]))
         away = out is not None and out >= OUTSIDE and enriched >= ENRICHMENT
         audits.append(PrototypeAudit(j, record["class"], record, index[nearest[j]].tolist(), str(src[top]), share,
-                                     p, bool(linked), out, enriched, bool(linked or away)))
+                                     p, bool(linked), within, bool(linked and within < bonferroni), out, enriched,
+                                     bool(linked or away)))
     return audits
+
+
+def class_shares(member: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """``(G,)`` the share of ``member (N,)`` (bool) within each of the groups ``group (N,)`` (0..G-1)."""
+    return np.bincount(group, weights=member.astype(float)) / np.bincount(group)
+
+
+def poisson_binomial_sf(k: int, probs: np.ndarray) -> float:
+    """``P(X >= k)`` for ``X`` the number of successes of independent trials with success
+    probabilities ``probs (n,)`` (exact, by dynamic programming over the trials)."""
+    dist = np.zeros(len(probs) + 1)
+    dist[0] = 1.0
+    for q in probs:
+        dist[1:] = dist[1:] * (1 - q) + dist[:-1] * q
+        dist[0] *= 1 - q
+    return float(min(1.0, dist[k:].sum()))
 
 
 def _prototype_layer(arch: str) -> str | None:
