@@ -6,3 +6,18 @@ import train``; ``from cxr_audit.models.importing import import_model`` (docs/ar
 """
 
 __version__ = "0.1.0"
+
+
+def stage_entry(package: str, entry: str):
+    """A module ``__getattr__`` for a stage package: ``entry`` (its one public function) is
+    imported from ``package.pipeline`` on first use, so importing a submodule stays light and
+    free of import cycles."""
+
+    def __getattr__(name: str):
+        if name == entry:
+            from importlib import import_module
+
+            return getattr(import_module(f"{package}.pipeline"), entry)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

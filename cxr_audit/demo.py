@@ -113,7 +113,7 @@ def _revise(result: DemoResult, scan_path: Path, artifact_rows: np.ndarray, chec
 
 
 def _manifest_ids(scan_path: Path, rows: np.ndarray) -> list[int]:
-    from cxr_audit.store.h5 import open_scan
+    from cxr_audit.store.scan_file import ScanFile
 
-    with open_scan(scan_path) as f:
-        return [int(i) for i in f["samples/index"][:][rows]]
+    with ScanFile(scan_path) as scan:
+        return [int(i) for i in scan.index()[rows]]

@@ -36,3 +36,16 @@ def test_every_stage_package_exposes_its_one_entry():
         module = importlib.import_module(f"cxr_audit.{package}")
         pipeline = importlib.import_module(f"cxr_audit.{package}.pipeline")
         assert getattr(module, entry) is getattr(pipeline, entry), package
+
+
+def test_no_module_outside_store_names_a_scan_dataset_path():
+    import re
+
+    path = re.compile(r"[\"'](samples|activations|relevances|outputs|heatmaps|targets|prototypes)/|\[[\"']done[\"']\]")
+    named = []
+    for folder in ("cxr_audit", "cli"):
+        for file in sorted((ROOT / folder).rglob("*.py")):
+            if "store" not in file.relative_to(ROOT).parts:
+                named += [f"{file.relative_to(ROOT)}:{i}" for i, line in enumerate(file.read_text().splitlines(), 1)
+                          if path.search(line)]
+    assert not named, "read and write scans through cxr_audit.store: " + ", ".join(named)

@@ -22,7 +22,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -39,7 +38,9 @@ from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import now, resolve_device, versions
-from cxr_audit.store.h5 import StoredRows, open_scan, read_meta
+from cxr_audit.store.annotation_file import write_annotation_file
+from cxr_audit.store.h5 import StoredRows
+from cxr_audit.store.scan_file import ScanFile
 from cxr_audit.store.schema import finding_index
 
 
@@ -83,8 +84,8 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     if out.resolve() == Path(scan_path).resolve():
         raise UsageError(f"--out {out} is the scan itself: annotations go to a new file")
     rng = np.random.default_rng(seed)
-    with open_scan(scan_path) as f:  # open throughout: activations are read a block of rows at a time
-        scan = _read_scan(f, layer, concept, masking.layer, target)
+    with ScanFile(scan_path) as opened:  # open throughout: activations are read a block of rows at a time
+        scan = _read_scan(opened, layer, concept, masking.layer, target)
         pos = _positives(seeds, concept, from_column, scan.row_of, scan.artifact, scan.relevances, scan.layers,
                          scan.layer, scan.usable)
         labelling = _label_samples(scan, pos, negatives, from_column, method, n_negatives, threshold, refine, rng)
@@ -160,9 +161,9 @@ class _ScanArrays:
         return {int(i): r for r, i in enumerate(self.index)}
 
 
-def _read_scan(f: h5py.File, layer: str | None, concept: str | None, mask_layer: str | None,
+def _read_scan(scan: ScanFile, layer: str | None, concept: str | None, mask_layer: str | None,
                target: str | None) -> _ScanArrays:
-    meta = read_meta(f)
+    meta = scan.meta
     layers = list(meta["layers"])
     # a concept names its layer; otherwise the earliest scanned layer, where small artifacts
     # (text, markers) are still resolved after max-pooling (benchmarks/annotate_quality.py)
@@ -172,13 +173,11 @@ def _read_scan(f: h5py.File, layer: str | None, concept: str | None, mask_layer:
     for name in (layer, mask_layer):
         if name not in layers:
             raise UsageError(f"layer '{name}' is not in the scan (scanned: {', '.join(layers)})")
-    done = f["done"][:] & (f["samples/error"].asstr()[:] == "")
-    return _ScanArrays(meta, layers, layer, mask_layer, f["samples/index"][:],
-                       f["samples/path"][:],  # recorded with the labels: which images they belong to
-                       np.flatnonzero(done), StoredRows(f[f"activations/{layer}/max"]),
-                       StoredRows(f[f"activations/{mask_layer}/max"]), f["samples/artifact"][:],
-                       _task_classes(f["samples/label"][:], target, list(meta["class_names"])),
-                       StoredRows(f[f"relevances/{layer}"]) if concept is not None else None)
+    return _ScanArrays(meta, layers, layer, mask_layer, scan.index(),
+                       scan.paths(),  # recorded with the labels: which images they belong to
+                       scan.good_rows(), scan.activations(layer), scan.activations(mask_layer), scan.artifacts(),
+                       _task_classes(scan.labels(), target, list(meta["class_names"])),
+                       scan.relevances(layer) if concept is not None else None)
 
 
 def _task_classes(labels: np.ndarray, target: str | None, class_names: list[str]) -> np.ndarray:
@@ -398,23 +397,10 @@ def _batch(dataset, index, rows) -> dict:
 def _write_h5(out, meta, scan_path, options, samples, scores, labels, thr, direction, fit_rows, mask_rows, masks,
               quality) -> None:
     """``samples``: the scan's ``(index, path)`` arrays, stored so readers can match labels to images."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        g = f.create_group("meta")
-        g.attrs.update({"scan": str(Path(scan_path).resolve()), "checkpoint": meta["checkpoint"], "data": meta["data"],
-                        "arch": meta["arch"], "layer": options["layer"], "method": options["method"],
-                        "threshold": thr, "options": json.dumps(options), "quality": json.dumps(quality),
-                        "created": now(), "versions": json.dumps(versions()), "schema": "cxr-audit-annotations/1"})
-        f["samples/index"], f["samples/path"] = samples
-        f["scores"] = scores.astype(np.float32)
-        f["labels"] = labels
-        f["fit_rows"] = fit_rows
-        f[f"cav/{options['layer']}"] = direction
-        if masks is not None:
-            f.create_dataset("masks", data=masks.astype(np.uint8), chunks=(1,) + masks.shape[1:], compression="lzf")
-            f["mask_rows"] = mask_rows
-    os.replace(tmp, out)
+    record = {"scan": str(Path(scan_path).resolve()), "checkpoint": meta["checkpoint"], "data": meta["data"],
+              "arch": meta["arch"], "layer": options["layer"], "method": options["method"], "threshold": thr,
+              "options": options, "quality": quality, "created": now(), "versions": versions()}
+    write_annotation_file(out, record, *samples, scores, labels, fit_rows, direction, masks, mask_rows)
 
 
 def _write_mask_files(masks_dir, meta, index, labels, mask_rows, masks, scores) -> dict:

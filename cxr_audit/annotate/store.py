@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from cxr_audit.annotate.cav import make_cav
 from cxr_audit.errors import BadInputError, UsageError
-from cxr_audit.store.h5 import StoredRows
+from cxr_audit.store.annotation_file import read_annotation_file
+from cxr_audit.store.scan_file import ScanFile
 
 
 @dataclass
@@ -52,31 +51,19 @@ def read_annotations(path: str | Path, layer: str | None = None, method: str | N
     with a label, a CAV fitted across classes also points along the class's real features, and
     unlearning it removes those too (measured on phantoms: RR-ClArC then collapses to one class).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"annotations file not found: {path}")
-    try:
-        with h5py.File(path, "r") as f:
-            meta = dict(f["meta"].attrs)
-            if meta.get("schema") != "cxr-audit-annotations/1":
-                raise BadInputError(f"{path} is not a cxr-audit annotations file (run `cxr-audit annotate`)")
-            index = f["samples/index"][:]
-            labels = f["labels"][:].astype(int)
-            scores = f["scores"][:]
-            own_layer = str(meta["layer"])
-            cav = f[f"cav/{own_layer}"][:]
-            paths = f["samples/path"].asstr()[:].tolist() if "samples/path" in f else None
-    except OSError as exc:
-        raise BadInputError(f"cannot read annotations {path}: {exc}") from None
+    contents = read_annotation_file(path)
+    meta, index, labels, scores, cav, paths = (contents.meta, contents.index, contents.labels, contents.scores,
+                                               contents.cav, contents.paths)
+    own_layer = str(meta["layer"])
     scan = Path(str(meta["scan"]))
     layer = layer or own_layer
     method = method or str(meta.get("method", "signal"))
     if layer != own_layer or method != meta.get("method") or within_class:
         cav = _refit(scan, layer, labels, method, within_class)
     known = labels >= 0  # -1: a row the scan skipped (--skip-bad) or did not finish
-    return Annotations(path, layer, cav.astype(np.float32), dict(zip(index[known].tolist(), labels[known].tolist())),
-                       dict(zip(index[known].tolist(), scores[known].tolist())), scan,
-                       {k: (json.loads(v) if k in ("options", "quality", "versions") else v) for k, v in meta.items()},
+    return Annotations(contents.path, layer, cav.astype(np.float32),
+                       dict(zip(index[known].tolist(), labels[known].tolist())),
+                       dict(zip(index[known].tolist(), scores[known].tolist())), scan, meta,
                        dict(zip(index.tolist(), paths)) if paths is not None else None)
 
 
@@ -84,17 +71,17 @@ def _scan_paths(scan: Path) -> dict[int, str] | None:
     """Row -> path from the scan the annotations were made from (older annotation files)."""
     if not scan.is_file():
         return None
-    with h5py.File(scan, "r") as f:
-        return dict(zip(f["samples/index"][:].tolist(), f["samples/path"].asstr()[:].tolist()))
+    with ScanFile(scan) as opened:
+        return opened.paths_by_index()
 
 
 def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class: bool) -> np.ndarray:
     if not scan.is_file():
         raise BadInputError(f"refitting the CAV needs the scan {scan}, which is missing")
-    with h5py.File(scan, "r") as f:
-        if f"activations/{layer}/max" not in f:
-            raise UsageError(f"layer '{layer}' was not scanned (scanned: {', '.join(f['activations'].keys())})")
-        classes = f["samples/label"][:]
+    with ScanFile(scan) as opened:
+        if not opened.has_layer(layer):
+            raise UsageError(f"layer '{layer}' was not scanned (scanned: {', '.join(opened.meta['layers'])})")
+        classes = opened.labels()
         rows = np.flatnonzero(labels >= 0)
         if within_class and classes.ndim == 1 and (labels == 1).any():
             known = labels >= 0
@@ -104,4 +91,4 @@ def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class
             if 0 < labels[in_class].sum() < len(in_class) - 1:
                 rows = in_class
         # read a block of rows at a time: memory O(block x C), not O(N x C)
-        return make_cav(method).fit_rows(StoredRows(f[f"activations/{layer}/max"]), rows, labels[rows]).direction_
+        return make_cav(method).fit_rows(opened.activations(layer), rows, labels[rows]).direction_

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.io import read_mask
 from cxr_audit.data.manifest import load_manifest
-from cxr_audit.store.h5 import open_scan, read_meta
+from cxr_audit.store.scan_file import ScanFile
 
 
 def relevance_share(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -31,9 +31,8 @@ def scan_artifact_masks(scan_path: str | Path, rows: np.ndarray | None = None) -
 
     Returns ``(rows, masks)`` with ``masks (len(rows), S, S)`` as area fractions in [0, 1].
     """
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-        index = f["samples/index"][:]
+    with ScanFile(scan_path) as scan:
+        meta, index = scan.meta, scan.index()
     manifest = load_manifest(meta["data"], class_names=meta["class_names"])
     prep = Preprocessing(**meta["preprocessing"])
     size = int(meta["heatmap_size"])
@@ -53,12 +52,12 @@ def scan_artifact_share(scan_path: str | Path, target: str = "pred") -> dict:
     """Mean positive relevance share inside the artifact mask over the artifact samples of a scan,
     next to the mean mask area (the share a model that ignores the artifact would get)."""
     rows, masks = scan_artifact_masks(scan_path)  # rows ascending
-    with open_scan(scan_path) as f:
-        is_artifact = f["samples/artifact"][:][rows] == 1
+    with ScanFile(scan_path) as scan:
+        is_artifact = scan.artifacts()[rows] == 1
         rows, masks = rows[is_artifact], masks[is_artifact]
         if len(rows) == 0:
             return {"n": 0, "share": float("nan"), "mask_area": float("nan"), "per_sample": np.zeros(0), "rows": rows}
-        heat = f[f"heatmaps/{target}"][rows].astype(np.float32)
+        heat = scan.heatmaps(target).read(rows).astype(np.float32)
     share = relevance_share(heat, masks)
     return {"n": int(len(rows)), "share": float(np.nanmean(share)), "mask_area": float(masks.mean()),
             "per_sample": share, "rows": rows}

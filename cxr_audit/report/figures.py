@@ -9,7 +9,7 @@ import numpy as np
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.io import read_image
 from cxr_audit.errors import BadInputError
-from cxr_audit.store.h5 import open_scan, read_meta
+from cxr_audit.store.scan_file import ScanFile
 
 
 def show_heatmap(ax, heatmap: np.ndarray) -> None:
@@ -42,12 +42,12 @@ def heatmap_grid(scan_path: str | Path, rows: list[int], out_png: str | Path, ta
     import matplotlib.pyplot as plt
 
     rows = sorted(int(r) for r in rows)
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-        paths = [p.decode() if isinstance(p, bytes) else p for p in f["samples/path"][rows]]
-        heat = f[f"heatmaps/{target}"][rows].astype(np.float32)
-        pred = f[f"targets/{target}"][rows]
-        index = f["samples/index"][rows]
+    with ScanFile(scan_path) as scan:
+        meta = scan.meta
+        paths = scan.paths()[rows]
+        heat = scan.heatmaps(target).read(np.array(rows, np.int64)).astype(np.float32)
+        pred = scan.targets(target)[rows]
+        index = scan.index()[rows]
     prep = Preprocessing(**meta["preprocessing"])
     names = meta["class_names"]
     fig, axes = plt.subplots(2, len(rows), figsize=(1.8 * len(rows), 3.8), squeeze=False)
@@ -82,9 +82,8 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
     from cxr_audit.models.registry import load_frozen, preprocessing_of
     from cxr_audit.runtime import resolve_device
 
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-        channels = f[f"relevances/{layer}"].shape[1]
+    with ScanFile(scan_path) as scan:
+        meta, channels = scan.meta, scan.channels(layer)
     dev = resolve_device(device)
     net, config = load_frozen(meta["checkpoint"], dev)
     prep = preprocessing_of(config)
@@ -127,19 +126,18 @@ def prototype_gallery(scan_path: str | Path, audits: list[dict], out_png: str | 
     from matplotlib.patches import Rectangle
 
     from cxr_audit.data.dataset import CxrDataset, collate
-    from cxr_audit.data.manifest import load_manifest
     from cxr_audit.explain.prp import prototype_explainer
     from cxr_audit.models.architectures import spec_of
-    from cxr_audit.models.registry import load_frozen, preprocessing_of
+    from cxr_audit.models.registry import preprocessing_of
 
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
-    known = {s.index for s in manifest.samples}
-    shown = [a for a in audits if a["projected"].get("sample") in known]
-    if not shown:
+    with ScanFile(scan_path) as scan:
+        manifest = scan.manifest()
+        known = set() if manifest is None else {s.index for s in manifest.samples}
+        shown = [a for a in audits if a["projected"].get("sample") in known]
+        opened = scan.open_model(torch.device(device)) if shown else None
+    if opened is None:
         return None
-    net, config = load_frozen(meta["checkpoint"], torch.device(device))
+    net, config = opened
     prep = preprocessing_of(config)
     batch = collate([CxrDataset(manifest, prep, with_masks=False)[a["projected"]["sample"]] for a in shown])
     layer = spec_of(config["arch"]).prototype_layer

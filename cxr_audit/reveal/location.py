@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_audit.data.dataset import CxrDataset, collate
-from cxr_audit.data.manifest import load_manifest
+from cxr_audit.data.dataset import collate
 from cxr_audit.explain import conditional_heatmaps, create_method
-from cxr_audit.models.registry import load_frozen, preprocessing_of
 from cxr_audit.runtime import resolve_device
-from cxr_audit.store.h5 import open_scan, read_meta
+from cxr_audit.store.scan_file import ScanFile
 
 
 def outside_lung_share(scan_path: str | Path, concepts: list[tuple[str, int, list[int]]],
@@ -29,19 +27,14 @@ def outside_lung_share(scan_path: str | Path, concepts: list[tuple[str, int, lis
     """``concepts``: ``(layer, channel, member manifest ids)``; returns one share per concept in
     [0, 1], or ``None`` when the scanned data has no lung masks (``mask`` column) or the model
     or data are not where the scan says. ``explained``: the output followed (default: predicted)."""
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
-        channels = {layer: f[f"relevances/{layer}"].shape[1] for layer in meta["layers"]}
-    if not Path(meta["checkpoint"]).is_file() or not Path(meta["data"]).exists():
-        return None
-    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
-    if any(s.mask is None for s in manifest.samples):
-        return None
     dev = resolve_device(device)
-    net, config = load_frozen(meta["checkpoint"], dev)
-    prep = preprocessing_of(config)
-    dataset = CxrDataset(manifest, prep)
-    attribution = create_method("lrp", net, config["arch"], prep)
+    with ScanFile(scan_path) as scan:
+        channels = {layer: scan.channels(layer) for layer in scan.meta["layers"]}
+        scanned = scan.reopen(dev, lung_masks=True)
+    if scanned is None:
+        return None
+    dataset = scanned.dataset
+    attribution = create_method("lrp", scanned.net, scanned.config["arch"], scanned.prep)
     shares = []
     for layer, channel, ids in concepts:
         if not ids:

@@ -22,7 +22,7 @@ from cxr_audit.reveal.prototypes import SOURCE_SHARE, as_records, audit_prototyp
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
-from cxr_audit.store.h5 import open_scan, read_meta, read_rows
+from cxr_audit.store.scan_file import ScanFile
 from cxr_audit.store.schema import finding_index
 
 
@@ -124,27 +124,25 @@ class ScanView:
 
     def layer(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(activation max (n, C), relevance (n, C))`` of ``name`` for ``rows``, read in blocks."""
-        with open_scan(self.path) as f:
-            return read_rows(f[f"activations/{name}/max"], self.rows), read_rows(f[f"relevances/{name}"], self.rows)
+        with ScanFile(self.path) as scan:
+            return scan.activations(name).read(self.rows), scan.relevances(name).read(self.rows)
 
     def heatmaps(self) -> np.ndarray:
         """``(n, S, S)`` float32 heatmaps of ``rows`` (only the ViRelAy project needs them whole)."""
-        with open_scan(self.path) as f:
-            return read_rows(f[f"heatmaps/{self.target}"], self.rows, lambda block: block.astype(np.float32))
+        with ScanFile(self.path) as scan:
+            return scan.heatmaps(self.target).read(self.rows, lambda block: block.astype(np.float32))
 
 
 def _read_scan(scan_path, target: str) -> ScanView:
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
+    with ScanFile(scan_path) as scan:
+        meta = scan.meta
         if target not in meta["targets"]:
             raise UsageError(f"{scan_path} has no heatmaps for target '{target}' (it has: "
                              f"{', '.join(meta['targets'])}); scan with --target {target}")
-        rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
-        labels = f["samples/label"][:]
-        view = ScanView(Path(scan_path), meta, rows, f["samples/index"][:], f[f"targets/{target}"][:],
-                        f["samples/source"].asstr()[:], labels, read_rows(f[f"heatmaps/{target}"], rows, prepare_heatmaps),
-                        f["outputs/logits"][:][rows], list(meta["layers"]), meta["class_names"],
-                        finding_index(target, meta["class_names"]), target)
+        rows, labels = scan.good_rows(), scan.labels()
+        view = ScanView(Path(scan_path), meta, rows, scan.index(), scan.targets(target), scan.sources(), labels,
+                        scan.heatmaps(target).read(rows, prepare_heatmaps), scan.logits(rows), list(meta["layers"]),
+                        meta["class_names"], finding_index(target, meta["class_names"]), target)
     k = view.explained
     if k is not None:  # one finding: its positives and negatives are the two groups
         view.classes = (labels[:, k] > 0 if labels.ndim == 2 else labels == k).astype(np.int64)

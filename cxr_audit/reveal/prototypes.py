@@ -26,14 +26,12 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
-from cxr_audit.data.dataset import CxrDataset, collate
-from cxr_audit.data.manifest import load_manifest
+from cxr_audit.data.dataset import collate
 from cxr_audit.errors import UsageError
 from cxr_audit.explain.prp import prototype_explainer
 from cxr_audit.models.architectures import spec_of
-from cxr_audit.models.registry import load_frozen, preprocessing_of
 from cxr_audit.reveal.location import outside_share
-from cxr_audit.store.h5 import open_scan, read_meta, read_rows
+from cxr_audit.store.scan_file import Reopened, ScanFile
 
 NEAREST = 16
 SOURCE_SHARE = 0.8
@@ -64,20 +62,20 @@ class PrototypeAudit:
 def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[PrototypeAudit] | None:
     """The audit of every prototype of the scanned model, or ``None`` when it has no prototypes or
     its checkpoint (with the projection record) is not where the scan says."""
-    with open_scan(scan_path) as f:
-        meta = read_meta(f)
+    with ScanFile(scan_path) as scan:
+        meta = scan.meta
         layer = _prototype_layer(meta["arch"])
-        if layer is None or f"activations/{layer}/max" not in f or not Path(meta["checkpoint"]).is_file():
+        if layer is None or not scan.has_layer(layer) or not Path(meta["checkpoint"]).is_file():
             return None
-        rows = np.flatnonzero(f["done"][:] & (f["samples/error"].asstr()[:] == ""))
-        scores = read_rows(f[f"activations/{layer}/max"], rows)  # (n, P)
-        index, sources = f["samples/index"][:][rows], f["samples/source"].asstr()[:][rows]
-        labels = f["samples/label"][:][rows]
+        rows = scan.good_rows()
+        scores = scan.activations(layer).read(rows)  # (n, P)
+        index, sources, labels = scan.index()[rows], scan.sources()[rows], scan.labels()[rows]
+        scanned = scan.reopen(torch.device(device), lung_masks=True)
     records = torch.load(meta["checkpoint"], map_location="cpu", weights_only=True)["extra"].get("prototypes")
     if not records:
         return None
     nearest = np.argsort(-scores, axis=0, kind="stable")[:NEAREST].T  # (P, NEAREST) positions in rows
-    outside = _outside_lungs(meta, layer, [index[n].tolist() for n in nearest], device)
+    outside = None if scanned is None else _outside_lungs(scanned, layer, [index[n].tolist() for n in nearest])
     values, counts = np.unique(sources, return_counts=True)
     base = dict(zip(values, counts / counts.sum()))
     group = np.unique(labels.reshape(len(labels), -1), axis=0, return_inverse=True)[1].ravel()  # label (combination)
@@ -123,24 +121,14 @@ def _prototype_layer(arch: str) -> str | None:
         return None
 
 
-def _outside_lungs(meta: dict, layer: str, nearest: list[list[int]],
-                   device: str) -> list[tuple[float, float]] | None:
+def _outside_lungs(scanned: Reopened, layer: str, nearest: list[list[int]]) -> list[tuple[float, float]]:
     """Per prototype ``(share, area)``: the mean share of its positive PRP relevance outside the lungs over its nearest
-    images (resolution-independent, unlike the coarse feature cell); ``None`` without lung masks or
-    without the scanned data."""
-    if not Path(meta["data"]).exists():
-        return None
-    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
-    if any(s.mask is None for s in manifest.samples):
-        return None
-    dev = torch.device(device)
-    net, config = load_frozen(meta["checkpoint"], dev)
-    prep = preprocessing_of(config)
-    dataset = CxrDataset(manifest, prep)
+    images (resolution-independent, unlike the coarse feature cell)."""
+    dev = next(scanned.net.parameters()).device
     shares = []
-    with prototype_explainer(net, config["arch"], prep, layer) as explain:
+    with prototype_explainer(scanned.net, scanned.config["arch"], scanned.prep, layer) as explain:
         for j, ids in enumerate(nearest):
-            batch = collate([dataset[i] for i in ids])
+            batch = collate([scanned.dataset[i] for i in ids])
             prp = explain(batch["image"].to(dev), index=torch.full((len(ids), 1), j)).prp[:, 0].cpu().numpy()
             lungs = batch["mask"][:, 0].numpy()
             shares.append((outside_share(prp, lungs), float(1 - lungs.mean())))

@@ -13,15 +13,12 @@ single-process scan, still resumable.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,7 +33,7 @@ from cxr_audit.explain.prp import prototype_explanations
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
 from cxr_audit.runtime import autocast, init_distributed, now, rank_and_world, resolve_device, versions
-from cxr_audit.store.h5 import create_scan_file, open_scan
+from cxr_audit.store.scan_writer import ScanBatch, ScanWriter
 from cxr_audit.store.schema import TARGETS, finding_index
 
 def _explained(target: str, batch: dict, class_names: list[str]) -> torch.Tensor | None:
@@ -96,7 +93,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
                                              targets, heatmap_size, config, dev) if rank == 0 else None)
     start = time.perf_counter()
     try:
-        pending = _agreed(lambda: _pending(opened, out) if rank == 0 else None, broadcast=True)
+        pending = _agreed(lambda: _pending(opened) if rank == 0 else None, broadcast=True)
         resumed_from = len(manifest) - len(pending)
         # dataset positions equal scan rows: the manifest subset is stored in order
         row_of = {s.index: r for r, s in enumerate(manifest.samples)}
@@ -112,10 +109,10 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
                 steps = math.ceil(math.ceil(len(pending) / world) / batch_size)  # batches of the largest share
                 skipped = _scan_shared(opened, loader, row_of, explainer, steps, resumed_from, len(manifest),
                                        on_progress)
-        total_done = _agreed(lambda: int(opened["done"][:].sum()) if rank == 0 else None, broadcast=True)
+        total_done = _agreed(lambda: opened.done_count() if rank == 0 else None, broadcast=True)
     finally:
         if opened is not None:
-            _close_after_writes(opened)
+            opened.close()
     return ScanSummary(out, len(manifest), total_done, skipped, time.perf_counter() - start, resumed_from)
 
 
@@ -140,10 +137,10 @@ def _attribution(net, arch: str, prep, method: str, cam_layer: str | None, layer
     return net, attribution, attribution.capture(layers)
 
 
-def _pending(f: h5py.File, out: Path) -> np.ndarray:
+def _pending(writer: ScanWriter) -> np.ndarray:
     """Rows not yet done; refuses to start when they cannot fit on the disk."""
-    pending = np.flatnonzero(~f["done"][:])
-    _check_free_space(f, len(pending), out)
+    pending = writer.pending()
+    writer.check_free_space(len(pending))
     return pending
 
 
@@ -175,13 +172,6 @@ def _layers_to_record(layers: list[str] | None, arch: str, net) -> list[str]:
     for layer in layers:
         get_module(net, layer)
     return layers
-
-
-def _close_after_writes(f: h5py.File) -> None:
-    try:
-        f.close()
-    except (OSError, RuntimeError):  # after a failed write HDF5 cannot flush again; the done rows are safe
-        pass
 
 
 def _scan_meta(model, data, config: dict, prep, options: dict) -> dict:
@@ -218,37 +208,36 @@ class _BatchExplainer:
     prototype_layer: str | None = None
     prototype_maps: int = 0
 
-    def __call__(self, batch: dict) -> dict[str, np.ndarray]:
-        """The batch's values per dataset name (``outputs/logits``, ``heatmaps/pred``, ...)."""
+    def __call__(self, batch: dict) -> ScanBatch:
+        """The batch's results, as the scan file stores them."""
         x = batch["image"].to(self.device).contiguous(memory_format=torch.channels_last)
         wanted = {t: _explained(t, batch, self.class_names) for t in self.targets}
         with autocast(self.device, self.amp, on_cpu=True):
             expl = explain_batch(self.attribution, self.capture, x, wanted, init=self.init)
-        arrays = {"outputs/logits": expl.logits.cpu().numpy(), "outputs/pred": expl.logits.argmax(1).cpu().numpy()}
+        out = ScanBatch(expl.logits.cpu().numpy())
         for t, heat in expl.heatmaps.items():
             if not torch.isfinite(heat).all():
                 raise BadInputError(f"non-finite relevance for samples {batch['index'].tolist()} "
                                     f"(target {t}); the model produces NaN/Inf outputs")
-            arrays[f"heatmaps/{t}"] = _pool(heat, self.heatmap_size).cpu().numpy().astype(np.float16)
-            arrays[f"targets/{t}"] = expl.targets[t].cpu().numpy()
+            out.heatmaps[t] = _pool(heat, self.heatmap_size).cpu().numpy().astype(np.float16)
+            out.targets[t] = expl.targets[t].cpu().numpy()
         for layer in self.layers:
-            arrays[f"activations/{layer}/max"] = expl.act_max[layer].cpu().numpy()
-            arrays[f"activations/{layer}/mean"] = expl.act_mean[layer].cpu().numpy()
-            arrays[f"relevances/{layer}"] = expl.relevances[layer].cpu().numpy()
+            out.act_max[layer] = expl.act_max[layer].cpu().numpy()
+            out.act_mean[layer] = expl.act_mean[layer].cpu().numpy()
+            out.relevances[layer] = expl.relevances[layer].cpu().numpy()
         if self.prototype_maps:
             with autocast(self.device, self.amp, on_cpu=True):
-                arrays.update(self._prototypes(x))
-        return arrays
+                out.prototypes = self._prototypes(x)
+        return out
 
     def _prototypes(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """``prototypes/*``: the top prototypes' numbers, scores, PRP and upsampled-similarity maps."""
+        """The top prototypes' numbers, scores, PRP and upsampled-similarity maps."""
         pe = prototype_explanations(self.attribution, self.capture, x, self.prototype_layer, self.prototype_maps)
         n, k, h, w = pe.prp.shape
         prp = _pool(pe.prp.reshape(n * k, h, w), self.heatmap_size).reshape(n, k, self.heatmap_size, -1)
         act = F.adaptive_avg_pool2d(pe.activation, self.heatmap_size)
-        return {"prototypes/index": pe.index.cpu().numpy(), "prototypes/score": pe.score.cpu().numpy(),
-                "prototypes/prp": prp.cpu().numpy().astype(np.float16),
-                "prototypes/activation": act.cpu().numpy().astype(np.float16)}
+        return {"index": pe.index.cpu().numpy(), "score": pe.score.cpu().numpy(),
+                "prp": prp.cpu().numpy().astype(np.float16), "activation": act.cpu().numpy().astype(np.float16)}
 
 
 @dataclass
@@ -257,18 +246,18 @@ class _BatchRows:
     their arrays, the unreadable samples ``(index, row, message)``, or the error that stops the scan."""
 
     rows: np.ndarray
-    arrays: dict[str, np.ndarray] | None
+    results: ScanBatch | None
     errors: list[tuple[int, int, str]]
     failure: str | None = None
 
-    def write(self, f: h5py.File) -> list[tuple[int, str]]:
+    def write(self, writer: ScanWriter) -> list[tuple[int, str]]:
         """Write the rows and mark the unreadable ones; returns those as ``(index, message)``."""
         if self.failure:
             raise BadInputError(self.failure)
         for _, row, message in self.errors:
-            _write_error(f, row, message)
-        if self.arrays is not None:
-            _write_rows(f, self.rows, self.arrays)
+            writer.write_error(row, message)
+        if self.results is not None:
+            writer.write_rows(self.rows, self.results)
         return [(idx, message) for idx, _, message in self.errors]
 
     @property
@@ -283,7 +272,7 @@ def _explain_rows(batch: dict, row_of: dict[int, int], explainer: _BatchExplaine
     return _BatchRows(np.array([row_of[int(i)] for i in batch["index"]]), explainer(batch), errors)
 
 
-def _scan_pending(f, loader, row_of: dict[int, int], explainer: _BatchExplainer, completed: int, total: int,
+def _scan_pending(writer: ScanWriter, loader, row_of: dict[int, int], explainer: _BatchExplainer, completed: int, total: int,
                   on_progress) -> list[tuple[int, str]]:
     """Run ``loader``'s batches through ``explainer``; record unreadable samples; returns them."""
     skipped: list[tuple[int, str]] = []
@@ -291,14 +280,14 @@ def _scan_pending(f, loader, row_of: dict[int, int], explainer: _BatchExplainer,
         on_progress(completed, total)
     for batch in loader:
         part = _explain_rows(batch, row_of, explainer)
-        skipped += part.write(f)
+        skipped += part.write(writer)
         completed += part.count
         if on_progress:
             on_progress(completed, total)
     return skipped
 
 
-def _scan_shared(f: h5py.File | None, loader, row_of: dict[int, int], explainer: _BatchExplainer, steps: int,
+def _scan_shared(writer: ScanWriter | None, loader, row_of: dict[int, int], explainer: _BatchExplainer, steps: int,
                  completed: int, total: int, on_progress) -> list[tuple[int, str]]:
     """:func:`_scan_pending` across a process group: ``steps`` rounds, in each every rank explains
     its next batch (or nothing) and rank 0 gathers and writes them all; a failure anywhere stops
@@ -320,7 +309,7 @@ def _scan_shared(f: h5py.File | None, loader, row_of: dict[int, int], explainer:
         if rank == 0:
             try:
                 for p in filter(None, parts):
-                    skipped += p.write(f)
+                    skipped += p.write(writer)
                     completed += p.count
             except BadInputError as exc:
                 status = [str(exc)]
@@ -333,36 +322,17 @@ def _scan_shared(f: h5py.File | None, loader, row_of: dict[int, int], explainer:
 
 
 def _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep, targets,
-                    heatmap_size, config, dev) -> h5py.File:
+                    heatmap_size, config, dev) -> ScanWriter:
     if out.exists() and not overwrite:
-        f = open_scan(out, "r+")
-        stored = json.loads(f["meta"].attrs["options"])
-        same = (stored == json.loads(json.dumps(options))
-                and f["meta"].attrs["checkpoint_sha256"] == meta["checkpoint_sha256"]
-                and f["samples/index"].shape[0] == len(manifest))
-        if not same:
-            f.close()
+        writer = ScanWriter.resume(out, options, meta["checkpoint_sha256"], len(manifest))
+        if writer is None:
             raise UsageError(f"{out} exists from a scan with other options or another model; "
                              "pass --overwrite to replace it or choose another --out")
-        return f
+        return writer
     out.parent.mkdir(parents=True, exist_ok=True)
     channels = _layer_channels(net, capture, layers, prep, dev)
-    f = create_scan_file(out, len(manifest), meta, channels, config["num_classes"], list(targets),
-                         heatmap_size, manifest.multilabel, prototype_maps=options["prototype_maps"])
-    f["samples/index"][:] = [s.index for s in manifest.samples]
-    f["samples/path"][:] = [str(s.path.resolve()) for s in manifest.samples]
-    f["samples/source"][:] = [s.source for s in manifest.samples]
-    f["samples/split"][:] = [s.split for s in manifest.samples]
-    f["samples/artifact"][:] = [(-1 if s.artifact is None else s.artifact) for s in manifest.samples]
-    if manifest.multilabel:
-        hot = np.zeros((len(manifest), manifest.num_classes), np.uint8)
-        for r, s in enumerate(manifest.samples):
-            hot[r, list(s.labels)] = 1
-        f["samples/label"][:] = hot
-    else:
-        f["samples/label"][:] = [s.label for s in manifest.samples]
-    f.flush()
-    return f
+    return ScanWriter.create(out, manifest.samples, config["num_classes"], manifest.multilabel, meta, channels,
+                             list(targets), heatmap_size, prototype_maps=options["prototype_maps"])
 
 
 def _layer_channels(net, capture, layers, prep, dev) -> dict[str, int]:
@@ -373,50 +343,6 @@ def _layer_channels(net, capture, layers, prep, dev) -> dict[str, int]:
     capture.reset()
     return {l: int(s[1] if len(s) == 4 else s[-1]) for l, s in shapes.items()}
 
-
-def _write_rows(f: h5py.File, rows: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-    """Write one batch (rows ascending), then mark it done: a crash in between loses only this batch."""
-    sl = _as_slice(rows)
-    try:
-        for name, values in arrays.items():
-            f[name][sl] = values
-        f.flush()  # the rows' data reach the disk before they are marked done
-        f["done"][sl] = True
-        f.flush()
-    except (OSError, RuntimeError) as exc:  # h5py reports a failed flush (e.g. ENOSPC) as RuntimeError
-        full = "No space left" in str(exc) or "errno = 28" in str(exc)
-        raise BadInputError(f"{'disk full' if full else 'cannot write'}: {f.filename}; rows already marked done "
-                            "are kept and the others are not marked — free space and rerun the same command "
-                            "to resume") from None
-
-
-def _check_free_space(f: h5py.File, pending: int, out: Path, margin: float = 1.1) -> None:
-    """Refuse to start when the rows still to scan cannot fit on the output's disk (a full disk
-    mid-scan leaves HDF5 unable to close the file cleanly)."""
-    rows, row_bytes = len(f["done"]), 0
-
-    def add(_name, obj):
-        nonlocal row_bytes
-        if isinstance(obj, h5py.Dataset) and obj.shape and obj.shape[0] == rows:
-            row_bytes += obj.dtype.itemsize * int(np.prod(obj.shape[1:], dtype=np.int64))
-
-    f.visititems(add)
-    need = int(pending * row_bytes * margin)
-    free = shutil.disk_usage(Path(out).resolve().parent).free
-    if need > free:
-        raise BadInputError(f"disk full: the scan needs about {need / 2**20:.1f} MiB for {pending} rows, "
-                            f"{free / 2**20:.1f} MiB are free under {Path(out).resolve().parent}")
-
-
-def _write_error(f: h5py.File, row: int, message: str) -> None:
-    f["samples/error"][row] = message
-    f["done"][row] = True
-
-
-def _as_slice(rows: np.ndarray):
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1:
-        return slice(int(rows[0]), int(rows[-1]) + 1)
-    return rows
 
 
 def _pool(heat: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ Stage 4's public entry: :func:`cxr_audit.unlearn.pipeline.unlearn` (``from cxr_a
 unlearn``, imported lazily).
 """
 
+from cxr_audit import stage_entry
 from cxr_audit.errors import UsageError
 from cxr_audit.unlearn.augment import Augment
 from cxr_audit.unlearn.balance import BALANCE_MODES, GroupBalance
@@ -43,12 +44,7 @@ def get_mitigation(name: str, **options) -> Mitigation:
     return MITIGATIONS[name](**options)
 
 
-def __getattr__(name: str):
-    if name == "unlearn":
-        from cxr_audit.unlearn.pipeline import unlearn
-
-        return unlearn
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = stage_entry(__name__, "unlearn")
 
 
 __all__ = ["BALANCE_MODES", "Context", "GroupBalance", "MITIGATIONS", "Mitigation", "get_mitigation"]

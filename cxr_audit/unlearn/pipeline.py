@@ -423,18 +423,16 @@ def _context(manifest: Manifest, train_set: Manifest, config: dict, annotations,
 def _scanned_layer(annotations, which: str) -> str | None:
     """``which="earliest"``: the annotation's mask layer (the earliest layer its scan recorded);
     ``"last"``: the last layer the scan recorded (the deepest); ``None`` when unreadable."""
-    import json
-
-    import h5py
+    from cxr_audit.store.annotation_file import annotation_meta
+    from cxr_audit.store.scan_file import ScanFile
 
     try:
-        with h5py.File(annotations, "r") as f:
-            if which == "earliest":
-                return json.loads(f["meta"].attrs["options"]).get("mask_layer")
-            scan = str(f["meta"].attrs["scan"])
-        with h5py.File(scan, "r") as f:
-            return json.loads(f["meta"].attrs["layers"])[-1]
-    except (OSError, KeyError, ValueError, IndexError):
+        meta = annotation_meta(annotations)
+        if which == "earliest":
+            return meta["options"].get("mask_layer")
+        with ScanFile(str(meta["scan"])) as scan:
+            return list(scan.meta["layers"])[-1]
+    except (CxrAuditError, KeyError, ValueError, IndexError):
         return None  # read_annotations reports unreadable files with a proper message
 
 
