@@ -11,7 +11,9 @@ is also flagged (``caught``: the issue's acceptance, 1 = in every seed) and Aver
 similarity maps (`evaluate`); mean ± sd over seeds.
 
 Data: ``phantoms`` (two alternating sources; a text stamp on every H1 = ``site0`` image; the
-positive class ``disease``) at mixes ``--mixes`` (default 50 and 90 % of disease from H1), and
+positive class ``disease``) at mixes ``--mixes`` (default 50 and 90 % of disease from H1; the
+healthy images 50/50 as in Gautam et al., or ``--healthy-h1 10``: H1 carries most of the disease
+and H2 most of the healthy images, the issue's acceptance case), and
 ``covid`` (``../shared/data/covid-two-source``: every COVID image from Hannover, every normal from
 the NIH — the 100/0 extreme, the only mix its sources allow; no lung masks, so no outside flag).
 
@@ -31,9 +33,9 @@ import numpy as np
 COVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
 
 
-def phantom_mix(work: Path, n: int, size: int, seed: int, x: int) -> Path:
-    """Phantoms with a stamp on every ``site0`` image and ``x`` % of the disease images from ``site0``
-    (site1's disease images dropped to reach it; healthy stays 50/50)."""
+def phantom_mix(work: Path, n: int, size: int, seed: int, x: int, y: int = 50) -> Path:
+    """Phantoms with a stamp on every ``site0`` image, ``x`` % of the disease images and ``y`` % of
+    the healthy images from ``site0`` (images of the source in excess dropped, per class)."""
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
 
@@ -42,11 +44,14 @@ def phantom_mix(work: Path, n: int, size: int, seed: int, x: int) -> Path:
         phantoms = generate_phantoms(work / "ph", n=n, size=size, seed=seed, sources=2)
         stamped = inject(phantoms, work / "stamped", "text", {"site0": 1.0}, by="source", seed=seed)
     rows = list(csv.DictReader(open(stamped)))
-    h2_disease = [i for i, r in enumerate(rows) if r["label"] == "disease" and r["source"] == "site1"]
-    h1_disease = sum(r["label"] == "disease" and r["source"] == "site0" for r in rows)
-    keep_h2 = len(h2_disease) if x <= 50 else round(h1_disease * (100 - x) / x)
-    drop = set(h2_disease[keep_h2:])
-    out = work / f"mix{x}.csv"
+    drop = set()
+    for label, share in (("disease", x), ("healthy", y)):
+        h1 = [i for i, r in enumerate(rows) if r["label"] == label and r["source"] == "site0"]
+        h2 = [i for i, r in enumerate(rows) if r["label"] == label and r["source"] == "site1"]
+        # keep as many images as the mix allows: all of the scarcer source's share, part of the other
+        keep = min(len(h1) * 100 / max(share, 1e-9), len(h2) * 100 / max(100 - share, 1e-9))
+        drop |= set(h1[round(keep * share / 100):]) | set(h2[round(keep * (100 - share) / 100):])
+    out = work / f"mix{x}_{y}.csv"
     with open(out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -106,15 +111,18 @@ def _cells(args, root: Path):
                 yield kind, "100/0", seed, COVID, root / f"covid{seed}", "covid"
                 continue
             for x in args.mixes:
-                work = root / f"ph{seed}"
-                yield kind, f"{x}/{100 - x}", seed, phantom_mix(work, args.n, args.size, seed, x), work / f"x{x}", \
-                    "disease"
+                work, y = root / f"ph{seed}", 50 if x == 50 else args.healthy_h1
+                yield kind, f"{x}/{100 - x}, healthy {y}/{100 - y}", seed, phantom_mix(work, args.n, args.size, seed, x, y), \
+                    work / f"x{x}", "disease"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", default=["phantoms"], choices=["phantoms", "covid"])
     parser.add_argument("--mixes", nargs="+", type=int, default=[50, 90], help="%% of disease images from H1")
+    parser.add_argument("--healthy-h1", type=int, default=50,
+                        help="%% of healthy images from H1 (50: Gautam et al.'s design; 10: H1 carries disease, "
+                             "H2 healthy; 50 is used for the 50 mix either way)")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--size", type=int, default=128)

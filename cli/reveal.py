@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
-from cxr_audit.reveal.pipeline import alarm_sentence, reveal as reveal_lib
+from cxr_audit.reveal.alarm import alarm_sentence
+from cxr_audit.reveal.pipeline import reveal as reveal_lib
 
 
 @friendly_errors

@@ -69,3 +69,23 @@ def test_concept_outliers_single_out_an_odd_profile():
     rel[:, 7] = rng.random(100) * (rng.random(100) < 0.2)
     scores = concept_outliers(rel, n_neighbors=10)
     assert int(np.argmax(scores)) == 7
+
+
+def test_the_reveal_report_template_escapes_every_user_string():
+    from cxr_audit.report.html import render
+
+    evil = "<script>alert(1)</script>"
+    concept = {"id": 0, "layer": evil, "channel": 3, "class_index": 0, "suspicion": 0.5, "contrast": 1.0,
+               "minority": 0.2, "importance": 0.1, "bimodality_z": 4.0, "source_cramers_v": 0.4, "source_linked": True,
+               "alarm": True, "members": [1, 2]}
+    prototype = {"prototype": 0, "class": evil, "projected": {"sample": 1, "source": evil, "label": evil},
+                 "projected_file": evil, "top_source": evil, "top_source_share": 1.0, "source_p": 1e-5,
+                 "source_p_within_class": 1e-4, "beyond_class": True, "outside_lungs": None, "flagged": True}
+    cluster = {"id": 0, "space": evil, "class_index": 0, "size": 5, "share_of_class": 0.1, "distinctness": 0.3,
+               "suspicion": 0.2}
+    page = render("reveal.html", scan=evil, prevalence={"warning": True, "max_difference": 0.5}, alarm=evil,
+                  names=[evil], concepts=[concept], concept_figures=[], prototypes=[prototype], prototype_png=None,
+                  source_share=0.8, embedding={"method": "t-SNE", "sentence": evil}, clusters=[cluster],
+                  cluster_figures=[])
+    assert "<script>" not in page and page.count("&lt;script&gt;") >= 10
+    assert "(linked)" in page and "(beyond class)" in page and "50%" in page

@@ -3,7 +3,6 @@ and write ``reveal.json`` plus an offline HTML report (see :mod:`cxr_audit.revea
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,11 +13,13 @@ from scipy.stats import norm
 
 from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import BadInputError, UsageError
-from cxr_audit.report.figures import concept_reference, heatmap_grid, prototype_gallery, save_figure
+from cxr_audit.report.figures import save_figure
+from cxr_audit.reveal.alarm import flag_alarms
 from cxr_audit.reveal.concepts import BLOCK_ROWS, alarm_level, rank_concepts
-from cxr_audit.reveal.embedding import EMBEDDINGS, PLACE_NEIGHBOURS, embed
+from cxr_audit.reveal.embedding import EMBEDDINGS, embed
 from cxr_audit.reveal.location import outside_lung_share
-from cxr_audit.reveal.prototypes import SOURCE_SHARE, as_records, audit_prototypes
+from cxr_audit.reveal.report import write_report
+from cxr_audit.reveal.prototypes import as_records, audit_prototypes
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
@@ -83,7 +84,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
               "prototypes": _prototypes(scan_path, device), "created": now(),
               "versions": versions()}
     write_text_atomic(out / "reveal.json", json.dumps(result, indent=1))
-    _report(out, scan_path, result, v.index, gallery, references, device)
+    write_report(out, scan_path, result, v.index, gallery, references, device)
     step("report", last=True)
     return result
 
@@ -188,55 +189,6 @@ def _short_floats(values: np.ndarray) -> list[float]:
     return [float(f"{v:.6g}") for v in np.asarray(values, np.float64)]
 
 
-SOURCE_LINK_MIN_V = 0.3  # a moderate association (Cohen, 1988) on top of significance
-
-
-def flag_alarms(concepts: list[dict], z_level: float, alpha: float = 0.05) -> int:
-    """Set ``alarm``, ``label_linked`` and ``source_linked`` on each concept record; returns the
-    number of source tests.
-
-    A concept alarms when its relevance lies mostly outside the lungs (or no lung masks exist)
-    and either its split of the class is bimodal beyond ``z_level`` *and* tied to the label (it is
-    on less often in the other classes: chi-square p below the Bonferroni level; untestable with
-    one class), or its members are tied to a source within the class (chi-square p below the
-    Bonferroni level over the concepts that could be tested, and Cramér's V >= 0.3): a hospital's
-    tag or marker shows as the second. The label condition keeps anatomy's own bimodal variation,
-    present in every class alike, from alarming (a clean phantom control did, z 3.7)."""
-    n_tests = sum(c.get("source_p_value") is not None for c in concepts)
-    n_label_tests = max(1, sum(c.get("label_p_value") is not None for c in concepts))
-    for c in concepts:
-        p = c.get("source_p_value")
-        c["source_linked"] = bool(p is not None and p < alpha / n_tests and c["source_cramers_v"] >= SOURCE_LINK_MIN_V)
-        label_p = c.get("label_p_value")
-        c["label_linked"] = bool(label_p is None or label_p < alpha / n_label_tests)
-        bimodal = c["bimodality_z"] > z_level and c["label_linked"]
-        c["alarm"] = bool((bimodal or c["source_linked"]) and c.get("outside_lungs", 1.0) > 0.5)
-    return n_tests
-
-
-def alarm_sentence(result: dict) -> str:
-    """One plain sentence on whether and why ``reveal`` raised an alarm (report and CLI)."""
-    alarm, concepts = result["alarm"], result["concepts"]
-    if not alarm["raised"]:
-        return (f"No alarm: no concept with its relevance mostly outside the lungs splits a class beyond the "
-                f"Bonferroni 5 % level (bimodality z > {alarm['z_level']:.2f} over {alarm['tests']} tests) or is "
-                f"tied to a source within a class ({alarm.get('source_tests', 0)} source tests).")
-    split = [str(c["id"]) for c in concepts if c["alarm"] and c["bimodality_z"] > alarm["z_level"]]
-    linked = [str(c["id"]) for c in concepts if c["alarm"] and c.get("source_linked")]
-    reasons = []
-    if split:
-        reasons.append(f"concept(s) {', '.join(split)} split a class into two groups far beyond what one skewed "
-                       f"group gives (bimodality z > {alarm['z_level']:.2f}, Bonferroni 5 % over {alarm['tests']} tests)")
-    if linked:
-        reasons.append(f"concept(s) {', '.join(linked)} are on for one source's images and off for another's within "
-                       f"the same class (chi-square, Bonferroni 5 % over {alarm['source_tests']} tests, Cramér's V >= "
-                       f"{SOURCE_LINK_MIN_V}): a site marker")
-    return "Alarm: " + "; ".join(reasons) + "."
-
-
-def _source_cell(c: dict) -> str:
-    v = c.get("source_cramers_v")
-    return "" if v is None else f"{v:.2f}" + (" (linked)" if c.get("source_linked") else "")
 
 
 def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, explained: int | None,
@@ -417,102 +369,7 @@ def _prevalence(labels, sources, names) -> dict:
     return {"per_source": table, "max_difference": float(spread), "warning": bool(spread > 0.2)}
 
 
-def _embedding_sentence(result: dict, method: str) -> str:
-    """Which samples the 2-D embedding fitted and which it placed (:mod:`cxr_audit.reveal.embedding`)."""
-    fitted = result.get("embedding_fitted", {})
-    placed = {name: f for name, f in fitted.items() if f[0] < f[1]}
-    if not placed:
-        return f"{method} of every sample of each class."
-    parts = ", ".join(f"{name}: {f[0]:,} of {f[1]:,}" for name, f in placed.items())
-    return (f"{method} of a sample stratified by SpRAy cluster ({parts}); the other samples are placed at the "
-            f"distance-weighted mean position of their {PLACE_NEIGHBOURS} nearest embedded samples.")
-
-
 def _prototypes(scan_path, device: str) -> list[dict] | None:
     """A prototype model's prototypes audited (:mod:`cxr_audit.reveal.prototypes`); ``None`` otherwise."""
     audits = audit_prototypes(scan_path, device)
     return None if audits is None else as_records(audits)
-
-
-def _prototype_section(out: Path, scan_path, prototypes: list[dict] | None, device: str) -> list[str]:
-    """The report's prototype table and gallery (flagged prototypes first)."""
-    if not prototypes:
-        return []
-    flagged = [p for p in prototypes if p["flagged"]]
-    parts = [f"<h2>Prototypes</h2><p>{len(flagged)} of {len(prototypes)} prototypes flagged: their nearest "
-             f"patches come mostly from one source (share &ge; {SOURCE_SHARE:.0%}, binomial test, Bonferroni; "
-             "'beyond class' when that source explains more than the prototype's class does) or "
-             f"their PRP relevance lies mostly, and densely, outside the lungs.</p><table><tr><th>prototype</th><th>class</th><th>projected onto</th>"
-             "<th>its source / label</th><th>nearest: top source (share)</th><th>p</th><th>p within class</th>"
-             "<th>PRP outside lungs</th><th>flag</th></tr>"]
-    for p in prototypes:
-        proj, outside = p["projected"], p["outside_lungs"]
-        where = "" if outside is None else f"{outside:.2f} (x{p['outside_enrichment']:.1f} denser)"
-        parts.append(f"<tr><td>{p['prototype']}</td><td>{html.escape(p['class'])}</td>"
-                     f"<td>#{proj.get('sample')} {html.escape(Path(str(proj.get('path', ''))).name)}</td>"
-                     f"<td>{html.escape(str(proj.get('source')))} / {html.escape(str(proj.get('label')))}</td>"
-                     f"<td>{html.escape(p['top_source'])} ({p['top_source_share']:.2f})</td><td>{p['source_p']:.1e}</td>"
-                     f"<td>{p['source_p_within_class']:.1e}{' (beyond class)' if p['beyond_class'] else ''}</td>"
-                     f"<td>{where}</td><td>{'yes' if p['flagged'] else ''}</td></tr>")
-    parts.append("</table>")
-    png = prototype_gallery(scan_path, prototypes[:20], out / "prototypes.png", device,
-                            title="prototypes: projected training patch, enlarged, PRP map")
-    if png is not None:
-        parts.append(f"<img src='{png.name}'>")
-    return parts
-
-
-def _report(out: Path, scan_path, result: dict, index, gallery: int, references: bool, device: str) -> None:
-    """One folder, opens offline: report.html + PNG galleries (top items only)."""
-    row_of = {int(i): r for r, i in enumerate(index)}
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>cxr-audit reveal</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}</style></head><body>",
-             f"<h1>Reveal: {html.escape(str(scan_path))}</h1>"]
-    prev = result["prevalence"]
-    if prev.get("warning"):
-        parts.append(f"<p><b>Warning:</b> label prevalence differs across sources by up to "
-                     f"{prev['max_difference']:.0%}: the model can learn the source instead of the disease.</p>")
-    parts.append(f"<p>{html.escape(alarm_sentence(result))} The ranking below is for inspection either way.</p>")
-    parts.append("<h2>Most suspicious concepts</h2><table><tr><th>id</th><th>layer:channel</th><th>class</th>"
-                 "<th>suspicion</th><th>contrast</th><th>minority</th><th>importance</th><th>outside lungs</th>"
-                 "<th>bimodality z</th><th>source V</th><th>alarm</th><th>members</th></tr>")
-    names = result["class_names"]
-    for c in result["concepts"]:
-        parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['layer'])}:{c['channel']}</td>"
-                     f"<td>{html.escape(names[c['class_index']])}</td><td>{c['suspicion']:.3f}</td>"
-                     f"<td>{c['contrast']:.2f}</td><td>{c['minority']:.2f}</td><td>{c['importance']:.2f}</td>"
-                     f"<td>{c.get('outside_lungs', float('nan')):.2f}</td><td>{c['bimodality_z']:.1f}</td>"
-                     f"<td>{_source_cell(c)}</td><td>{'yes' if c['alarm'] else ''}</td><td>{len(c['members'])}</td></tr>")
-    parts.append("</table>")
-    for c in result["concepts"][:3]:
-        order = np.argsort(-np.array(c["scores"]["activation_max"]))[:gallery]
-        ids = [result["sample_ids"][o] for o in order]
-        png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"concept_{c['id']}.png", target=result["target"],
-                           title=f"concept {c['id']} ({c['layer']}:{c['channel']}): top-activating samples")
-        parts.append(f"<h3>Concept {c['id']}</h3><img src='{png.name}'>")
-        if references:
-            ref = concept_reference(scan_path, c["layer"], c["channel"], ids, out / f"concept_{c['id']}_crp.png",
-                                    title=f"concept {c['id']}: conditional heatmaps (this channel only) and crops",
-                                    device=device, explained=result["explained_output"])
-            parts.append(f"<img src='{ref.name}'>")
-    parts += _prototype_section(out, scan_path, result.get("prototypes"), device)
-    if (out / "embedding.png").exists():
-        method = {"tsne": "t-SNE", "umap": "UMAP"}[result.get("embedding", "tsne")]
-        parts.append(f"<h2>Heatmap embedding ({method})</h2><p>{html.escape(_embedding_sentence(result, method))}</p>"
-                     "<img src='embedding.png'>")
-    parts.append("<h2>Sample clusters (SpRAy on heatmaps; concept relevance and activation profiles)</h2>"
-                 "<table><tr><th>id</th><th>space</th><th>class</th><th>size</th>"
-                 "<th>share of class</th><th>distinctness</th><th>suspicion</th></tr>")
-    for c in result["clusters"][:max(3 * gallery, 30)]:
-        parts.append(f"<tr><td>{c['id']}</td><td>{html.escape(c['space'])}</td>"
-                     f"<td>{html.escape(names[c['class_index']])}</td><td>{c['size']}</td>"
-                     f"<td>{c['share_of_class']:.2f}</td><td>{c['distinctness']:.2f}</td><td>{c['suspicion']:.3f}</td></tr>")
-    parts.append("</table>")
-    for c in result["clusters"][:3]:
-        ids = c["members"][:gallery]
-        png = heatmap_grid(scan_path, [row_of[i] for i in ids], out / f"cluster_{c['id']}.png", target=result["target"],
-                           title=f"cluster {c['id']} ({c['space']}, {names[c['class_index']]}, {c['size']} samples)")
-        parts.append(f"<h3>Cluster {c['id']}</h3><img src='{png.name}'>")
-    parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
