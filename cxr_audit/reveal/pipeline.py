@@ -21,7 +21,7 @@ from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.report import write_report
 from cxr_audit.reveal.prototypes import as_records, audit_prototypes
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
-from cxr_audit.reveal.virelay import CategoryAnalysis, ProjectData, write_project
+from cxr_audit.store.virelay import CategoryAnalysis, ProjectData, write_analysis, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
 from cxr_audit.store.scan_file import ScanFile
 from cxr_audit.store.schema import finding_index
@@ -38,7 +38,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     the rest of the class, times how small they are. With ``references`` (needs the scanned model
     and data), the report shows each top concept's CRP conditional heatmaps and crops. With
     ``virelay_project`` (needs the scanned data; ``None``: up to :data:`VIRELAY_AUTO_MAX` samples),
-    ``out_dir/virelay/project.yaml`` is a complete ViRelAy project (:mod:`cxr_audit.reveal.virelay`).
+    ``out_dir/virelay/project.yaml`` is a complete ViRelAy project (:mod:`cxr_audit.store.virelay`).
     Memory is bounded by the per-sample features, not the heatmaps: the scan is read a block of
     rows at a time and one layer at a time.
     """
@@ -271,7 +271,7 @@ VIRELAY_AUTO_MAX = 20000  # samples; past this the project (a thumbnail per imag
 
 
 def _virelay_project(folder: Path, v: ScanView, clustered, per_class, target, wanted: bool | None) -> dict | None:
-    """Write the ViRelAy project (:mod:`cxr_audit.reveal.virelay`); ``{"project": path}``, or
+    """Write the ViRelAy project (:mod:`cxr_audit.store.virelay`); ``{"project": path}``, or
     ``{"skipped": reason}`` when the scanned images are not where the scan says or, unless
     ``wanted``, the scan is larger than :data:`VIRELAY_AUTO_MAX`; ``None`` when not ``wanted``."""
     if wanted is False:
@@ -319,18 +319,12 @@ def _thumbnails(meta: dict, ids, size: int) -> np.ndarray | None:
 
 
 def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:
-    """Embeddings and clusterings in ViRelAy's analysis-database layout:
-    ``/<category>/index``, ``/<category>/embedding/{spectral,tsne|umap}``, ``/<category>/cluster/<name>``."""
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        for k, data in per_class.items():
-            g = f.create_group(names[k])
-            g["index"] = np.asarray(data["ids"], dtype=np.uint32)
-            spectral = g.create_dataset("embedding/spectral", data=data["spray"].embedding.astype(np.float32))
-            spectral.attrs["eigenvalue"] = data["spray"].eigenvalues.astype(np.float32)
-            g[f"embedding/{data['method']}"] = data["embedding"]
-            g[f"cluster/spray-k{data['spray'].k}"] = data["spray"].labels.astype(np.uint32)
+    """Each class's heatmap embeddings and SpRAy clustering as one ViRelAy analysis database
+    (manifest ids as the index)."""
+    write_analysis(path, {names[k]: CategoryAnalysis(
+        np.asarray(data["ids"]), {"spectral": data["spray"].embedding, data["method"]: data["embedding"]},
+        data["spray"].eigenvalues, data["spray"].labels, cluster_name=f"spray-k{data['spray'].k}")
+        for k, data in per_class.items()})
 
 
 def _scatter(path: Path, per_class: dict, names, sources, labels, index) -> None:

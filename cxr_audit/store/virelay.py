@@ -39,6 +39,7 @@ class CategoryAnalysis:
     embeddings: dict[str, np.ndarray]
     eigenvalues: np.ndarray
     cluster_ids: np.ndarray
+    cluster_name: str = "reveal-id"
 
 
 @dataclass
@@ -78,7 +79,7 @@ def write_project(folder: str | Path, data: ProjectData) -> Path:
         f["label"] = label
         f["prediction"] = data.predictions.astype(np.float32)
     for space, categories in data.analyses.items():
-        _write_analysis(folder / space_file(space), categories)
+        write_analysis(folder / space_file(space), categories)
     size = data.images.shape[1]
     project = {"project": {
         "name": data.name, "model": data.model, "label_map": "label-map.json",
@@ -94,7 +95,9 @@ def write_project(folder: str | Path, data: ProjectData) -> Path:
     return path
 
 
-def _write_analysis(path: Path, categories: dict[str, CategoryAnalysis]) -> None:
+def write_analysis(path: Path, categories: dict[str, CategoryAnalysis]) -> None:
+    """One ViRelAy analysis database: per category ``index``, ``embedding/<name>`` (``spectral``
+    with its ``eigenvalue`` attribute) and ``cluster/<cluster_name>``."""
     with h5py.File(path, "w") as f:
         for name, analysis in categories.items():
             g = f.create_group(name)
@@ -103,4 +106,4 @@ def _write_analysis(path: Path, categories: dict[str, CategoryAnalysis]) -> None
                 ds = g.create_dataset(f"embedding/{embedding}", data=values.astype(np.float32))
                 if embedding == "spectral":
                     ds.attrs["eigenvalue"] = analysis.eigenvalues.astype(np.float32)
-            g["cluster/reveal-id"] = analysis.cluster_ids.astype(np.int32)
+            g[f"cluster/{analysis.cluster_name}"] = analysis.cluster_ids.astype(np.int32)
