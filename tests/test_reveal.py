@@ -143,7 +143,7 @@ def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
 def test_degenerate_heatmaps_do_not_crash(tmp_path):
     """A class whose heatmaps are all zero (or identical) must not crash t-SNE/UMAP/SpRAy."""
     from cxr_audit.reveal.spray import prepare_heatmaps
-    from cxr_audit.reveal.pipeline import _clusters, profile_features
+    from cxr_audit.reveal.clusters import cluster_samples, profile_features
 
     heat = np.zeros((30, 16, 16), np.float32)
     heat[15:, 2, 2] = 1.0  # class 1: identical non-zero maps
@@ -151,7 +151,7 @@ def test_degenerate_heatmaps_do_not_crash(tmp_path):
     rows = np.arange(30)
     spaces = {"heatmap": prepare_heatmaps(heat), "relevance:x": profile_features(np.zeros((30, 8)))}
     for embedding in ("tsne", "umap"):
-        found, per_class, _ = _clusters(spaces, classes, rows, rows, max_k=4, embedding=embedding)
+        found, per_class, _ = cluster_samples(spaces, classes, rows, rows, max_k=4, embedding=embedding)
         for data in per_class.values():
             assert np.isfinite(data["embedding"]).all() and data["embedding"].shape == (15, 2)
 

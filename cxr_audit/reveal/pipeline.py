@@ -15,12 +15,13 @@ from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.report.figures import save_figure
 from cxr_audit.reveal.alarm import flag_alarms
-from cxr_audit.reveal.concepts import BLOCK_ROWS, alarm_level, rank_concepts
-from cxr_audit.reveal.embedding import EMBEDDINGS, embed
+from cxr_audit.reveal.clusters import cluster_samples, profile_features
+from cxr_audit.reveal.concepts import alarm_level, rank_concepts
+from cxr_audit.reveal.embedding import EMBEDDINGS
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.report import write_report
 from cxr_audit.reveal.prototypes import as_records, audit_prototypes
-from cxr_audit.reveal.spray import prepare_heatmaps, spray
+from cxr_audit.reveal.spray import prepare_heatmaps
 from cxr_audit.store.virelay import CategoryAnalysis, ProjectData, write_analysis, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
 from cxr_audit.store.scan_file import ScanFile
@@ -70,7 +71,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     spaces = {"heatmap": v.heat_features, f"relevance:{middle}": profile_features(rel),
               f"activation:{middle}": profile_features(acts)}
     del acts, rel
-    clusters, per_class, clustered = _clusters(spaces, v.classes[v.rows], v.rows, v.index, max_k, embedding, step)
+    clusters, per_class, clustered = cluster_samples(spaces, v.classes[v.rows], v.rows, v.index, max_k, embedding, step)
     _export_virelay(out / "reveal.virelay.h5", per_class, v.names)
     virelay = _virelay_project(out / "virelay", v, clustered, per_class, target, virelay_project)
     _scatter(out / "embedding.png", per_class, v.names, v.sources, v.labels, v.index)
@@ -211,60 +212,6 @@ def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, exp
         c["suspicion_before_location"] = c["suspicion"]
         c["suspicion"] = c["suspicion"] * (share if np.isfinite(share) else 1.0)
     return sorted(concepts, key=lambda c: -c["suspicion"])
-
-
-def _clusters(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding,
-              step: Callable[[str], None] = lambda status: None) -> tuple[list[dict], dict, dict]:
-    """Spectral clusters per explained class in each feature space (``heatmap``, and CRP
-    ``relevance:<layer>`` / ``activation:<layer>`` profiles), all ranked together by
-    ``distinctness × 4 p (1 - p)``: how different the cluster's mean normalised profile is from
-    the rest of its class (half the L1 distance, in [0, 1]) times how much of a minority it is.
-    Returns the clusters, the per-class SpRAy results of the heatmap space (embeddings), and
-    ``{space: {class: (members, SprayResult, cluster id per member)}}`` for the ViRelAy project."""
-    found, per_class, results = [], {}, {}
-    for space, all_features in spaces.items():
-        for k in np.unique(classes):
-            members = np.flatnonzero(classes == k)
-            if len(members) < 6:
-                continue
-            features = all_features[members]
-            result = spray(features, max_k=max_k)
-            results.setdefault(space, {})[int(k)] = (members, result)
-            if space == "heatmap":
-                xy = embed(features, embedding, strata=result.labels)
-                per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "method": embedding,
-                                     "embedding": xy.xy, "fitted": xy.fitted}
-            step(f"clusters {space} class {k}")
-            for c in range(result.k):
-                inside = members[result.labels == c]
-                if len(inside) == len(members):
-                    continue
-                distinct = 0.5 * np.abs(features[result.labels == c].mean(0) - features[result.labels != c].mean(0)).sum()
-                share = len(inside) / len(members)
-                found.append({"space": space, "class_index": int(k), "size": int(len(inside)),
-                              "share_of_class": float(share), "distinctness": float(distinct),
-                              "suspicion": float(distinct * 4 * share * (1 - share)),
-                              "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k),
-                              "clustering": result.method, "spray_label": c})
-    found.sort(key=lambda c: -c["suspicion"])
-    ids = {space: {k: np.full(len(m), -1) for k, (m, _) in per.items()} for space, per in results.items()}
-    for rank, c in enumerate(found):
-        c["id"] = rank
-        members, result = results[c["space"]][c["class_index"]]
-        ids[c["space"]][c["class_index"]][result.labels == c.pop("spray_label")] = rank
-    clustered = {space: {k: (m, r, ids[space][k]) for k, (m, r) in per.items()} for space, per in results.items()}
-    return found, per_class, clustered
-
-
-def profile_features(values: np.ndarray) -> np.ndarray:
-    """``(N, C)`` channel relevances or activations -> positive part normalised to unit sum per
-    sample, so that clusters reflect *which* concepts a sample uses, not how strongly; float32
-    (computed in float64 a block of rows at a time: a 100,000 x 2,048 layer is 0.8 GB, not 1.6)."""
-    out = np.empty(values.shape, np.float32)
-    for start in range(0, len(values), BLOCK_ROWS):
-        pos = np.clip(values[start:start + BLOCK_ROWS].astype(np.float64), 0, None)
-        out[start:start + BLOCK_ROWS] = pos / np.maximum(pos.sum(1, keepdims=True), 1e-12)
-    return out
 
 
 VIRELAY_AUTO_MAX = 20000  # samples; past this the project (a thumbnail per image) is written only when asked
