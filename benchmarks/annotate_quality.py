@@ -34,7 +34,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-
     from cxr_audit.annotate.pipeline import annotate
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reveal_scale import LAYERS, WIDE_LAYERS, build_planted_store  # noqa: E402
 from peak_memory import peak_rss_mb  # noqa: E402  (benchmarks/ is the script's folder)
+from reveal_scale import LAYERS, WIDE_LAYERS, build_planted_store  # noqa: E402
 
 MODES = {"seeds": {}, "column": {"from_column": "artifact", "refine": 1}}
 
@@ -38,7 +38,6 @@ def _child(store: str, out: str, mode: str, method: str) -> None:
     """Run one annotate in this process and print its figures as JSON (the parent's row)."""
     import h5py
     import numpy as np
-
     from cxr_audit.annotate.pipeline import annotate
 
     options = dict(MODES[mode])

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder
 
 
@@ -43,7 +44,6 @@ def _subset(manifest: Path, n: int, out: Path) -> Path:
 
 def _child(model: str, data: str) -> None:
     import torch
-
     from cxr_audit.evaluate.pipeline import evaluate
 
     torch.set_num_threads(2)

@@ -38,14 +38,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from sklearn.metrics import roc_auc_score
-
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.models.architectures import spec_of
     from cxr_audit.reveal.pipeline import reveal
     from cxr_audit.scan.pipeline import scan
     from cxr_audit.training.pipeline import train
+    from sklearn.metrics import roc_auc_score
 
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp())

@@ -149,10 +149,10 @@ def retrieval(result: dict, store: Path) -> tuple[float, float]:
 
 def _child(store: str, out: str, exact: bool) -> None:
     """Run one reveal in this process and print its figures as JSON (the parent's row)."""
-    from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder (tests load this file alone)
-
     import cxr_audit.reveal.spray as spray_module
     from cxr_audit.reveal.pipeline import reveal
+
+    from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder (tests load this file alone)
 
     if exact:  # the reference: the dense method at every size
         spray_module.EXACT_MAX = 10 ** 9

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scan_throughput import _measure  # noqa: E402  (one spawned process per measurement)
 from peak_memory import peak_rss_mb  # noqa: E402  (benchmarks/ is the script's folder)
+from scan_throughput import _measure  # noqa: E402  (one spawned process per measurement)
 
 
 def _rss_mb() -> float:
@@ -35,7 +35,6 @@ def _rss_mb() -> float:
 
 def _scan_child(ckpt: str, manifest: str, batch: int, workers: int, threads: int, queue) -> None:
     import torch
-
     from cxr_audit.scan.pipeline import scan
 
     torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
+
 from peak_memory import peak_rss_mb  # benchmarks/ is the script's folder
 
 
@@ -30,7 +31,6 @@ def _peak_mb(device: str) -> float:
 
 def _forward_only(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, queue) -> None:
     import torch
-
     from cxr_audit.models.registry import load_checkpoint
 
     torch.set_num_threads(threads)
@@ -50,7 +50,6 @@ def _forward_only(ckpt: str, data: str, n: int, batch: int, device: str, threads
 
 def _our_scan(ckpt: str, data: str, n: int, batch: int, device: str, threads: int, amp: bool, queue) -> None:
     import torch
-
     from cxr_audit.scan.pipeline import scan
 
     torch.set_num_threads(threads)
@@ -67,13 +66,12 @@ def _naive_loop(ckpt: str, data: str, n: int, batch: int, device: str, threads: 
     """What a research script typically does: per image, zennit's stock EpsilonPlusFlat with
     canonizers through a fresh `Gradient` attributor (heatmap only, no activations/relevances)."""
     import torch
-    from zennit.attribution import Gradient
-    from zennit.composites import EpsilonPlusFlat
-
     from cxr_audit.data.dataset import CxrDataset
     from cxr_audit.data.manifest import load_manifest
     from cxr_audit.explain import create_method
     from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
 
     torch.set_num_threads(threads)
     model, config = load_checkpoint(ckpt)
@@ -124,7 +122,6 @@ def main() -> None:
     from cxr_audit.data.dataset import Preprocessing
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.models.registry import build_model, save_checkpoint
-
     from cxr_audit.runtime import cpu_has_fast_bf16
 
     with_bf16 = args.device.startswith("cuda") or cpu_has_fast_bf16()

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import typer
+from cxr_audit.configfile import read_config_file
+from cxr_audit.errors import CxrAuditError, UsageError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from cxr_audit.configfile import read_config_file
-from cxr_audit.errors import CxrAuditError, UsageError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
-
-from cxr_audit.annotate.cav import CAV_METHODS
 from cxr_audit.annotate.pipeline import annotate as annotate_lib
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
+from cxr_audit.numerics.cav import CAV_METHODS
+from rich.table import Table
 
 
 def _ids(values: Optional[list[str]]) -> Optional[list[int]]:

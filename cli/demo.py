@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
-
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
 from cxr_audit.data.artifacts import ARTIFACTS
 from cxr_audit.demo import run_demo
+from rich.table import Table
 
 
 @friendly_errors

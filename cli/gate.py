@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
-
 from cxr_audit.cli._common import console, err_console, friendly_errors
 from cxr_audit.errors import CxrAuditError, UsageError
 from cxr_audit.gate.pipeline import gate as gate_lib
+from rich.table import Table
 
 
 @friendly_errors

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from cxr_audit.cli._common import console, friendly_errors, split_csv
 from cxr_audit.models.architectures import names
 from cxr_audit.models.importing import import_model as import_lib

@@ -6,12 +6,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from cxr_audit import __version__
-from cxr_audit.cli import (annotate, data_commands, demo, evaluate, gate, import_model, reveal, scan, stress, train,
-                           unlearn)
-from cxr_audit.models.architectures import trust_factory
+from cxr_audit.cli import (
+    annotate,
+    data_commands,
+    demo,
+    evaluate,
+    gate,
+    import_model,
+    reveal,
+    scan,
+    stress,
+    train,
+    unlearn,
+)
 from cxr_audit.cli._common import friendly_errors, load_config
+from cxr_audit.models.architectures import trust_factory
 
 app = typer.Typer(
     name="cxr-audit",

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
-from rich.table import Table
-
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
 from cxr_audit.reveal.alarm import alarm_sentence
 from cxr_audit.reveal.pipeline import reveal as reveal_lib
+from rich.markup import escape
+from rich.table import Table
 
 
 @friendly_errors

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.explain.methods import METHODS
 from cxr_audit.scan.pipeline import scan as scan_lib

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.stress.pipeline import stress as stress_lib

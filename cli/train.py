@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
-
 from cxr_audit.cli._common import console, friendly_errors, progress_bar
 from cxr_audit.models.architectures import names
 from cxr_audit.training.pipeline import train as train_lib
+from rich.table import Table
 
 
 @friendly_errors

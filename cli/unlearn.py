@@ -6,14 +6,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
-
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
 from cxr_audit.unlearn.pipeline import DEFAULT_FALLBACK, DEFAULT_METHOD
 from cxr_audit.unlearn.pipeline import unlearn as unlearn_lib
-
+from rich.table import Table
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to fine-tune.")]
 DataOpt = Annotated[Path, typer.Option("--data", "-d",

@@ -11,16 +11,15 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from cxr_audit.annotate.pipeline import annotate
-from cxr_audit.reveal.pipeline import reveal
 from cxr_audit.data.inject import inject
 from cxr_audit.data.phantom import generate_phantoms
-from cxr_audit.evaluate.relevance import scan_artifact_share
 from cxr_audit.evaluate.pipeline import evaluate
+from cxr_audit.evaluate.relevance import scan_artifact_share
 from cxr_audit.report.figures import heatmap_grid
+from cxr_audit.reveal.pipeline import reveal
 from cxr_audit.scan.pipeline import scan
 from cxr_audit.training.pipeline import train
 from cxr_audit.unlearn.pipeline import DEFAULT_METHOD, unlearn
-
 
 COMPARED = ("accuracy", "artifact_inserted_accuracy", "artifact_inserted_drop", "artifact_relevance_share",
             "artifact_gradient_share", "worst_group_accuracy")

@@ -116,3 +116,11 @@ def write_text_atomic(path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def prefixed(on_progress, prefix: str):
+    """``on_progress(done, total, message)`` whose message starts with ``prefix`` (which stage or λ
+    candidate is running); ``None`` stays ``None``."""
+    if on_progress is None:
+        return None
+    return lambda done, total, message="": on_progress(done, total, f"{prefix} {message}")

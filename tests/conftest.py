@@ -43,9 +43,8 @@ def rrr_model(shortcut_model, poisoned, tmp_path_factory) -> Path:
     This phantom model has no signal beyond the stamp (chance on clean validation images), so
     on the poisoned validation split the unlearned model scores lower than the input and
     `unlearn` would refuse it; ``--keep-worse`` writes it, since these tests measure the removal."""
-    from typer.testing import CliRunner
-
     from cxr_audit.cli.main import app
+    from typer.testing import CliRunner
 
     out = tmp_path_factory.mktemp("rrr") / "rrr.pt"
     r = CliRunner().invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),

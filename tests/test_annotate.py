@@ -2,15 +2,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from cxr_audit.annotate.cav import SignalCAV, make_cav
-from cxr_audit.annotate.masks import binarise, otsu_threshold
+from cxr_audit.annotate.masks import binarise
 from cxr_audit.annotate.pipeline import annotate
 from cxr_audit.cli.main import app
 from cxr_audit.errors import UsageError
+from cxr_audit.numerics.cav import SignalCAV, make_cav
+from cxr_audit.numerics.threshold import otsu_threshold
 from cxr_audit.scan.pipeline import scan
 from cxr_audit.store.h5 import StoredRows
+from typer.testing import CliRunner
 
 
 def test_signal_cav_recovers_the_concept_direction_despite_correlated_noise():
@@ -78,7 +78,7 @@ def test_streamed_signal_cav_equals_the_in_memory_formula_for_any_block(chunk):
 
 
 def test_estimator_cavs_fit_a_stratified_sample_past_fit_max(monkeypatch):
-    import cxr_audit.annotate.cav as cav_module
+    import cxr_audit.numerics.cav as cav_module
 
     rng = np.random.default_rng(4)
     n = 2000

@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method, default_layers, explain_batch
@@ -107,10 +106,9 @@ def test_trusted_factory_gets_only_the_arguments_it_takes(tmp_path):
 def test_cli_factory_models_load_only_when_trusted(tmp_path, phantoms):
     """`train --arch module:factory` records the factory; later commands refuse the checkpoint until
     the user names the factory with `--trust-factory` (loading a file never imports code)."""
-    from typer.testing import CliRunner
-
     from cxr_audit.cli.main import app
     from cxr_audit.models import architectures
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     factory = "torchvision.models:squeezenet1_0"

@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
-
 from cxr_audit.data.artifacts import ARTIFACTS, get_artifact
 from cxr_audit.data.inject import inject, parse_prevalence
-from cxr_audit.data.manifest import load_manifest
 from cxr_audit.data.io import read_image, read_mask
+from cxr_audit.data.manifest import load_manifest
 from cxr_audit.data.phantom import make_phantom
 from cxr_audit.errors import UsageError
 

@@ -2,9 +2,8 @@
 
 import h5py
 import pytest
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -82,9 +81,8 @@ def test_errors_from_dataloader_workers_stay_one_line(tmp_path, shortcut_model):
 
 
 def test_train_warns_when_the_model_predicts_one_class(tmp_path, monkeypatch):
-    import torch
-
     import cxr_audit.training.pipeline as training
+    import torch
 
     names = ["disease", "healthy"]
     assert "'healthy' for every one of 3" in training.single_class_warning(

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.models.registry import build_model
-from cxr_audit.unlearn import Context, get_mitigation
 from cxr_audit.training.engine import fit
+from cxr_audit.unlearn import Context, get_mitigation
 
 PREP = Preprocessing(size=32)
 
@@ -102,7 +101,6 @@ def test_torchrun_unlearn_on_cpu(small, tmp_path):
 
 def _scan_worker(rank, world, port, model, data, out, skip_bad):
     import torch.distributed as dist
-
     from cxr_audit.scan.pipeline import scan
 
     torch.set_num_threads(1)

@@ -1,9 +1,8 @@
 """`cxr-audit demo` with its defaults (what `make demo` runs): the shortcut is found and reduced."""
 
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.demo import run_demo
+from typer.testing import CliRunner
 
 
 def test_demo_finds_and_reduces_the_shortcut(tmp_path):

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-
+from cxr_audit.data.attack import artifact_class, inject_attack, paste_attack, victims
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import metrics as M
-from cxr_audit.evaluate.attack import artifact_class, inject_attack, paste_attack, victims
 
 
 def test_metrics_on_known_arrays():

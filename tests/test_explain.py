@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn as nn
-
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.explain import conditional_heatmaps, create_method, default_layers, explain_batch
 from cxr_audit.explain.core import layer_attribution

@@ -8,14 +8,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.data.io import read_image
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.gate.pipeline import _nan_to_null
+from PIL import Image
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -199,7 +198,6 @@ def test_rows_the_scan_skipped_are_unknown_in_annotations(tmp_path, shortcut_mod
     import csv
 
     import h5py
-
     from cxr_audit.annotate.store import read_annotations
 
     rows = list(csv.DictReader(open(poisoned)))

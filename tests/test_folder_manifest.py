@@ -4,13 +4,12 @@ import csv
 
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.data.folder_manifest import build_manifest
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError
+from PIL import Image
+from typer.testing import CliRunner
 
 from test_io import _write_dicom
 

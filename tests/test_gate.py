@@ -4,9 +4,8 @@ the JUnit file parses and has one test case per threshold."""
 import xml.etree.ElementTree as ET
 
 import pytest
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

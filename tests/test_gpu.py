@@ -4,7 +4,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from cxr_audit.scan.pipeline import scan
 from cxr_audit.training.pipeline import train
 

@@ -5,13 +5,12 @@ import csv
 import pytest
 import torch
 import torchvision.models as tvm
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.models.importing import import_model, parse_normalization
 from cxr_audit.models.registry import load_checkpoint
+from typer.testing import CliRunner
 
 from conftest import SHARED_DATA
 

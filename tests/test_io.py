@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-from PIL import Image
-
 from cxr_audit.data.io import read_image, read_mask
 from cxr_audit.errors import BadInputError
+from PIL import Image
 
 
 def test_8bit_png(tmp_path):

@@ -49,3 +49,41 @@ def test_no_module_outside_store_names_a_scan_dataset_path():
                 named += [f"{file.relative_to(ROOT)}:{i}" for i, line in enumerate(file.read_text().splitlines(), 1)
                           if path.search(line)]
     assert not named, "read and write scans through cxr_audit.store: " + ", ".join(named)
+
+
+#: stages in pipeline order: each may import from the ones before it and from the shared packages
+STAGE_ORDER = ("training", "scan", "reveal", "annotate", "unlearn", "evaluate", "gate", "stress")
+SHARED = ("data", "models", "explain", "numerics", "store", "report")
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The second component of every ``cxr_audit.X`` this module imports (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                 else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        found |= {n.split(".")[1] for n in names if n.startswith("cxr_audit.") and n.count(".") >= 1}
+    return found
+
+
+def test_imports_follow_the_pipeline_order():
+    """A stage never imports a later one, and the shared packages import no stage (issue #14)."""
+    against = []
+    for path in sorted((ROOT / "cxr_audit").rglob("*.py")):
+        parts = path.relative_to(ROOT / "cxr_audit").parts
+        if len(parts) == 1:
+            continue  # cross-cutting modules (demo runs every stage)
+        home = parts[0]
+        allowed = set(SHARED) | ({*STAGE_ORDER[:STAGE_ORDER.index(home)], home} if home in STAGE_ORDER else {home})
+        wrong = _imported_packages(path) - allowed - {"errors", "runtime", "configfile"}
+        against += [f"{path.relative_to(ROOT)} imports cxr_audit.{w}" for w in sorted(wrong)]
+    assert not against, "; ".join(against)
+
+
+def test_every_package_is_installed():
+    """A package missing from pyproject.toml works in the editable checkout and fails on a fresh install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cxr_audit").rglob("__init__.py")}
+    assert found - {"cxr_audit.cli"} <= listed, f"add to pyproject.toml: {sorted(found - listed)}"

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import load_manifest, write_manifest
 from cxr_audit.errors import BadInputError
+from PIL import Image
 
 
 def _img(path, h=20, w=30, value=128):

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from benchmark_files import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.errors import UsageError
 from cxr_audit.models.architectures import build_model, names
@@ -16,6 +14,7 @@ from cxr_audit.models.head import find_head, penultimate_features
 from cxr_audit.models.projection import ConceptProjection
 from cxr_audit.unlearn import MITIGATIONS, get_mitigation
 from cxr_audit.unlearn.dfr import fit_head
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -77,7 +76,7 @@ def test_dfr_folds_the_standardisation_into_raw_feature_weights():
     x = feats.double().numpy()
     mean, std = x.mean(0), x.std(0)
     lr = LogisticRegression(C=0.3, l1_ratio=1.0, solver="liblinear", max_iter=2000, random_state=0)
-    from cxr_audit.unlearn.balance import balanced_weights
+    from cxr_audit.training.balance import balanced_weights
 
     lr.fit((x - mean) / std, labels, sample_weight=balanced_weights(groups))
     ours = (feats @ weight.T + bias).argmax(1).numpy()

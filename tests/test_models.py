@@ -2,7 +2,6 @@ import pickle
 
 import pytest
 import torch
-
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.models.registry import build_model, load_checkpoint, save_checkpoint

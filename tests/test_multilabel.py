@@ -5,10 +5,9 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.evaluate.findings import per_finding, with_inserted
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -91,7 +90,6 @@ def _annotate_per_finding(scan, tmp_path):
     """`annotate --target finding:lesion` fits the masks' CAV within lesion-positives and -negatives
     (not within the 8 combinations of findings); the masks cover the stamp."""
     import h5py
-
     from cxr_audit.annotate.pipeline import _task_classes
 
     hot = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], np.uint8)

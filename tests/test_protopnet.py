@@ -3,16 +3,14 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.models.architectures import build_model
 from cxr_audit.models.protopnet import SIMILARITY_EPS
-from cxr_audit.models.protopnet_training import CLUSTER_COST, SEPARATION_COST, PrototypeCosts
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+from cxr_audit.training.protopnet import CLUSTER_COST, SEPARATION_COST, PrototypeCosts
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -151,9 +149,9 @@ def test_prp_distance_rule_matches_a_naive_loop_and_conserves():
 
 
 def test_prp_conserves_the_score_down_to_the_pixels_through_the_prp_rule():
-    from test_explain import _bias_free, _explain
-
     from cxr_audit.explain.prp import prototype_explanations, prototype_relevance
+
+    from test_explain import _bias_free, _explain
 
     arch = "protopnet:resnet18"
     model = _bias_free(arch)
@@ -234,7 +232,6 @@ def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share
     import json
 
     import h5py
-
     from cxr_audit.store.h5 import read_meta
 
     # the same images, now from two sources: site1 gives 7 of 8 healthy images and 1 of 8 disease images

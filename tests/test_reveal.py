@@ -5,12 +5,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.reveal.pipeline import reveal
 from cxr_audit.scan.pipeline import scan
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +141,8 @@ def test_annotate_from_a_revealed_cluster(shortcut_scan, tmp_path):
 
 def test_degenerate_heatmaps_do_not_crash(tmp_path):
     """A class whose heatmaps are all zero (or identical) must not crash t-SNE/UMAP/SpRAy."""
-    from cxr_audit.reveal.spray import prepare_heatmaps
     from cxr_audit.reveal.clusters import cluster_samples, profile_features
+    from cxr_audit.reveal.spray import prepare_heatmaps
 
     heat = np.zeros((30, 16, 16), np.float32)
     heat[15:, 2, 2] = 1.0  # class 1: identical non-zero maps

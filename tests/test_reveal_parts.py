@@ -1,7 +1,6 @@
 """Building blocks of `reveal` (the command itself is not built yet; see issue #3 notes)."""
 
 import numpy as np
-
 from cxr_audit.reveal.concepts import concept_outliers, rank_concepts, split_quality
 from cxr_audit.reveal.spray import prepare_heatmaps, spray
 

@@ -4,20 +4,20 @@ the store and measures 1k-100k)."""
 
 from pathlib import Path
 
+import cxr_audit.reveal.embedding as embedding_module
+import cxr_audit.reveal.pipeline as revealing_module
+import cxr_audit.reveal.spray as spray_module
+import cxr_audit.store.h5 as h5_module
 import h5py
 import numpy as np
 import pytest
-from benchmark_files import load_benchmark
+from cxr_audit.reveal.embedding import embed, stratified_sample
+from cxr_audit.reveal.pipeline import reveal
+from cxr_audit.reveal.spray import landmark_weights, spray
+from cxr_audit.store.h5 import read_rows
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
-import cxr_audit.reveal.embedding as embedding_module
-import cxr_audit.reveal.spray as spray_module
-import cxr_audit.reveal.pipeline as revealing_module
-import cxr_audit.store.h5 as h5_module
-from cxr_audit.reveal.embedding import embed, stratified_sample
-from cxr_audit.reveal.spray import landmark_weights, spray
-from cxr_audit.reveal.pipeline import reveal
-from cxr_audit.store.h5 import read_rows
+from benchmark_files import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,9 +124,8 @@ def test_blockwise_channel_statistics_equal_the_whole_array_ones(monkeypatch):
     """The concept ranking's per-channel sums over blocks of samples: LOF on cosine distances
     from the blocked Gram matrix equals sklearn's cosine LOF on the whole profiles, and the
     positive mean equals the one-shot mean."""
-    from sklearn.neighbors import LocalOutlierFactor
-
     import cxr_audit.reveal.concepts as concepts
+    from sklearn.neighbors import LocalOutlierFactor
 
     rng = np.random.default_rng(0)
     rel = rng.standard_normal((3000, 40)).astype(np.float32)

@@ -4,11 +4,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
+from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.evaluate.relevance import scan_artifact_share
-from cxr_audit.models.registry import save_checkpoint, build_model
-from cxr_audit.data.dataset import Preprocessing
+from cxr_audit.models.registry import build_model, save_checkpoint
 from cxr_audit.scan.pipeline import scan
 from cxr_audit.store import open_scan, read_meta, validate
 

@@ -5,9 +5,8 @@ Test-100H1/H2 curves cross — the hospital detector of Gautam et al. (2022)."""
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
+from typer.testing import CliRunner
 
 
 def two_hospitals(root, n, size, strength, cue="text"):

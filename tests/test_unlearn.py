@@ -4,12 +4,11 @@ the checkpoint records how it was made, and bad requests are one-line errors."""
 import json
 
 import torch
-from typer.testing import CliRunner
-
 from cxr_audit.cli.main import app
 from cxr_audit.evaluate.pipeline import evaluate
 from cxr_audit.models.registry import load_checkpoint
 from cxr_audit.unlearn.pipeline import unlearn
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

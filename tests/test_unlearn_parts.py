@@ -4,13 +4,13 @@ balancing behave; the engine's freezing and sharded batches."""
 import numpy as np
 import pytest
 import torch
-
 from cxr_audit.errors import UsageError
-from cxr_audit.models.projection import install_projection, pooled_max
+from cxr_audit.models.projection import install_projection
 from cxr_audit.models.registry import build_model
-from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
-from cxr_audit.unlearn.balance import balanced_weights
+from cxr_audit.numerics.tensors import pooled_max
+from cxr_audit.training.balance import balanced_weights
 from cxr_audit.training.engine import ShardedBatchSampler, freeze_up_to
+from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 
 
 def tiny(seed=0):

@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from cxr_audit.reveal.pipeline import reveal
 from cxr_audit.scan.pipeline import scan
 

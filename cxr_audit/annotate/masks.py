@@ -18,6 +18,7 @@ from scipy.ndimage import binary_dilation, gaussian_filter, label
 
 from cxr_audit.errors import UsageError
 from cxr_audit.explain.core import layer_attribution
+from cxr_audit.numerics.threshold import otsu_threshold
 
 
 def concept_presence(act: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -65,27 +66,6 @@ def concept_heatmaps(method, capture, x: torch.Tensor, layer: str, direction: to
     ``capture.attached(method.model)``."""
     return layer_attribution(method, capture, x, layer,
                              lambda act: start_relevance(act, direction, reference)).clamp(min=0)
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
-    """Otsu's threshold (Otsu, 1979) of a 1-D sample: maximises the between-class variance."""
-    values = np.asarray(values, np.float64).ravel()
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return hi
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mean0 = m0 / np.maximum(w0, 1)
-    mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = (w0 * w1 * (mean0 - mean1) ** 2)[:-1]
-    if len(between) == 0:
-        return lo
-    # any cut inside an empty gap is optimal: take the middle of the plateau of maxima
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    return float(edges[1:][int(round(best.mean()))])
 
 
 MASK_THRESHOLDS = ("peak", "otsu", "quantile")

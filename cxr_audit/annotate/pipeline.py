@@ -27,9 +27,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import binary_dilation
 
-from cxr_audit.annotate.cav import has_within_group_contrast, make_cav
-from cxr_audit.annotate.masks import (binarise, complete_saturated, concept_heatmaps, otsu_threshold,
-                                      parse_threshold, presence_reference)
+from cxr_audit.annotate.masks import binarise, complete_saturated, concept_heatmaps, parse_threshold, presence_reference
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.io import read_image
@@ -37,6 +35,8 @@ from cxr_audit.data.manifest import load_manifest, write_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
+from cxr_audit.numerics.cav import has_within_group_contrast, make_cav
+from cxr_audit.numerics.threshold import otsu_threshold
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.store.annotation_file import write_annotation_file
 from cxr_audit.store.h5 import StoredRows
@@ -321,7 +321,7 @@ MASK_REFERENCES = ("clean", "none")
 MASK_COMPLETIONS = ("saturated", "none")
 N_REFERENCE = 64
 #: "within-class": the mask CAV contrasts labelled and unlabelled samples of the same class (see
-#: :mod:`cxr_audit.annotate.cav`); "across": over all samples, as Pahde et al. (2025)
+#: :mod:`cxr_audit.numerics.cav`); "across": over all samples, as Pahde et al. (2025)
 MASK_CAVS = ("within-class", "across")
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_audit.annotate.cav import make_cav
 from cxr_audit.errors import BadInputError, UsageError
+from cxr_audit.numerics.cav import make_cav
 from cxr_audit.store.annotation_file import read_annotation_file
 from cxr_audit.store.scan_file import ScanFile
 

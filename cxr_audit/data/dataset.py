@@ -13,7 +13,6 @@ from cxr_audit.data.io import read_image, read_mask
 from cxr_audit.data.manifest import Manifest, Sample
 from cxr_audit.errors import BadInputError, UsageError
 
-
 #: named normalisations: ImageNet (torchvision models), torchxrayvision ([0, 1] -> [-1024, 1024])
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

@@ -5,7 +5,7 @@ A 20,000-image test set at 224 px with three channels is 12 GB of tensors, and i
 Here at most :data:`EVAL_BLOCK` images (and their inserted copies) are in memory at once. The
 inserted copies are the ones the whole set would get: one random stream per pass for drawn
 artifacts (victims in test order), and for pasted ones every victim's donor drawn once up front
-(:class:`~cxr_audit.evaluate.attack.Paster`), so the figures do not depend on the block size and a
+(:class:`~cxr_audit.data.attack.Paster`), so the figures do not depend on the block size and a
 before/after pair sharing a preprocessing sees the very same images.
 """
 
@@ -16,10 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
+from cxr_audit.data.attack import AttackedSet, Paster, inject_attack, is_victim
 from cxr_audit.data.dataset import Preprocessing, load_batch
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
-from cxr_audit.evaluate.attack import AttackedSet, Paster, inject_attack, is_victim
 
 EVAL_BLOCK = 256  # images per block: peak memory is set by this, not by the test set
 

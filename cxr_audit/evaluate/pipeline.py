@@ -41,11 +41,11 @@ import numpy as np
 import torch
 
 from cxr_audit.annotate.store import read_annotations
+from cxr_audit.data.attack import artifact_class
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import findings as F
 from cxr_audit.evaluate import metrics as M
-from cxr_audit.evaluate.attack import artifact_class
 from cxr_audit.evaluate.blocks import TestBlocks
 from cxr_audit.evaluate.faithfulness import PrototypeFaithfulness, prototype_faithfulness
 from cxr_audit.evaluate.relevance import relevance_share
@@ -53,9 +53,10 @@ from cxr_audit.explain import create_method, explain_batch
 from cxr_audit.explain.core import parameters_frozen
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+from cxr_audit.numerics.tensors import spatial_mean
 from cxr_audit.runtime import now, resolve_device, versions, write_text_atomic
 from cxr_audit.training.pipeline import batched_logits
-from cxr_audit.unlearn.rrclarc import spatial_mean
+
 
 @dataclass
 class EvaluationResult:

@@ -68,14 +68,12 @@ class ArchSpec:
     #: ``trunk(model)``: its convolutional part as a module, images -> non-negative ``(N, C, h, w)``
     #: (what a ProtoPNet is built on); ``None`` where there is none
     trunk: Callable[[nn.Module], nn.Module] | None = None
-    #: ``fit(model, train_set, prep, device, **fit options)``: a training procedure of its own
-    #: (ProtoPNet's three steps) instead of :func:`cxr_audit.training.engine.fit`
-    fit: Callable | None = None
     #: ``lrp_rules()``: extra zennit ``(module type, rule)`` pairs put before a composite's defaults
     #: (ProtoPNet's PRP rule for its distance layer)
     lrp_rules: Callable[[], list] = _no_rules
     #: the layer whose output ``(N, P, h, w)`` holds one similarity map per prototype (ProtoPNet), for
-    #: :mod:`cxr_audit.explain.prp`; ``None`` for models without prototypes
+    #: :mod:`cxr_audit.explain.prp`; ``None`` for models without prototypes. A model with one is
+    #: trained in ProtoPNet's three steps (:mod:`cxr_audit.training.protopnet`)
     prototype_layer: str | None = None
 
 
@@ -266,19 +264,13 @@ def _register_protopnets() -> None:
                           canonizers=_REGISTRY[backbone].canonizers,  # the trunk's; they match modules by type
                           first_conv=f"features.{_REGISTRY[backbone].first_conv}",
                           recommended_lr=_REGISTRY[backbone].recommended_lr, tags=("protopnet",),
-                          fit=_fit_protopnet, lrp_rules=_prp_rules, prototype_layer="similarity"))
+                          lrp_rules=_prp_rules, prototype_layer="similarity"))
 
 
 def _prp_rules() -> list:
     from cxr_audit.explain.prp import prp_rules
 
     return prp_rules()
-
-
-def _fit_protopnet(*args, **kwargs):
-    from cxr_audit.models.protopnet_training import fit_protopnet  # imports the training loop: only when used
-
-    return fit_protopnet(*args, **kwargs)
 
 
 _register_protopnets()

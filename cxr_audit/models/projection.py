@@ -13,14 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-
-def pooled_max(a: torch.Tensor) -> torch.Tensor:
-    """``(N, C)``: spatial max of ``(N, C, H, W)``, token max of ``(N, T, C)``; ``(N, C)`` as is."""
-    if a.dim() == 4:
-        return a.amax(dim=(2, 3))
-    if a.dim() == 3:
-        return a.amax(dim=1)
-    return a
+from cxr_audit.numerics.tensors import pooled_max
 
 
 def _broadcast(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ layer starts class-connected (+1 to its own class, -0.5 to the others). The trun
 registered architecture's convolutional part (:attr:`ArchSpec.trunk`): ``protopnet:resnet18``,
 ``protopnet:densenet121``, ...
 
-Training (:mod:`cxr_audit.models.protopnet_training`) follows the paper's three steps; the
+Training (:mod:`cxr_audit.training.protopnet`) follows the paper's three steps; the
 projection onto training patches is recorded in the checkpoint. The model holds no state between
 forward passes (the training costs hook :attr:`ProtoPNet.prototypes`), so it copies and pickles
 like any module.

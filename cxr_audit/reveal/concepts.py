@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cxr_audit.annotate.masks import otsu_threshold
+from cxr_audit.numerics.threshold import otsu_threshold
 
 
 @dataclass

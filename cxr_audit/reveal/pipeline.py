@@ -11,21 +11,21 @@ from typing import Callable
 import numpy as np
 from scipy.stats import norm
 
-from cxr_audit.annotate.cav import SignalCAV
 from cxr_audit.errors import BadInputError, UsageError
+from cxr_audit.numerics.cav import SignalCAV
 from cxr_audit.report.figures import save_figure
 from cxr_audit.reveal.alarm import flag_alarms
 from cxr_audit.reveal.clusters import cluster_samples, profile_features
 from cxr_audit.reveal.concepts import alarm_level, rank_concepts
 from cxr_audit.reveal.embedding import EMBEDDINGS
 from cxr_audit.reveal.location import outside_lung_share
-from cxr_audit.reveal.report import write_report
 from cxr_audit.reveal.prototypes import as_records, audit_prototypes
+from cxr_audit.reveal.report import write_report
 from cxr_audit.reveal.spray import prepare_heatmaps
-from cxr_audit.store.virelay import CategoryAnalysis, ProjectData, write_analysis, write_project
 from cxr_audit.runtime import now, versions, write_text_atomic
 from cxr_audit.store.scan_file import ScanFile
 from cxr_audit.store.schema import finding_index
+from cxr_audit.store.virelay import CategoryAnalysis, ProjectData, write_analysis, write_project
 
 
 def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", top: int = 10,

@@ -36,6 +36,7 @@ from cxr_audit.runtime import autocast, init_distributed, now, rank_and_world, r
 from cxr_audit.store.scan_writer import ScanBatch, ScanWriter
 from cxr_audit.store.schema import TARGETS, finding_index
 
+
 def _explained(target: str, batch: dict, class_names: list[str]) -> torch.Tensor | None:
     """``(N,)`` output index per sample that ``target`` explains (``None``: the predicted one)."""
     if target == "pred":

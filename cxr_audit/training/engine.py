@@ -1,8 +1,8 @@
 """The training loop every training command shares (``train``, ``unlearn``, the λ sweep, ``stress``).
 
 AdamW + cosine schedule, cross-entropy (group-balanced on request) plus ``λ · penalty`` from a
-:class:`~cxr_audit.unlearn.base.Mitigation`, early stopping on a validation score, bf16 autocast
-and channels_last on CUDA, and DDP when launched under ``torchrun`` (NCCL on CUDA, gloo on CPU).
+:class:`~cxr_audit.training.objective.LossTerm` (a mitigation, ProtoPNet's costs), early stopping
+on a validation score, bf16 autocast and channels_last on CUDA, and DDP when launched under ``torchrun`` (NCCL on CUDA, gloo on CPU).
 
 Batches come from :class:`ShardedBatchSampler`: one seeded permutation per epoch cut into global
 batches, each rank taking a contiguous slice — so a 2-process run sees exactly the batches of a
@@ -30,8 +30,8 @@ from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.runtime import autocast, rank_and_world
-from cxr_audit.unlearn.balance import GroupBalance
-from cxr_audit.unlearn.base import Context, Mitigation
+from cxr_audit.training.balance import GroupBalance
+from cxr_audit.training.objective import LossTerm
 
 
 class DivergedError(BadInputError):
@@ -96,13 +96,13 @@ def freeze_up_to(model: nn.Module, layer: str) -> list[nn.Module]:
     return frozen
 
 
-def _attention_kernel(mitigation: Mitigation):
+def _attention_kernel(mitigation: LossTerm):
     """Plain-math scaled-dot-product attention when the penalty needs a second derivative."""
     return sdpa_kernel(SDPBackend.MATH) if mitigation.double_backward else nullcontext()
 
 
 def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torch.device, *,
-        mitigation: Mitigation | None = None, context: Context | None = None, lambda_: float = 0.0,
+        mitigation: LossTerm | None = None, context=None, lambda_: float = 0.0,
         balance: GroupBalance | None = None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
         weight_decay: float = 1e-4, seed: int = 0, amp: bool = True, freeze: str | None = None,
         val_score: Callable[[nn.Module], float] | None = None, patience: int | None = None,
@@ -111,8 +111,7 @@ def fit(model: nn.Module, train_set: Manifest, prep: Preprocessing, device: torc
     are kept and training stops after ``patience`` epochs without improvement."""
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError("epochs and batch size must be >= 1 and the learning rate > 0")
-    mitigation = mitigation or Mitigation()
-    context = context or Context(num_classes=len(train_set.class_names))
+    mitigation = mitigation or LossTerm()
     run = _Run.create(model, train_set, prep, device, mitigation, context, balance, batch_size, lr, weight_decay,
                       seed, freeze, num_workers, epochs)
     result = FitResult()
@@ -165,8 +164,7 @@ class _Run:
             raise UsageError(f"nothing left to train after freezing up to '{freeze}'")
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        with_masks = bool({"artifact_mask", "mask"} & set(mitigation.needs)) or mitigation.name == "exbl"
-        dataset = CxrDataset(train_set, prep, with_masks=with_masks)
+        dataset = CxrDataset(train_set, prep, with_masks=mitigation.loads_masks)
         weights = balance.sample_weights(np.array([s.index for s in train_set.samples])) if balance else None
         sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, weights)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
@@ -204,7 +202,7 @@ class _Run:
                 "penalty": sums["penalty"] / max(sums["n"], 1)}
 
 
-def _loss(net, mitigation: Mitigation, balance: GroupBalance | None, batch: dict, *, device, amp: bool,
+def _loss(net, mitigation: LossTerm, balance: GroupBalance | None, batch: dict, *, device, amp: bool,
           lambda_: float, multilabel: bool, epoch: int):
     """``(loss, per-sample CE, penalty or None, batch size)`` of one batch; a non-finite loss is
     :class:`DivergedError`."""

@@ -23,6 +23,7 @@ from cxr_audit.models.architectures import build_model, spec_of, trust_factory
 from cxr_audit.models.registry import save_checkpoint
 from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
 from cxr_audit.training.engine import fit
+from cxr_audit.training.protopnet import fit_protopnet
 
 
 @dataclass
@@ -72,7 +73,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
     lr = lr if lr is not None else spec_of(arch).recommended_lr  # VGG (no BatchNorm) diverges at 1e-3
     model = build_model(arch, manifest.num_classes, channels, size).to(dev)
     val_score = (lambda m: accuracy(m, val_set, prep, dev, batch_size)) if val_set is not None else None
-    procedure = spec_of(arch).fit or fit  # ProtoPNet trains in its own three steps
+    procedure = fit_protopnet if spec_of(arch).prototype_layer else fit  # prototype models: three steps
     result = procedure(model, train_set, prep, dev, epochs=epochs, batch_size=batch_size, lr=lr,
                        weight_decay=weight_decay, seed=seed, amp=amp, val_score=val_score, num_workers=num_workers,
                        balance=_group_balance(balance, train_set), on_progress=on_progress)
@@ -93,7 +94,7 @@ def train(data: str | Path, out: str | Path, arch: str = "resnet18", *, size: in
 
 
 def _group_balance(mode: str, train_set: Manifest):
-    from cxr_audit.unlearn.balance import GroupBalance, group_ids
+    from cxr_audit.training.balance import GroupBalance, group_ids
 
     balance = GroupBalance(mode)  # checks the mode's name
     if mode == "none":

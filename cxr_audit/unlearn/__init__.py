@@ -8,8 +8,8 @@ unlearn``, imported lazily).
 
 from cxr_audit import stage_entry
 from cxr_audit.errors import UsageError
+from cxr_audit.training.balance import BALANCE_MODES, GroupBalance
 from cxr_audit.unlearn.augment import Augment
-from cxr_audit.unlearn.balance import BALANCE_MODES, GroupBalance
 from cxr_audit.unlearn.base import Context, Mitigation
 from cxr_audit.unlearn.clarc import AClArC, PClArC, ReactivePClArC
 from cxr_audit.unlearn.dfr import DFR

@@ -18,6 +18,7 @@ import torch.nn as nn
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.training.objective import LossTerm
 
 
 @dataclass
@@ -72,8 +73,9 @@ class TrainingData:
     validation: object | None = None
 
 
-class Mitigation:
-    """Base class: plain cross-entropy, no penalty.
+class Mitigation(LossTerm):
+    """Base class: plain cross-entropy, no penalty (a :class:`~cxr_audit.training.objective.LossTerm`
+    that also says what it needs and which options it takes).
 
     Subclasses set ``name``, ``needs`` (any of ``"cav"``, ``"artifact_mask"``, ``"mask"``,
     ``"artifact_labels"``), ``default_lambdas`` (the sweep grid; empty = no strength to tune),
@@ -87,9 +89,6 @@ class Mitigation:
     default_lambdas: tuple[float, ...] = ()
     trains: bool = True  # False: the method edits the model without training (P-ClArC)
     freeze_by_default: bool = False  # freeze up to the CAV layer unless told otherwise
-    #: the penalty differentiates a gradient (double backprop): attention must then use the
-    #: plain-math kernel, the fused CPU/flash kernels have no second derivative
-    double_backward: bool = False
     #: options every method accepts (set from the CLI's own flags) and this method's own ones
     common_options: dict[str, type] = {"seed": int, "output": str, "cam_layer": str}
     option_types: dict[str, type] = {}
@@ -141,18 +140,9 @@ class Mitigation:
             if missing[need]:
                 raise UsageError(f"--method {self.name} needs {hints[need]}")
 
-    def prepare(self, model: nn.Module, context: Context, loader) -> None:
-        """Calibrate on the initial model (e.g. ISNet's foreground band) and install hooks."""
-        self.context = context
-
-    def forward(self, model: nn.Module, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(logits (N, K), penalty scalar or None)`` for one training batch."""
-        return model(x), None
-
-    def finish(self, model: nn.Module) -> dict:
-        """Remove training hooks; return what the checkpoint must record to rebuild the model
-        (e.g. P-ClArC's projection), or ``{}``."""
-        return {}
+    @property
+    def loads_masks(self) -> bool:
+        return bool({"artifact_mask", "mask"} & set(self.needs))
 
 
 def _convert(key: str, value, kind: type):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cxr_audit.models.projection import pooled_max, shift_along
+from cxr_audit.models.projection import shift_along
+from cxr_audit.numerics.tensors import pooled_max
 from cxr_audit.unlearn.base import Mitigation
 
 

@@ -35,12 +35,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from cxr_audit.data.attack import artifact_class, paste_attack
 from cxr_audit.data.dataset import CxrDataset, collate
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
-from cxr_audit.evaluate.attack import artifact_class, paste_attack
 from cxr_audit.models.head import find_head, penultimate_features
-from cxr_audit.unlearn.balance import balanced_weights
+from cxr_audit.training.balance import balanced_weights
 from cxr_audit.unlearn.base import Context, Mitigation, task_labels, task_logits
 from cxr_audit.unlearn.choice import choose
 

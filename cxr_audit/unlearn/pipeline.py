@@ -28,12 +28,20 @@ from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import CxrAuditError, UsageError
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
-from cxr_audit.runtime import init_distributed, is_main_process, now, resolve_device, seed_everything, versions
-from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
-from cxr_audit.unlearn.balance import group_ids
-from cxr_audit.unlearn.base import TrainingData
+from cxr_audit.runtime import (
+    init_distributed,
+    is_main_process,
+    now,
+    prefixed,
+    resolve_device,
+    seed_everything,
+    versions,
+)
+from cxr_audit.training.balance import group_ids
 from cxr_audit.training.engine import fit
-from cxr_audit.unlearn.sweep import choose, prefixed, sweep_lambdas
+from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
+from cxr_audit.unlearn.base import TrainingData
+from cxr_audit.unlearn.sweep import choose, sweep_lambdas
 from cxr_audit.unlearn.validation import Validation
 
 DEFAULT_METHOD = "augment"

@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from cxr_audit.numerics.tensors import spatial_mean
 from cxr_audit.unlearn.base import Mitigation, require_grad_output, target_logits
-
-
-def spatial_mean(t: torch.Tensor) -> torch.Tensor:
-    """``(N, C)`` from ``(N, C, H, W)`` (mean over space) or ``(N, T, C)`` (mean over tokens)."""
-    if t.dim() == 4:
-        return t.mean(dim=(2, 3))
-    if t.dim() == 3:
-        return t.mean(dim=1)
-    return t
 
 
 class RRClArC(Mitigation):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 
+from cxr_audit.runtime import prefixed
+from cxr_audit.training.engine import DivergedError, fit
 from cxr_audit.unlearn import get_mitigation
 from cxr_audit.unlearn.choice import choose
-from cxr_audit.training.engine import DivergedError, fit
 from cxr_audit.unlearn.validation import Validation
 
 
@@ -50,13 +51,6 @@ def sweep_lambdas(net, start_state, train_set, prep, dev, method, options, grid,
         raise DivergedError(f"every λ of the sweep ({', '.join(f'{g:g}' for g in grid)}) diverged, the first with: "
                             f"{rows[0]['error']}; nothing was written — pass smaller --lambdas or a lower --lr")
     return rows, models
-
-
-def prefixed(on_progress, prefix: str):
-    """``on_progress`` whose message starts with ``prefix`` (which stage or λ candidate is running)."""
-    if on_progress is None:
-        return None
-    return lambda done, total, message="": on_progress(done, total, f"{prefix} {message}")
 
 
 def _remove_hooks(mitigation, net) -> None:

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr_audit.data.attack import artifact_class, paste_attack, victims
 from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import Manifest
-from cxr_audit.evaluate.attack import artifact_class, paste_attack, victims
+from cxr_audit.training.balance import group_ids
 from cxr_audit.training.pipeline import batched_logits
-from cxr_audit.unlearn.balance import group_ids
 from cxr_audit.unlearn.base import Context, task_labels, task_logits
 
 

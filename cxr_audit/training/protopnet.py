@@ -31,9 +31,9 @@ from cxr_audit.data.dataset import CxrDataset, Preprocessing, collate
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.models.protopnet import cell_box
-from cxr_audit.unlearn.base import Mitigation
+from cxr_audit.runtime import prefixed
 from cxr_audit.training.engine import FitResult, fit
-from cxr_audit.unlearn.sweep import prefixed
+from cxr_audit.training.objective import LossTerm
 
 CLUSTER_COST, SEPARATION_COST, L1_COST = 0.8, 0.08, 1e-4  # the paper's coefficients
 LAST_LAYER_EPOCHS = 5
@@ -41,7 +41,7 @@ LAST_LAYER_EPOCHS = 5
 LAST_LAYER_STEPS, LAST_LAYER_LR = 100, 0.01
 
 
-class PrototypeCosts(Mitigation):
+class PrototypeCosts(LossTerm):
     """Step 1's penalty: ``0.8 * cluster - 0.08 * separation`` from each image's minimum distance to
     every prototype ``(N, P)``, read by a forward hook on the prototype layer during the pass."""
 

@@ -21,7 +21,6 @@ import numpy as np
 from cxr_audit.errors import UsageError
 from cxr_audit.store.h5 import StoredRows
 
-
 #: rows an estimator CAV (SVM, ridge, logistic) is fitted on at most: past it, an evenly spaced
 #: sample of every (label, group) stratum, so memory stays O(FIT_MAX x C). The signal CAV needs
 #: only sums and always streams every row.
