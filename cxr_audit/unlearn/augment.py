@@ -24,6 +24,7 @@ import torch
 
 from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import Manifest
+from cxr_audit.errors import UsageError
 from cxr_audit.unlearn.base import Context, Mitigation, task_labels
 
 
@@ -61,6 +62,9 @@ class Augment(Mitigation):
                   and s.artifact_mask is not None]
         rng = np.random.default_rng(data.seed)
         chosen = [donors[i] for i in rng.permutation(len(donors))[:int(self.options.get("donors", 64))]]
+        if not chosen:
+            raise UsageError("--method augment: no training sample labelled with the artifact has an artifact "
+                             "mask to cut it from (artifact_mask column, or `cxr-audit annotate --masks DIR`)")
         batch = load_batch(Manifest(chosen, train.class_names), data.prep)
         self.donor_images, self.donor_masks = batch["image"], batch["artifact_mask"]
         self.generator = torch.Generator().manual_seed(data.seed)

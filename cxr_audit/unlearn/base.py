@@ -99,6 +99,9 @@ class Mitigation(LossTerm):
     #: where a CAV method acts without ``--layer``: the annotation's mask layer (``earliest``)
     #: or the deepest layer its scan recorded (``last``)
     default_layer = "earliest"
+    #: with no artifact in the data the penalty is ~0 (or the method refuses); ``False`` for a
+    #: term that also acts on clean data (ISNet's foreground-relevance band), tested as such
+    inert_without_artifact = True
 
     def __init__(self, **options):
         known = {**self.common_options, **self.option_types}
@@ -139,6 +142,9 @@ class Mitigation(LossTerm):
         for need in self.needs:
             if missing[need]:
                 raise UsageError(f"--method {self.name} needs {hints[need]}")
+        if "artifact_labels" in self.needs and not any(context.artifact.values()):
+            raise UsageError(f"--method {self.name}: no training sample is labelled as carrying the artifact "
+                             "(artifact column or --annotations): nothing to unlearn")
 
     @property
     def loads_masks(self) -> bool:

@@ -59,12 +59,6 @@ class DFR(Mitigation):
     strength_name = "C"
     edit_description = "refitting the last layer on group-balanced features"
 
-    def check(self, context: Context) -> None:
-        super().check(context)
-        if not any(context.artifact.values()):
-            raise UsageError("--method dfr: no training sample is labelled as carrying the artifact "
-                             "(artifact column or --annotations): nothing to unlearn")
-
     def prepare(self, model, context, loader):
         super().prepare(model, context, loader)
         data = context.data

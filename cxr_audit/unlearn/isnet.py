@@ -48,6 +48,7 @@ class ISNet(Mitigation):
     double_backward = True
     needs = ("mask",)
     default_lambdas = (0.1, 1.0, 10.0)
+    inert_without_artifact = False  # the band term keeps acting when nothing lies outside the lungs
 
     def prepare(self, model, context, loader):
         super().prepare(model, context, loader)
