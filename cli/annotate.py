@@ -10,6 +10,7 @@ from cxr_audit.annotate.pipeline import annotate as annotate_lib
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.numerics.cav import CAV_METHODS
+from cxr_audit.options import parse_pairs
 from rich.table import Table
 
 
@@ -39,6 +40,9 @@ LayerOpt = Annotated[Optional[str], typer.Option("--layer",
 MaskLayerOpt = Annotated[Optional[str], typer.Option("--mask-layer",
     help="Layer whose CAV paints masks (default: earliest scanned layer).")]
 MethodOpt = Annotated[str, typer.Option("--method", help=f"CAV estimator: {', '.join(CAV_METHODS)}.")]
+OptionOpt = Annotated[Optional[list[str]], typer.Option(
+    "--option", help="CAV estimator option KEY=VALUE, repeatable (" + "; ".join(
+        f"{name}: {', '.join(cls.option_types)}" for name, cls in CAV_METHODS.items() if cls.option_types) + ").")]
 ThresholdOpt = Annotated[str, typer.Option("--threshold", help="Score threshold, or 'auto' (Otsu on the scores).")]
 RefineOpt = Annotated[int, typer.Option("--refine", help="Refinement rounds (refit on the labelled set).")]
 MasksDirOpt = Annotated[Optional[Path], typer.Option("--masks",
@@ -83,6 +87,7 @@ def annotate(scan: ScanOpt,
              layer: LayerOpt = None,
              mask_layer: MaskLayerOpt = None,
              method: MethodOpt = "signal",
+             option: OptionOpt = None,
              threshold: ThresholdOpt = "auto",
              refine: RefineOpt = 0,
              masks_dir: MasksDirOpt = None,
@@ -105,6 +110,7 @@ def annotate(scan: ScanOpt,
         result = annotate_lib(scan, out, seeds=_ids(seeds), negatives=_ids(negatives), concept=concept,
                               cluster=cluster, reveal_json=reveal_json,
                               from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
+                              cav_options=parse_pairs(option),
                               threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
                               mask_threshold=mask_threshold, mask_rule=mask_rule, mask_reference=mask_reference,
                               mask_complete=mask_complete, mask_cav=mask_cav, blur=blur, dilate=dilate, model=model, data=data,

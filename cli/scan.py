@@ -8,7 +8,13 @@ from typing import Optional
 import typer
 from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
 from cxr_audit.explain.methods import METHODS
+from cxr_audit.options import parse_pairs
 from cxr_audit.scan.pipeline import scan as scan_lib
+
+
+def _method_options() -> str:
+    """``"lrp: first_rule; lrp-zennit: epsilon; ..."`` for --help."""
+    return "; ".join(f"{name}: {', '.join(cls.option_types)}" for name, cls in METHODS.items() if cls.option_types)
 
 
 @friendly_errors
@@ -19,6 +25,8 @@ def scan(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder."),
                                                     help="Layer(s) for activations and concept relevances "
                                                          "(default: early/middle/late of the architecture)."),
          method: str = typer.Option("lrp", "--method", help=f"Attribution: {', '.join(METHODS)}."),
+         option: Optional[list[str]] = typer.Option(None, "--option", help="Attribution option KEY=VALUE, "
+                                                    f"repeatable ({_method_options()})."),
          targets: Optional[list[str]] = typer.Option(None, "--target", "-t",
                                                      help="Explain the 'pred' (default) and/or 'true' class, or finding:NAME (that output, for every image: multi-label models)."),
          heatmap_size: int = typer.Option(64, "--heatmap-size", help="Stored heatmap side (sum-pooled)."),
@@ -45,6 +53,7 @@ def scan(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder."),
                            targets=tuple(split_csv(targets) or ["pred"]), heatmap_size=heatmap_size,
                            batch_size=batch_size, split=split, init=init, device=device, amp=amp,
                            num_workers=workers, skip_bad=skip_bad, overwrite=overwrite, cam_layer=cam_layer,
+                           method_options=parse_pairs(option),
                            prototype_maps=prototype_maps, on_progress=update)
     for idx, message in summary.skipped:
         console.print(f"[yellow]skipped[/] sample {idx}: {message}")

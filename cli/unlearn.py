@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
 from cxr_audit.errors import UsageError
+from cxr_audit.options import parse_pairs
 from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
 from cxr_audit.unlearn.pipeline import DEFAULT_FALLBACK, DEFAULT_METHOD
 from cxr_audit.unlearn.pipeline import unlearn as unlearn_lib
@@ -105,7 +106,7 @@ def unlearn(model: ModelOpt,
                              cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
                              output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
                              batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
-                             num_workers=workers, options=parse_options(option), keep_worse=keep_worse, target=target,
+                             num_workers=workers, options=parse_pairs(option), keep_worse=keep_worse, target=target,
                              on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
     _print_result(result)
@@ -132,17 +133,6 @@ def _print_result(result) -> None:
     chosen = f", λ={result.lambda_:g}" if result.lambda_ else ""
     used = f"{result.method}, after {result.fallback_from} was refused" if result.fallback_from else result.method
     console.print(f"checkpoint: [bold]{result.checkpoint}[/] ({used}{chosen})")
-
-
-def parse_options(pairs: Optional[list[str]]) -> dict[str, str]:
-    """``["C=0.1", "per_position=false"]`` -> dict; the method converts and checks the values."""
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--option must be KEY=VALUE, got '{pair}'")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _before_after(result) -> Table:

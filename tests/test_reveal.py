@@ -264,7 +264,7 @@ def test_umap_embedding_and_unknown_embedding(shortcut_scan, tmp_path):
             assert xy.shape == (f[category]["index"].shape[0], 2) and np.isfinite(xy).all() and xy.std() > 0
     assert "UMAP" in (tmp_path / "u" / "report.html").read_text()
     result = CliRunner().invoke(app, ["reveal", str(shortcut_scan), "--out", str(tmp_path / "x"), "--embedding", "pca"])
-    assert result.exit_code != 0 and "embedding must be one of" in result.output
+    assert result.exit_code != 0 and "unknown --embedding" in result.output
 
 
 def test_a_bimodal_concept_alarms_only_when_tied_to_the_label():

@@ -16,7 +16,6 @@ arXiv:2501.13818) with signal CAVs (Pahde et al., 2023).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,18 +23,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from cxr_audit.annotate.masks import binarise, complete_saturated, concept_heatmaps, parse_threshold, presence_reference
+from cxr_audit.annotate.outputs import write_mask_outputs
 from cxr_audit.annotate.quality import iou, pointing_hit, retrieval_quality
 from cxr_audit.data.dataset import CxrDataset, collate
-from cxr_audit.data.io import read_image
-from cxr_audit.data.manifest import load_manifest, write_manifest
+from cxr_audit.data.manifest import load_manifest
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.explain import create_method
 from cxr_audit.models.registry import file_sha256, load_frozen, preprocessing_of
-from cxr_audit.numerics.cav import has_within_group_contrast, make_cav
+from cxr_audit.numerics.cav import cav_factory, has_within_group_contrast
 from cxr_audit.numerics.threshold import otsu_threshold
 from cxr_audit.runtime import now, resolve_device, versions
 from cxr_audit.store.annotation_file import write_annotation_file
@@ -57,7 +55,7 @@ class AnnotationResult:
 def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None = None,
              negatives: list[int] | None = None, from_column: str | None = None, concept: str | None = None,
              cluster: int | None = None, reveal_json: str | Path | None = None,
-             layer: str | None = None, method: str = "signal", n_negatives: int = 50,
+             layer: str | None = None, method: str = "signal", cav_options: dict | None = None, n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
              mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "none",
@@ -79,6 +77,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     masking = MaskOptions(mask_layer, mask_threshold, mask_rule, mask_reference, mask_complete, mask_cav, blur,
                           dilate, max_masks)
     masking.check()  # fail before any work
+    new_cav = cav_factory(method, cav_options)
     seeds = _selected_seeds(seeds, negatives, concept, from_column, cluster, reveal_json)
     out = Path(out)
     if out.resolve() == Path(scan_path).resolve():
@@ -88,30 +87,23 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
         scan = _read_scan(opened, layer, concept, masking.layer, target)
         pos = _positives(seeds, concept, from_column, scan.row_of, scan.artifact, scan.relevances, scan.layers,
                          scan.layer, scan.usable)
-        labelling = _label_samples(scan, pos, negatives, from_column, method, n_negatives, threshold, refine, rng)
+        labelling = _label_samples(scan, pos, negatives, from_column, new_cav, n_negatives, threshold, refine, rng)
         labels, quality = labelling.labels, labelling.quality
         result = AnnotationResult(out, scan.layer, labelling.threshold, int(labels.sum()), quality)
         mask_rows = np.flatnonzero(labels)[:masking.max_masks]
         mask_stack = None
         if masks and len(mask_rows):
-            mask_stack, mask_quality = _paint_masks(scan, labels, mask_rows, method, masking, model, data, device,
+            mask_stack, mask_quality = _paint_masks(scan, labels, mask_rows, new_cav, masking, model, data, device,
                                                     batch_size, rng, on_progress)
             quality.update(mask_quality)
-    options = {"layer": scan.layer, "mask_layer": scan.mask_layer, "method": method, "seeds": seeds,
+    options = {"layer": scan.layer, "mask_layer": scan.mask_layer, "method": method,
+               "cav_options": {k: str(v) for k, v in (cav_options or {}).items()}, "seeds": seeds,
                "negatives": negatives, "from_column": from_column, "concept": concept, "cluster": cluster,
                "n_negatives": n_negatives, "threshold": threshold, "refine": refine,
                "mask_threshold": masking.threshold, "mask_rule": masking.rule, "mask_reference": masking.reference,
                "mask_complete": masking.complete, "mask_cav": masking.cav, "blur": masking.blur,
                "dilate": masking.dilate, "seed": seed, "target": target}
-    # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
-    stored = np.full(len(labels), -1, np.int8)
-    stored[scan.usable] = labels[scan.usable]
-    _write_h5(out, scan.meta, scan_path, options, (scan.index, scan.paths), labelling.scores, stored,
-              labelling.threshold, labelling.direction, labelling.fit_rows, mask_rows, mask_stack, quality)
-    if masks_dir is not None and mask_stack is not None:
-        result.files.update(_write_mask_files(Path(masks_dir), scan.meta, scan.index, stored, mask_rows, mask_stack,
-                                              labelling.scores))
-    result.files["annotations"] = out
+    _save(result, scan, scan_path, options, labelling, labels, (mask_rows, mask_stack), masks_dir)
     return result
 
 
@@ -201,7 +193,7 @@ class _Labelling:
     quality: dict
 
 
-def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_negatives, threshold, refine,
+def _label_samples(scan: _ScanArrays, pos, negatives, from_column, new_cav, n_negatives, threshold, refine,
                    rng) -> _Labelling:
     """Steps 1-2 and the retrieval quality: CAV, scores, labels (see the module docstring)."""
     usable, acts, artifact = scan.usable, scan.acts, scan.artifact
@@ -217,7 +209,7 @@ def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_neg
     fit_rows = np.union1d(pos, neg)
     # only negatives a person named are forced to 0; random contrast rows may hold the concept too
     forced_neg = neg if negatives else np.zeros(0, int)
-    cav = make_cav(method).fit_rows(acts, fit_rows, np.isin(fit_rows, pos).astype(int))
+    cav = new_cav().fit_rows(acts, fit_rows, np.isin(fit_rows, pos).astype(int))
     scores = cav.score_rows(acts)
     held_out = np.setdiff1d(usable, fit_rows)
     thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
@@ -226,7 +218,7 @@ def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_neg
         unl = np.setdiff1d(usable, np.flatnonzero(labels))
         refit_neg = rng.choice(unl, size=min(max(n_negatives, int(labels.sum())), len(unl)), replace=False)
         rows = np.union1d(np.flatnonzero(labels), refit_neg)
-        cav = make_cav(method).fit_rows(acts, rows, labels[rows].astype(int))
+        cav = new_cav().fit_rows(acts, rows, labels[rows].astype(int))
         scores = cav.score_rows(acts)
         thr = otsu_threshold(scores[usable]) if threshold == "auto" else float(threshold)
         labels = _label(scores, thr, pos, forced_neg, usable)
@@ -238,11 +230,11 @@ def _label_samples(scan: _ScanArrays, pos, negatives, from_column, method, n_neg
     return _Labelling(labels, scores, thr, cav.direction_, fit_rows, quality)
 
 
-def _paint_masks(scan: _ScanArrays, labels, mask_rows, method, masking: MaskOptions, model, data, device,
+def _paint_masks(scan: _ScanArrays, labels, mask_rows, new_cav, masking: MaskOptions, model, data, device,
                  batch_size, rng, on_progress) -> tuple[np.ndarray, dict]:
     """Step 3: ``(masks (M, H, W) bool, quality)`` for ``mask_rows``, from a CAV at the mask layer."""
     usable = scan.usable
-    direction, scope = _mask_direction(method, scan.mask_acts, usable, labels[usable], scan.classes[usable],
+    direction, scope = _mask_direction(new_cav, scan.mask_acts, usable, labels[usable], scan.classes[usable],
                                        masking.cav)
     reference_rows = None
     if masking.reference == "clean":
@@ -325,14 +317,14 @@ N_REFERENCE = 64
 MASK_CAVS = ("within-class", "across")
 
 
-def _mask_direction(method: str, acts: StoredRows, rows: np.ndarray, labels: np.ndarray, classes: np.ndarray,
+def _mask_direction(new_cav, acts: StoredRows, rows: np.ndarray, labels: np.ndarray, classes: np.ndarray,
                     scope: str) -> tuple[np.ndarray, str]:
     """``(C,)`` direction the masks are painted with (fitted on ``acts``' ``rows``; ``labels`` and
     ``classes`` aligned with them), and the scope actually used: within-class falls back to
     across classes when no class holds both labelled and unlabelled samples."""
     if scope == "within-class" and has_within_group_contrast(labels, classes):
-        return make_cav(method).fit_rows(acts, rows, labels.astype(int), groups=classes).direction_, scope
-    return make_cav(method).fit_rows(acts, rows, labels.astype(int)).direction_, "across"
+        return new_cav().fit_rows(acts, rows, labels.astype(int), groups=classes).direction_, scope
+    return new_cav().fit_rows(acts, rows, labels.astype(int)).direction_, "across"
 
 
 def _masks(meta, rows, index, layer, direction, model, data, device, batch_size, blur, mask_threshold, dilate,
@@ -394,6 +386,22 @@ def _batch(dataset, index, rows) -> dict:
     return collate([dataset[int(index[r])] for r in rows])
 
 
+def _save(result: AnnotationResult, scan: _ScanArrays, scan_path, options: dict, labelling: _Labelling,
+          labels: np.ndarray, masks: tuple, masks_dir) -> None:
+    """The annotations file, and with ``masks_dir`` the mask PNGs, annotated manifest and contact
+    sheet (:mod:`cxr_audit.annotate.outputs`); their paths go to ``result.files``."""
+    mask_rows, mask_stack = masks
+    # rows the scan skipped (--skip-bad) or never finished are unknown (-1), not "no artifact"
+    stored = np.full(len(labels), -1, np.int8)
+    stored[scan.usable] = labels[scan.usable]
+    _write_h5(result.path, scan.meta, scan_path, options, (scan.index, scan.paths), labelling.scores, stored,
+              labelling.threshold, labelling.direction, labelling.fit_rows, mask_rows, mask_stack, result.quality)
+    if masks_dir is not None and mask_stack is not None:
+        result.files.update(write_mask_outputs(Path(masks_dir), scan.meta, scan.index, stored, mask_rows, mask_stack,
+                                               labelling.scores))
+    result.files["annotations"] = result.path
+
+
 def _write_h5(out, meta, scan_path, options, samples, scores, labels, thr, direction, fit_rows, mask_rows, masks,
               quality) -> None:
     """``samples``: the scan's ``(index, path)`` arrays, stored so readers can match labels to images."""
@@ -401,52 +409,3 @@ def _write_h5(out, meta, scan_path, options, samples, scores, labels, thr, direc
               "arch": meta["arch"], "layer": options["layer"], "method": options["method"], "threshold": thr,
               "options": options, "quality": quality, "created": now(), "versions": versions()}
     write_annotation_file(out, record, *samples, scores, labels, fit_rows, direction, masks, mask_rows)
-
-
-def _write_mask_files(masks_dir, meta, index, labels, mask_rows, masks, scores) -> dict:
-    """PNG per mask at the original image size, an annotated manifest and a contact sheet."""
-    manifest = load_manifest(meta["data"], class_names=meta["class_names"])
-    masks_dir.mkdir(parents=True, exist_ok=True)
-    mask_path = {}
-    for r, m in zip(mask_rows, masks):
-        sample = manifest[int(index[r])]
-        width, height = Image.open(sample.path).size if sample.path.suffix.lower() not in (".dcm", ".dicom") \
-            else read_image(sample.path).shape[::-1]
-        png = masks_dir / f"{int(index[r]):06d}.png"
-        Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST).save(png)
-        mask_path[int(index[r])] = png
-    rows = []
-    label_of = {int(i): int(l) for i, l in zip(index, labels) if l >= 0}  # unknown rows: no artifact value
-    for s in manifest.samples:
-        rows.append({"path": os.path.relpath(s.path, masks_dir), "label": "|".join(manifest.class_names[l] for l in s.labels),
-                     "source": s.source, "split": s.split, "mask": os.path.relpath(s.mask, masks_dir) if s.mask else None,
-                     "artifact": label_of.get(s.index),
-                     "artifact_mask": mask_path[s.index].name if s.index in mask_path else None, **s.extra})
-    write_manifest(masks_dir / "annotated.csv", rows)
-    sheet = _contact_sheet(masks_dir / "contact_sheet.png", manifest, index, mask_rows, masks, scores, meta)
-    return {"masks": masks_dir, "manifest": masks_dir / "annotated.csv", "contact_sheet": sheet}
-
-
-def _contact_sheet(path, manifest, index, mask_rows, masks, scores, meta, n: int = 16) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cxr_audit.data.dataset import Preprocessing
-    from cxr_audit.report.figures import save_figure
-
-    prep = Preprocessing(**meta["preprocessing"])
-    order = np.argsort(-scores[mask_rows])[:n]
-    cols = min(8, len(order))
-    fig, axes = plt.subplots((len(order) + cols - 1) // cols, cols, figsize=(1.6 * cols, 2.1 * ((len(order) + cols - 1) // cols)),
-                             squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, k in zip(axes.ravel(), order):
-        r = mask_rows[k]
-        img = prep.image_to_tensor(read_image(manifest[int(index[r])].path))[0].numpy()
-        ax.imshow(img, cmap="gray")
-        ax.imshow(np.ma.masked_where(~masks[k], masks[k]), cmap="autumn", alpha=0.45)
-        ax.set_title(f"#{index[r]}  {scores[r]:.2f}", fontsize=7)
-    return save_figure(fig, path, "annotated samples (highest CAV score) with their masks", dpi=100)

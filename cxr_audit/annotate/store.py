@@ -59,7 +59,8 @@ def read_annotations(path: str | Path, layer: str | None = None, method: str | N
     layer = layer or own_layer
     method = method or str(meta.get("method", "signal"))
     if layer != own_layer or method != meta.get("method") or within_class:
-        cav = _refit(scan, layer, labels, method, within_class)
+        own = meta.get("options", {}).get("cav_options", {}) if method == meta.get("method") else {}
+        cav = _refit(scan, layer, labels, make_cav(method, **own), within_class)
     known = labels >= 0  # -1: a row the scan skipped (--skip-bad) or did not finish
     return Annotations(contents.path, layer, cav.astype(np.float32),
                        dict(zip(index[known].tolist(), labels[known].tolist())),
@@ -75,7 +76,8 @@ def _scan_paths(scan: Path) -> dict[int, str] | None:
         return opened.paths_by_index()
 
 
-def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class: bool) -> np.ndarray:
+def _refit(scan: Path, layer: str, labels: np.ndarray, estimator, within_class: bool) -> np.ndarray:
+    """The CAV of ``labels`` at ``layer`` by ``estimator`` (a fresh :class:`~cxr_audit.numerics.cav.CAV`)."""
     if not scan.is_file():
         raise BadInputError(f"refitting the CAV needs the scan {scan}, which is missing")
     with ScanFile(scan) as opened:
@@ -91,4 +93,4 @@ def _refit(scan: Path, layer: str, labels: np.ndarray, method: str, within_class
             if 0 < labels[in_class].sum() < len(in_class) - 1:
                 rows = in_class
         # read a block of rows at a time: memory O(block x C), not O(N x C)
-        return make_cav(method).fit_rows(opened.activations(layer), rows, labels[rows]).direction_
+        return estimator.fit_rows(opened.activations(layer), rows, labels[rows]).direction_

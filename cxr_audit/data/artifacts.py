@@ -138,8 +138,6 @@ ARTIFACTS: dict[str, type[Artifact]] = {
 
 
 def get_artifact(name: str, **kwargs) -> Artifact:
-    from cxr_audit.errors import UsageError
+    from cxr_audit.options import choice
 
-    if name not in ARTIFACTS:
-        raise UsageError(f"unknown artifact '{name}' (choose from: {', '.join(ARTIFACTS)})")
-    return ARTIFACTS[name](**kwargs)
+    return ARTIFACTS[choice("artifact", name, ARTIFACTS)](**kwargs)

@@ -21,6 +21,7 @@ from cxr_audit.data.artifacts import get_artifact
 from cxr_audit.data.io import read_image, write_png
 from cxr_audit.data.manifest import Manifest, load_manifest, write_manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.options import choice
 from cxr_audit.runtime import write_text_atomic
 
 
@@ -65,8 +66,7 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
     """
     if isinstance(prevalence, str):
         prevalence = parse_prevalence(prevalence)
-    if by not in GROUPINGS:
-        raise UsageError(f"--by must be one of {', '.join(GROUPINGS)}, got '{by}'")
+    choice("--by", by, GROUPINGS)
     if by != "source:label" and any(":" in k for k in prevalence):
         raise UsageError("prevalence keys of the form SOURCE:CLASS need --by source:label")
     manifest = load_manifest(data)

@@ -20,6 +20,7 @@ from cxr_audit.errors import UsageError
 from cxr_audit.explain.capture import LayerCapture, sum_over_space
 from cxr_audit.explain.vit import vit_lrp_rules
 from cxr_audit.models.architectures import spec_of
+from cxr_audit.options import choice, typed_options
 
 
 class AttributionMethod:
@@ -28,11 +29,14 @@ class AttributionMethod:
     relevance_is_gradient = False
     #: Layers the method itself must capture (GradCAM's target layer).
     needed_layers: tuple[str, ...] = ()
+    #: the options ``--option KEY=VALUE`` may set (:func:`cxr_audit.options.typed_options`)
+    option_types: dict[str, type] = {}
 
-    def __init__(self, model: nn.Module, arch: str, prep: Preprocessing):
+    def __init__(self, model: nn.Module, arch: str, prep: Preprocessing, **options):
         self.model = model
         self.arch = arch
         self.prep = prep
+        self.options = typed_options(f"--method {self.name}", self.option_types, options)
 
     def rules(self):
         return nullcontext()
@@ -76,11 +80,13 @@ class LRP(AttributionMethod):
 
     name = "lrp-zennit"
     relevance_is_gradient = True
+    option_types = {"epsilon": float}  # the Epsilon rule's stabiliser on dense layers (default 1e-6)
 
     def composite(self):
         from zennit.composites import EpsilonPlusFlat
 
-        return EpsilonPlusFlat(layer_map=spec_of(self.arch).lrp_rules() + self._fast_conv_rule(),
+        return EpsilonPlusFlat(epsilon=self.options.get("epsilon", 1e-6),
+                               layer_map=spec_of(self.arch).lrp_rules() + self._fast_conv_rule(),
                                canonizers=self._canonizers())
 
     def _fast_conv_rule(self):
@@ -112,22 +118,20 @@ class FastLRP(AttributionMethod):
     per-layer hooks, and the backward pass stops at the first layer."""
 
     name = "lrp"
+    option_types = {"first_rule": str}
 
-    def __init__(self, model, arch, prep):
+    def __init__(self, model, arch, prep, **options):
         from cxr_audit.explain.fast_lrp import lrp_model
 
-        super().__init__(model, arch, prep)
+        super().__init__(model, arch, prep, **options)
         self.model, self.first_layer = lrp_model(model)
+        self.first_rule = choice("first-layer rule", self.options.get("first_rule", "flat"), FIRST_RULES)
 
     def prepare_input(self, x):
         return x.detach()
 
     def gradient_leaf(self, x):
         return self.first_layer.output
-
-    #: how relevance at the first layer reaches the pixels: "flat" (LRP), or "upsample" / "zbox" / "intensity"
-    #: (sharper masks; see :meth:`~cxr_audit.explain.fast_lrp.FlatInputConv.pixel_relevance`)
-    first_rule = "flat"
 
     def input_heatmap(self, x, x_grad, capture):
         bounds = None
@@ -141,12 +145,14 @@ class LRPGammaBox(LRP):
     pixel range), Gamma(0.25) on convolutions, Epsilon on dense layers (Montavon et al., 2019)."""
 
     name = "lrp-gammabox"
+    option_types = {"epsilon": float, "gamma": float}  # defaults 1e-6 and 0.25
 
     def composite(self):
         from zennit.composites import EpsilonGammaBox
 
         low, high = (b.reshape(1, -1, 1, 1) for b in self.prep.bounds())
-        return EpsilonGammaBox(low=low, high=high, layer_map=spec_of(self.arch).lrp_rules(),
+        return EpsilonGammaBox(low=low, high=high, epsilon=self.options.get("epsilon", 1e-6),
+                               gamma=self.options.get("gamma", 0.25), layer_map=spec_of(self.arch).lrp_rules(),
                                canonizers=self._canonizers())
 
 
@@ -170,10 +176,11 @@ class GradCAM(AttributionMethod):
     upsampled to the input size. Channel relevances are gradient x activation at each layer."""
 
     name = "gradcam"
+    option_types = {"cam_layer": str}
 
-    def __init__(self, model, arch, prep, cam_layer: str | None = None):
-        super().__init__(model, arch, prep)
-        self.cam_layer = cam_layer or spec_of(arch).cam_layer
+    def __init__(self, model, arch, prep, **options):
+        super().__init__(model, arch, prep, **options)
+        self.cam_layer = self.options.get("cam_layer") or spec_of(arch).cam_layer
         if self.cam_layer is None:
             raise UsageError(f"gradcam needs --cam-layer for architecture '{arch}'")
         self.needed_layers = (self.cam_layer,)
@@ -187,23 +194,28 @@ class GradCAM(AttributionMethod):
         return F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
+#: how relevance at the first layer reaches the pixels (fast LRP's ``first_rule``): "flat" (LRP), or
+#: "upsample" / "zbox" / "intensity" (sharper masks; see
+#: :meth:`~cxr_audit.explain.fast_lrp.FlatInputConv.pixel_relevance`)
+FIRST_RULES = ("flat", "upsample", "zbox", "intensity")
+
 METHODS: dict[str, type[AttributionMethod]] = {
     cls.name: cls for cls in (FastLRP, LRP, LRPGammaBox, GradientXInput, GradCAM)
 }
 
 
-def create_method(name: str, model: nn.Module, arch: str, prep: Preprocessing, **kwargs) -> AttributionMethod:
-    """Instantiate an attribution method; ``lrp*`` follows the architecture's ``ArchSpec.lrp``
-    (transformer rules for a ViT, zennit's hooks where the fast path does not apply)."""
-    if name not in METHODS:
-        raise UsageError(f"unknown attribution method '{name}' (choose from: {', '.join(METHODS)})")
-    cls = METHODS[name]
+def create_method(name: str, model: nn.Module, arch: str, prep: Preprocessing, **options) -> AttributionMethod:
+    """Instantiate an attribution method with its ``options`` (strings from ``--option`` or typed
+    values; checked against its ``option_types``); ``lrp*`` follows the architecture's
+    ``ArchSpec.lrp`` (transformer rules for a ViT, zennit's hooks where the fast path does not
+    apply — each with its own options)."""
+    cls = METHODS[choice("attribution method", name, METHODS)]
     kind = spec_of(arch).lrp
     if kind == "vit" and (issubclass(cls, LRP) or cls is FastLRP):
         cls = ViTLRP
     elif cls is FastLRP and kind != "fast":
         cls = LRP  # other architectures: zennit's composite without assumptions on layer order
-    return cls(model, arch, prep, **kwargs)
+    return cls(model, arch, prep, **options)
 
 
 def default_layers(arch: str, model: nn.Module) -> list[str]:

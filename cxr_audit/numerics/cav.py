@@ -16,9 +16,13 @@ contrast and add nothing to the signal CAV.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import numpy as np
 
 from cxr_audit.errors import UsageError
+from cxr_audit.options import choice, typed_options
 from cxr_audit.store.h5 import StoredRows
 
 #: rows an estimator CAV (SVM, ridge, logistic) is fitted on at most: past it, an evenly spaced
@@ -29,6 +33,8 @@ FIT_MAX = 20000
 
 class CAV:
     name = "cav"
+    #: the constructor's options that ``--option KEY=VALUE`` may set (:func:`make_cav`)
+    option_types: dict[str, type] = {}
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "CAV":
         """Fit on in-memory activations ``X (N, C)``."""
@@ -165,6 +171,7 @@ class SVMCAV(_SklearnCAV):
     """Linear SVM CAV (Kim et al., 2018, "Interpretability Beyond Feature Attribution: TCAV", ICML)."""
 
     name = "svm"
+    option_types = {"C": float}
 
     def __init__(self, C: float = 1.0):
         self.C = C
@@ -179,6 +186,7 @@ class RidgeCAV(_SklearnCAV):
     """Ridge-regression CAV (least squares on the 0/1 label)."""
 
     name = "ridge"
+    option_types = {"alpha": float}
 
     def __init__(self, alpha: float = 1.0):
         self.alpha = alpha
@@ -193,6 +201,7 @@ class LogisticCAV(_SklearnCAV):
     """Logistic-regression CAV."""
 
     name = "logistic"
+    option_types = {"C": float}
 
     def __init__(self, C: float = 1.0):
         self.C = C
@@ -206,7 +215,15 @@ class LogisticCAV(_SklearnCAV):
 CAV_METHODS: dict[str, type[CAV]] = {cls.name: cls for cls in (SignalCAV, SVMCAV, RidgeCAV, LogisticCAV)}
 
 
-def make_cav(name: str) -> CAV:
-    if name not in CAV_METHODS:
-        raise UsageError(f"unknown CAV method '{name}' (choose from: {', '.join(CAV_METHODS)})")
-    return CAV_METHODS[name]()
+def make_cav(name: str, **options) -> CAV:
+    """A fresh estimator ``name`` with its ``options`` (strings from ``--option`` or typed values,
+    checked against its ``option_types``)."""
+    cls = CAV_METHODS[choice("CAV method", name, CAV_METHODS)]
+    return cls(**typed_options(f"--method {name}", cls.option_types, options))
+
+
+def cav_factory(name: str, options: dict | None = None) -> Callable[[], CAV]:
+    """``make_cav`` bound to ``name`` and ``options``, checked now (before any work) rather than
+    at the first fit."""
+    make_cav(name, **(options or {}))
+    return functools.partial(make_cav, name, **(options or {}))

@@ -13,6 +13,7 @@ from scipy.stats import norm
 
 from cxr_audit.errors import BadInputError, UsageError
 from cxr_audit.numerics.cav import SignalCAV
+from cxr_audit.options import choice
 from cxr_audit.report.figures import save_figure
 from cxr_audit.reveal.alarm import flag_alarms
 from cxr_audit.reveal.clusters import cluster_samples, profile_features
@@ -45,8 +46,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     """
     if top < 1 or max_k < 1 or gallery < 1:  # before any work
         raise UsageError("--top, --max-k and the gallery size must be >= 1")
-    if embedding not in EMBEDDINGS:
-        raise UsageError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
+    choice("--embedding", embedding, EMBEDDINGS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     v = _read_scan(scan_path, target)

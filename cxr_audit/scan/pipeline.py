@@ -60,7 +60,7 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
          method: str = "lrp", targets: tuple[str, ...] = ("pred",), heatmap_size: int = 64,
          batch_size: int = 16, split: str | None = None, init: str = "logit", device: str = "auto",
          amp: bool = False, num_workers: int = 0, skip_bad: bool = False, overwrite: bool = False,
-         cam_layer: str | None = None, prototype_maps: int = 3,
+         cam_layer: str | None = None, method_options: dict | None = None, prototype_maps: int = 3,
          on_progress: Callable[..., None] | None = None) -> ScanSummary:
     """Scan ``data`` (manifest CSV or ImageFolder) with checkpoint ``model`` into ``out`` (.h5).
 
@@ -69,10 +69,10 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     are those of the first target.
     ``layers``: layers whose channel activations (spatial max/mean) and CRP relevances are stored
     (default: early/middle/late layers of the architecture). ``heatmap_size``: stored heatmaps are
-    sum-pooled to this size. ``prototype_maps``: for a prototype model (ProtoPNet), the PRP and
+    sum-pooled to this size. ``method_options``: the attribution method's own (``{"epsilon": "1e-4"}``
+    for ``lrp-zennit``), recorded in the scan. ``prototype_maps``: for a ProtoPNet, the PRP and
     upsampled-similarity maps of this many of the predicted class's top prototypes per image
-    (:mod:`cxr_audit.explain.prp`). An existing ``out`` with the same options is resumed; with other
-    options it is an error unless ``overwrite``.
+    (:mod:`cxr_audit.explain.prp`). An existing ``out`` with the same options is resumed, else error unless ``overwrite``.
     """
     out = Path(out)
     _check_options(targets, batch_size, heatmap_size, num_workers, init)
@@ -84,10 +84,11 @@ def scan(model: str | Path, data: str | Path, out: str | Path, *, layers: list[s
     options = {"layers": layers, "method": method, "targets": list(targets), "heatmap_size": heatmap_size,
                "split": split, "init": init, "cam_layer": cam_layer, "amp": bool(amp),
                "prototype_maps": prototype_maps if prototype_layer else 0}
+    method_options = _method_options(method, cam_layer, method_options, options)
     meta = _scan_meta(model, data, config, prep, options)
 
     autocast(dev, amp, on_cpu=True)  # refuses --amp on a CPU without bf16 kernels before any file is written
-    net, attribution, capture = _attribution(net, config["arch"], prep, method, cam_layer,
+    net, attribution, capture = _attribution(net, config["arch"], prep, method, method_options,
                                              layers + ([prototype_layer] if options["prototype_maps"] else []))
     rank, world = rank_and_world()
     opened = _agreed(lambda: _open_or_create(out, meta, options, overwrite, manifest, net, capture, layers, prep,
@@ -130,11 +131,20 @@ def _load_inputs(model, data, targets: tuple[str, ...], split: str | None, dev):
     return net, config, preprocessing_of(config), manifest
 
 
-def _attribution(net, arch: str, prep, method: str, cam_layer: str | None, layers: list[str]):
+def _method_options(method: str, cam_layer: str | None, given: dict | None, options: dict) -> dict:
+    """The attribution method's options (``--cam-layer`` is gradcam's ``cam_layer``), recorded in
+    the scan's ``options`` when there are any (so scans made without options keep resuming)."""
+    merged = {**({"cam_layer": cam_layer} if method == "gradcam" and cam_layer else {}), **(given or {})}
+    if merged:
+        options["method_options"] = {k: str(v) for k, v in merged.items()}
+    return merged
+
+
+def _attribution(net, arch: str, prep, method: str, method_options: dict, layers: list[str]):
     """``(net, attribution method, layer capture)``; the net in channels-last memory format (NHWC
     convolutions are faster on CUDA and on oneDNN CPUs alike: vgg16 LRP step -22 % on CPU)."""
     net = net.to(memory_format=torch.channels_last)
-    attribution = create_method(method, net, arch, prep, **({"cam_layer": cam_layer} if method == "gradcam" else {}))
+    attribution = create_method(method, net, arch, prep, **method_options)
     return net, attribution, attribution.capture(layers)
 
 

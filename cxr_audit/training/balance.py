@@ -12,6 +12,7 @@ import torch
 
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.options import choice
 
 BALANCE_MODES = ("none", "reweight", "resample", "groupdro")
 
@@ -41,9 +42,7 @@ class GroupBalance:
     (step ``eta``), the loss is ``Σ_g q_g L_g``."""
 
     def __init__(self, mode: str = "none", eta: float = 0.01):
-        if mode not in BALANCE_MODES:
-            raise UsageError(f"unknown --balance '{mode}' (choose from {', '.join(BALANCE_MODES)})")
-        self.mode = mode
+        self.mode = choice("--balance", mode, BALANCE_MODES)
         self.eta = eta
 
     def fit(self, groups: np.ndarray, index: np.ndarray, weights: np.ndarray | None = None) -> "GroupBalance":

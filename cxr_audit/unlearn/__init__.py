@@ -7,7 +7,7 @@ unlearn``, imported lazily).
 """
 
 from cxr_audit import stage_entry
-from cxr_audit.errors import UsageError
+from cxr_audit.options import choice
 from cxr_audit.training.balance import BALANCE_MODES, GroupBalance
 from cxr_audit.unlearn.augment import Augment
 from cxr_audit.unlearn.base import Context, Mitigation
@@ -39,9 +39,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {
 
 
 def get_mitigation(name: str, **options) -> Mitigation:
-    if name not in MITIGATIONS:
-        raise UsageError(f"unknown --method '{name}' (choose from {', '.join(MITIGATIONS)})")
-    return MITIGATIONS[name](**options)
+    return MITIGATIONS[choice("--method", name, MITIGATIONS)](**options)
 
 
 __getattr__ = stage_entry(__name__, "unlearn")

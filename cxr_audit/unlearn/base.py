@@ -18,6 +18,7 @@ import torch.nn as nn
 from cxr_audit.data.dataset import Preprocessing
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
+from cxr_audit.options import typed_options
 from cxr_audit.training.objective import LossTerm
 
 
@@ -104,12 +105,8 @@ class Mitigation(LossTerm):
     inert_without_artifact = True
 
     def __init__(self, **options):
-        known = {**self.common_options, **self.option_types}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise UsageError(f"--method {self.name} has no option {', '.join(unknown)}"
-                             + (f" (options: {', '.join(self.option_types)})" if self.option_types else ""))
-        self.options = {key: _convert(key, value, known[key]) for key, value in options.items()}
+        self.options = typed_options(f"--method {self.name}", {**self.common_options, **self.option_types}, options,
+                                     listed=self.option_types)
 
     def training_groups(self, model: nn.Module, context: Context):
         """Group id per training sample ``(N,)`` that the engine balances (:attr:`balance_mode`),
@@ -149,20 +146,6 @@ class Mitigation(LossTerm):
     @property
     def loads_masks(self) -> bool:
         return bool({"artifact_mask", "mask"} & set(self.needs))
-
-
-def _convert(key: str, value, kind: type):
-    """``value`` (a string from the CLI, or already typed) as ``kind``; one-line error otherwise."""
-    if not isinstance(value, str) or kind is str:
-        return value
-    try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        return kind(value)
-    except ValueError:
-        raise UsageError(f"--option {key}={value}: expected {kind.__name__}") from None
 
 
 def require_grad_output(module: nn.Module, store: dict, key: str = "act"):

@@ -28,6 +28,7 @@ from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import CxrAuditError, UsageError
 from cxr_audit.models.architectures import spec_of
 from cxr_audit.models.registry import file_sha256, load_checkpoint, preprocessing_of, save_checkpoint
+from cxr_audit.options import choice
 from cxr_audit.runtime import (
     init_distributed,
     is_main_process,
@@ -171,8 +172,8 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     ``method``'s own options; ``None``: refuse at once). The result's ``fallback_from`` names the
     refused method."""
     opts = UnlearnOptions.of(settings)
-    if fallback is not None and fallback not in MITIGATIONS:
-        raise UsageError(f"unknown --fallback '{fallback}' (choose from none, {', '.join(MITIGATIONS)})")
+    if fallback is not None:
+        choice("--fallback", fallback, ["none", *MITIGATIONS])
     say = on_stage or (lambda _: None)
     try:
         return unlearn_once(model, data, out, method, opts, on_progress, say)
