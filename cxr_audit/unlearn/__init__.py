@@ -6,8 +6,8 @@ Stage 4's public entry: :func:`cxr_audit.unlearn.pipeline.unlearn` (``from cxr_a
 unlearn``, imported lazily).
 """
 
+from cxr_audit import options as options_module  # not `choice`: the package has a submodule of that name
 from cxr_audit import stage_entry
-from cxr_audit.options import choice
 from cxr_audit.training.balance import BALANCE_MODES, GroupBalance
 from cxr_audit.unlearn.augment import Augment
 from cxr_audit.unlearn.base import Context, Mitigation
@@ -39,7 +39,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {
 
 
 def get_mitigation(name: str, **options) -> Mitigation:
-    return MITIGATIONS[choice("--method", name, MITIGATIONS)](**options)
+    return MITIGATIONS[options_module.choice("--method", name, MITIGATIONS)](**options)
 
 
 __getattr__ = stage_entry(__name__, "unlearn")
