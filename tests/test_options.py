@@ -83,3 +83,20 @@ def test_scan_and_annotate_take_and_record_method_options(shortcut_model, poison
     r = runner.invoke(app, ["annotate", str(scan), "--out", str(tmp_path / "bad.h5"), "--from-column", "artifact",
                             "--method", "svm", "--option", "alpha=1"])
     assert r.exit_code == 2 and "--method svm has no option alpha" in r.output
+
+
+def test_registries_resolve_names_after_every_submodule_is_imported():
+    """A package-level helper named like a submodule (``unlearn.choice``) is replaced by the module
+    once that is imported: the lookups must still work then."""
+    import importlib
+    import pkgutil
+
+    import cxr_audit.unlearn as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"cxr_audit.unlearn.{module.name}")
+    from cxr_audit.unlearn import get_mitigation
+
+    assert get_mitigation("dfr", C="0.5").options == {"C": 0.5}
+    with pytest.raises(UsageError, match="unknown --method 'nope'"):
+        get_mitigation("nope")
