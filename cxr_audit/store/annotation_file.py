@@ -69,10 +69,10 @@ def write_annotation_file(out: Path, meta: dict, index: np.ndarray, paths, score
 
 def read_annotation_file(path: str | Path) -> AnnotationContents:
     """The contents of an annotations file; one-line errors for missing, foreign or corrupt files."""
-    path = Path(path)
-    meta = annotation_meta(path)
+    path = _existing(path)
     try:
         with h5py.File(path, "r") as f:
+            meta = _meta(f, path)
             paths = f["samples/path"].asstr()[:].tolist() if "samples/path" in f else None
             return AnnotationContents(path, meta, f["samples/index"][:], paths, f["labels"][:].astype(int),
                                       f["scores"][:], f[f"cav/{meta['layer']}"][:])
@@ -82,14 +82,24 @@ def read_annotation_file(path: str | Path) -> AnnotationContents:
 
 def annotation_meta(path: str | Path) -> dict:
     """Only ``/meta`` of an annotations file (JSON attributes decoded)."""
+    path = _existing(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return _meta(f, path)
+    except (OSError, KeyError) as exc:
+        raise BadInputError(f"cannot read annotations {path}: {exc}") from None
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"annotations file not found: {path}")
-    try:
-        with h5py.File(path, "r") as f:
-            meta = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["meta"].attrs.items()}
-    except (OSError, KeyError) as exc:
-        raise BadInputError(f"cannot read annotations {path}: {exc}") from None
+    return path
+
+
+def _meta(f: h5py.File, path: Path) -> dict:
+    """``/meta`` of the open file ``f``, refused unless it is this project's annotations schema."""
+    meta = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["meta"].attrs.items()}
     if meta.get("schema") != SCHEMA:
         raise BadInputError(f"{path} is not a cxr-audit annotations file (run `cxr-audit annotate`)")
     return {k: (json.loads(v) if k in JSON_ATTRS else v) for k, v in meta.items()}
