@@ -76,19 +76,18 @@ def concept_reference(scan_path: str | Path, layer: str, channel: int, ids: list
     import matplotlib.pyplot as plt
     import torch
 
-    from cxr_audit.data.dataset import CxrDataset, collate
-    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.data.dataset import collate
+    from cxr_audit.errors import BadInputError
     from cxr_audit.explain import conditional_heatmaps, create_method
-    from cxr_audit.models.registry import load_frozen, preprocessing_of
     from cxr_audit.runtime import resolve_device
 
-    with ScanFile(scan_path) as scan:
-        meta, channels = scan.meta, scan.channels(layer)
     dev = resolve_device(device)
-    net, config = load_frozen(meta["checkpoint"], dev)
-    prep = preprocessing_of(config)
-    manifest = load_manifest(meta["data"], class_names=config["class_names"])
-    batch = collate([CxrDataset(manifest, prep, with_masks=False)[i] for i in ids])
+    with ScanFile(scan_path) as scan:
+        channels, scanned = scan.channels(layer), scan.reopen(dev)
+    if scanned is None:
+        raise BadInputError(f"concept reference images need the scanned model and data, which moved since {scan_path}")
+    net, config, prep = scanned.net, scanned.config, scanned.prep
+    batch = collate([scanned.dataset[i] for i in ids])
     attribution = create_method("lrp", net, config["arch"], prep)
     capture = attribution.capture([layer])
     mask = torch.zeros(channels)
