@@ -107,3 +107,9 @@ def split_csv(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def options_help(registry: dict) -> str:
+    """``"svm: C; ridge: alpha"``: the ``option_types`` of every method in ``registry`` that has
+    any, for an ``--option`` help text."""
+    return "; ".join(f"{name}: {', '.join(cls.option_types)}" for name, cls in registry.items() if cls.option_types)

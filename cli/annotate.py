@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from cxr_audit.annotate.pipeline import annotate as annotate_lib
-from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
+from cxr_audit.cli._common import console, friendly_errors, options_help, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.numerics.cav import CAV_METHODS
 from cxr_audit.options import parse_pairs
@@ -41,8 +41,7 @@ MaskLayerOpt = Annotated[Optional[str], typer.Option("--mask-layer",
     help="Layer whose CAV paints masks (default: earliest scanned layer).")]
 MethodOpt = Annotated[str, typer.Option("--method", help=f"CAV estimator: {', '.join(CAV_METHODS)}.")]
 OptionOpt = Annotated[Optional[list[str]], typer.Option(
-    "--option", help="CAV estimator option KEY=VALUE, repeatable (" + "; ".join(
-        f"{name}: {', '.join(cls.option_types)}" for name, cls in CAV_METHODS.items() if cls.option_types) + ").")]
+    "--option", help=f"CAV estimator option KEY=VALUE, repeatable ({options_help(CAV_METHODS)}).")]
 ThresholdOpt = Annotated[str, typer.Option("--threshold", help="Score threshold, or 'auto' (Otsu on the scores).")]
 RefineOpt = Annotated[int, typer.Option("--refine", help="Refinement rounds (refit on the labelled set).")]
 MasksDirOpt = Annotated[Optional[Path], typer.Option("--masks",

@@ -6,15 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from cxr_audit.cli._common import console, friendly_errors, progress_bar, split_csv
+from cxr_audit.cli._common import console, friendly_errors, options_help, progress_bar, split_csv
 from cxr_audit.explain.methods import METHODS
 from cxr_audit.options import parse_pairs
 from cxr_audit.scan.pipeline import scan as scan_lib
-
-
-def _method_options() -> str:
-    """``"lrp: first_rule; lrp-zennit: epsilon; ..."`` for --help."""
-    return "; ".join(f"{name}: {', '.join(cls.option_types)}" for name, cls in METHODS.items() if cls.option_types)
 
 
 @friendly_errors
@@ -26,7 +21,7 @@ def scan(data: Path = typer.Argument(..., help="Manifest CSV or ImageFolder."),
                                                          "(default: early/middle/late of the architecture)."),
          method: str = typer.Option("lrp", "--method", help=f"Attribution: {', '.join(METHODS)}."),
          option: Optional[list[str]] = typer.Option(None, "--option", help="Attribution option KEY=VALUE, "
-                                                    f"repeatable ({_method_options()})."),
+                                                    f"repeatable ({options_help(METHODS)})."),
          targets: Optional[list[str]] = typer.Option(None, "--target", "-t",
                                                      help="Explain the 'pred' (default) and/or 'true' class, or finding:NAME (that output, for every image: multi-label models)."),
          heatmap_size: int = typer.Option(64, "--heatmap-size", help="Stored heatmap side (sum-pooled)."),

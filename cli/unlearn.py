@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
+from cxr_audit.cli._common import console, err_console, friendly_errors, options_help, progress_bar, split_csv
 from cxr_audit.errors import UsageError
 from cxr_audit.options import parse_pairs
 from cxr_audit.unlearn import BALANCE_MODES, MITIGATIONS
@@ -43,8 +43,7 @@ OutputOpt = Annotated[Optional[str], typer.Option("--output",
     help="What RR-ClArC/RRR differentiate: random, target, max, logprob.")]
 CamLayerOpt = Annotated[Optional[str], typer.Option("--cam-layer", help="Grad-CAM layer for eXBL.")]
 OptionOpt = Annotated[Optional[list[str]], typer.Option("--option",
-    help="Method option KEY=VALUE, repeatable (dfr: C; jtt: upweight; rrclarc: per_position; exbl: margin, "
-         "good, bad).")]
+    help=f"Method option KEY=VALUE, repeatable ({options_help(MITIGATIONS)}).")]
 TargetOpt = Annotated[Optional[str], typer.Option("--target",
     help="Multi-label models: finding:NAME, the finding whose shortcut to remove (augment or none).")]
 KeepWorseOpt = Annotated[bool, typer.Option("--keep-worse",
