@@ -42,6 +42,12 @@ def test_top_concepts_retrieve_the_artifact_samples(shortcut_scan, tmp_path):
     assert max(cav_aurocs) >= 0.95 and result["concepts"][0]["cav_layer"] == "layer2", cav_aurocs
     saved = json.loads((tmp_path / "r" / "reveal.json").read_text())
     assert saved["concepts"][0]["id"] == 0 and saved["clusters"]
+    # one schema: every record reads back whole, members are manifest ids of the scan
+    from cxr_audit.reveal.records import ClusterRecord, ConceptRecord
+
+    concepts = [ConceptRecord(**c) for c in saved["concepts"]]
+    clusters = [ClusterRecord(**c) for c in saved["clusters"]]
+    assert all(set(c.members) <= set(saved["sample_ids"]) and c.members for c in concepts + clusters)
     spaces = {c["space"] for c in saved["clusters"]}
     assert "heatmap" in spaces and spaces <= {"heatmap", "relevance:layer3", "activation:layer3"}
     html = (tmp_path / "r" / "report.html").read_text()
@@ -83,8 +89,8 @@ def test_bimodality_z_separates_two_groups_from_one_skewed_group():
 def test_concept_tied_to_a_source_within_a_class_raises_the_source_alarm():
     """A stamp only one hospital burns in splits *both* classes by source: the source test flags
     it; a concept split the same way but independent of the source is not flagged."""
+    from cxr_audit.reveal.alarm import flag_alarms
     from cxr_audit.reveal.concepts import alarm_level, rank_concepts
-    from cxr_audit.reveal.pipeline import flag_alarms
 
     rng = np.random.default_rng(0)
     n = 240
@@ -96,19 +102,19 @@ def test_concept_tied_to_a_source_within_a_class_raises_the_source_alarm():
     relevance = np.abs(rng.normal(0.1, 0.05, (n, 12)))
     relevance[:, [3, 5]] += 1.0
     findings = rank_concepts("layer", acts, relevance, classes, sources, top=6)
-    records = [{**f.__dict__} for f in findings]
+    records = _records(findings)
     by_channel = {}
     for r in records:
-        by_channel.setdefault(r["channel"], []).append(r)
+        by_channel.setdefault(r.channel, []).append(r)
     assert {3, 5} <= set(by_channel)
-    assert all(r["source_cramers_v"] > 0.9 for r in by_channel[3])
-    assert all(r["source_cramers_v"] < 0.3 for r in by_channel[5])
+    assert all(r.source_cramers_v > 0.9 for r in by_channel[3])
+    assert all(r.source_cramers_v < 0.3 for r in by_channel[5])
     for r in records:
-        r["bimodality_z"] = 0.0  # isolate the source test from the split test
+        r.bimodality_z = 0.0  # isolate the source test from the split test
     tests = flag_alarms(records, alarm_level(len(records)))
     assert tests == len(records)
-    assert {r["channel"] for r in records if r["alarm"]} == {3}
-    assert all(r["source_linked"] for r in by_channel[3])
+    assert {r.channel for r in records if r.alarm} == {3}
+    assert all(r.source_linked for r in by_channel[3])
     # without a second source nothing can be tested, and nothing is flagged by it
     single = rank_concepts("layer", acts, relevance, classes, np.full(n, "site0"), top=6)
     assert all(f.source_p_value is None for f in single)
@@ -152,7 +158,7 @@ def test_degenerate_heatmaps_do_not_crash(tmp_path):
     for embedding in ("tsne", "umap"):
         found, per_class, _ = cluster_samples(spaces, classes, rows, rows, max_k=4, embedding=embedding)
         for data in per_class.values():
-            assert np.isfinite(data["embedding"]).all() and data["embedding"].shape == (15, 2)
+            assert np.isfinite(data.xy).all() and data.xy.shape == (15, 2)
 
 
 def test_artifact_concepts_look_outside_the_lungs_more_than_clean_ones(shortcut_scan, clean_scan):
@@ -270,8 +276,8 @@ def test_umap_embedding_and_unknown_embedding(shortcut_scan, tmp_path):
 def test_a_bimodal_concept_alarms_only_when_tied_to_the_label():
     """An artifact in half of class 1 only is label-linked and alarms; anatomy's own bimodal
     variation, alike in both classes, splits each class just as clearly but does not."""
+    from cxr_audit.reveal.alarm import flag_alarms
     from cxr_audit.reveal.concepts import alarm_level, rank_concepts
-    from cxr_audit.reveal.pipeline import flag_alarms
 
     rng = np.random.default_rng(1)
     n = 240
@@ -281,15 +287,22 @@ def test_a_bimodal_concept_alarms_only_when_tied_to_the_label():
     acts[:, 5] = np.where(rng.random(n) < 0.5, 3.0, 0.2) + rng.normal(0, 0.1, n)  # both classes alike
     relevance = np.abs(rng.normal(0.1, 0.05, (n, 12)))
     relevance[:, [3, 5]] += 1.0
-    records = [{**f.__dict__} for f in rank_concepts("layer", acts, relevance, classes, None, top=6)]
-    artifact = [r for r in records if r["channel"] == 3 and r["class_index"] == 1]
-    anatomy = [r for r in records if r["channel"] == 5]
+    records = _records(rank_concepts("layer", acts, relevance, classes, None, top=6))
+    artifact = [r for r in records if r.channel == 3 and r.class_index == 1]
+    anatomy = [r for r in records if r.channel == 5]
     assert artifact and anatomy
-    assert artifact[0]["label_p_value"] < 1e-6 and all(r["label_p_value"] > 0.01 for r in anatomy)
+    assert artifact[0].label_p_value < 1e-6 and all(r.label_p_value > 0.01 for r in anatomy)
     for r in records:
-        r["bimodality_z"] = 10.0 if r["channel"] in (3, 5) else 0.0  # both splits clearly bimodal
+        r.bimodality_z = 10.0 if r.channel in (3, 5) else 0.0  # both splits clearly bimodal
     flag_alarms(records, alarm_level(len(records)))
-    assert {(r["channel"], r["class_index"]) for r in records if r["alarm"]} == {(3, 1)}
+    assert {(r.channel, r.class_index) for r in records if r.alarm} == {(3, 1)}
+
+
+def _records(findings):
+    """Reveal's records of ``findings`` (manifest id = scan row)."""
+    from cxr_audit.reveal.records import ConceptRecord
+
+    return [ConceptRecord.from_finding(f, np.arange(10_000), []) for f in findings]
 
 
 @pytest.mark.slow

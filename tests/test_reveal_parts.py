@@ -57,7 +57,7 @@ def test_rank_concepts_flags_a_subset_concept_above_a_class_concept():
     findings = rank_concepts("layer", acts, relevance, classes, top=3)
     assert findings[0].channel == 1 and findings[0].class_index == 0
     members = np.zeros(n, bool)
-    members[findings[0].members] = True
+    members[findings[0].member_rows] = True
     assert (members == artifact).mean() > 0.95
 
 
@@ -72,16 +72,18 @@ def test_concept_outliers_single_out_an_odd_profile():
 
 def test_the_reveal_report_template_escapes_every_user_string():
     from cxr_audit.report.html import render
+    from cxr_audit.reveal.records import ClusterRecord, ConceptRecord
 
     evil = "<script>alert(1)</script>"
-    concept = {"id": 0, "layer": evil, "channel": 3, "class_index": 0, "suspicion": 0.5, "contrast": 1.0,
-               "minority": 0.2, "importance": 0.1, "bimodality_z": 4.0, "source_cramers_v": 0.4, "source_linked": True,
-               "alarm": True, "members": [1, 2]}
+    concept = ConceptRecord(evil, 3, 0, suspicion=0.5, contrast=1.0, eta=0.5, minority=0.2, importance=0.1,
+                            outlier=1.0, bimodality_z=4.0, members=[1, 2], source_association={},
+                            source_cramers_v=0.4, source_p_value=1e-4, label_p_value=None, source_linked=True,
+                            alarm=True).to_json()
     prototype = {"prototype": 0, "class": evil, "projected": {"sample": 1, "source": evil, "label": evil},
                  "projected_file": evil, "top_source": evil, "top_source_share": 1.0, "source_p": 1e-5,
                  "source_p_within_class": 1e-4, "beyond_class": True, "outside_lungs": None, "flagged": True}
-    cluster = {"id": 0, "space": evil, "class_index": 0, "size": 5, "share_of_class": 0.1, "distinctness": 0.3,
-               "suspicion": 0.2}
+    cluster = ClusterRecord(evil, 0, 5, share_of_class=0.1, distinctness=0.3, suspicion=0.2, members=[1],
+                            k_of_class=2, clustering=evil).to_json()
     page = render("reveal.html", scan=evil, prevalence={"warning": True, "max_difference": 0.5}, alarm=evil,
                   names=[evil], concepts=[concept], concept_figures=[], prototypes=[prototype], prototype_png=None,
                   source_share=0.8, embedding={"method": "t-SNE", "sentence": evil}, clusters=[cluster],

@@ -3,10 +3,15 @@ the one plain sentence that says so (report and CLI)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxr_audit.reveal.records import ConceptRecord
+
 SOURCE_LINK_MIN_V = 0.3  # a moderate association (Cohen, 1988) on top of significance
 
 
-def flag_alarms(concepts: list[dict], z_level: float, alpha: float = 0.05) -> int:
+def flag_alarms(concepts: list[ConceptRecord], z_level: float, alpha: float = 0.05) -> int:
     """Set ``alarm``, ``label_linked`` and ``source_linked`` on each concept record; returns the
     number of source tests.
 
@@ -17,15 +22,15 @@ def flag_alarms(concepts: list[dict], z_level: float, alpha: float = 0.05) -> in
     Bonferroni level over the concepts that could be tested, and Cramér's V >= 0.3): a hospital's
     tag or marker shows as the second. The label condition keeps anatomy's own bimodal variation,
     present in every class alike, from alarming (a clean phantom control did, z 3.7)."""
-    n_tests = sum(c.get("source_p_value") is not None for c in concepts)
-    n_label_tests = max(1, sum(c.get("label_p_value") is not None for c in concepts))
+    n_tests = sum(c.source_p_value is not None for c in concepts)
+    n_label_tests = max(1, sum(c.label_p_value is not None for c in concepts))
     for c in concepts:
-        p = c.get("source_p_value")
-        c["source_linked"] = bool(p is not None and p < alpha / n_tests and c["source_cramers_v"] >= SOURCE_LINK_MIN_V)
-        label_p = c.get("label_p_value")
-        c["label_linked"] = bool(label_p is None or label_p < alpha / n_label_tests)
-        bimodal = c["bimodality_z"] > z_level and c["label_linked"]
-        c["alarm"] = bool((bimodal or c["source_linked"]) and c.get("outside_lungs", 1.0) > 0.5)
+        p = c.source_p_value
+        c.source_linked = bool(p is not None and p < alpha / n_tests and c.source_cramers_v >= SOURCE_LINK_MIN_V)
+        c.label_linked = bool(c.label_p_value is None or c.label_p_value < alpha / n_label_tests)
+        bimodal = c.bimodality_z > z_level and c.label_linked
+        outside = 1.0 if c.outside_lungs is None else c.outside_lungs
+        c.alarm = bool((bimodal or c.source_linked) and outside > 0.5)
     return n_tests
 
 

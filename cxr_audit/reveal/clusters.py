@@ -5,24 +5,41 @@ how much of a minority each cluster is."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from cxr_audit.reveal.concepts import BLOCK_ROWS
 from cxr_audit.reveal.embedding import embed
-from cxr_audit.reveal.spray import spray
+from cxr_audit.reveal.records import ClusterRecord
+from cxr_audit.reveal.spray import SprayResult, spray
+
+
+@dataclass
+class ClassEmbedding:
+    """The heatmap space of one explained class: its samples (``ids``, manifest ids), their SpRAy
+    clustering, the 2-D embedding ``xy (n, 2)`` by ``method`` and how many of them it ``fitted``
+    (the others were placed, :mod:`cxr_audit.reveal.embedding`)."""
+
+    ids: np.ndarray
+    spray: SprayResult
+    method: str
+    xy: np.ndarray
+    fitted: int
 
 
 def cluster_samples(spaces: dict[str, np.ndarray], classes, rows, index, max_k, embedding,
-                    step: Callable[[str], None] = lambda status: None) -> tuple[list[dict], dict, dict]:
+                    step: Callable[[str], None] = lambda status: None,
+                    ) -> tuple[list[ClusterRecord], dict[int, ClassEmbedding], dict]:
     """Spectral clusters per explained class in each feature space (``heatmap``, and CRP
     ``relevance:<layer>`` / ``activation:<layer>`` profiles), all ranked together by
     ``distinctness × 4 p (1 - p)``: how different the cluster's mean normalised profile is from
     the rest of its class (half the L1 distance, in [0, 1]) times how much of a minority it is.
-    Returns the clusters, the per-class SpRAy results of the heatmap space (embeddings), and
+    Returns the clusters, the heatmap space of each class (:class:`ClassEmbedding`), and
     ``{space: {class: (members, SprayResult, cluster id per member)}}`` for the ViRelAy project."""
-    found, per_class, results = [], {}, {}
+    found: list[tuple[ClusterRecord, int]] = []  # with the SpRAy label of the cluster
+    per_class, results = {}, {}
     for space, all_features in spaces.items():
         for k in np.unique(classes):
             members = np.flatnonzero(classes == k)
@@ -33,8 +50,7 @@ def cluster_samples(spaces: dict[str, np.ndarray], classes, rows, index, max_k, 
             results.setdefault(space, {})[int(k)] = (members, result)
             if space == "heatmap":
                 xy = embed(features, embedding, strata=result.labels)
-                per_class[int(k)] = {"ids": index[rows[members]], "spray": result, "method": embedding,
-                                     "embedding": xy.xy, "fitted": xy.fitted}
+                per_class[int(k)] = ClassEmbedding(index[rows[members]], result, embedding, xy.xy, xy.fitted)
             step(f"clusters {space} class {k}")
             for c in range(result.k):
                 inside = members[result.labels == c]
@@ -42,19 +58,17 @@ def cluster_samples(spaces: dict[str, np.ndarray], classes, rows, index, max_k, 
                     continue
                 distinct = 0.5 * np.abs(features[result.labels == c].mean(0) - features[result.labels != c].mean(0)).sum()
                 share = len(inside) / len(members)
-                found.append({"space": space, "class_index": int(k), "size": int(len(inside)),
-                              "share_of_class": float(share), "distinctness": float(distinct),
-                              "suspicion": float(distinct * 4 * share * (1 - share)),
-                              "members": [int(index[rows[m]]) for m in inside], "k_of_class": int(result.k),
-                              "clustering": result.method, "spray_label": c})
-    found.sort(key=lambda c: -c["suspicion"])
+                found.append((ClusterRecord(space, int(k), int(len(inside)), float(share), float(distinct),
+                                            float(distinct * 4 * share * (1 - share)),
+                                            [int(index[rows[m]]) for m in inside], int(result.k), result.method), c))
+    found.sort(key=lambda pair: -pair[0].suspicion)
     ids = {space: {k: np.full(len(m), -1) for k, (m, _) in per.items()} for space, per in results.items()}
-    for rank, c in enumerate(found):
-        c["id"] = rank
-        members, result = results[c["space"]][c["class_index"]]
-        ids[c["space"]][c["class_index"]][result.labels == c.pop("spray_label")] = rank
+    for rank, (cluster, label) in enumerate(found):
+        cluster.id = rank
+        members, result = results[cluster.space][cluster.class_index]
+        ids[cluster.space][cluster.class_index][result.labels == label] = rank
     clustered = {space: {k: (m, r, ids[space][k]) for k, (m, r) in per.items()} for space, per in results.items()}
-    return found, per_class, clustered
+    return [cluster for cluster, _ in found], per_class, clustered
 
 
 def profile_features(values: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ class ConceptFinding:
     importance: float
     outlier: float
     bimodality_z: float = 0.0
-    members: list[int] = field(default_factory=list)  # scan rows above the split
+    member_rows: list[int] = field(default_factory=list)  # scan rows above the split (positions in the arrays)
     source_association: dict = field(default_factory=dict)
     source_cramers_v: float | None = None  # membership vs source within the class (None: < 2 sources)
     source_p_value: float | None = None
@@ -177,14 +177,14 @@ def rank_concepts(layer: str, activations: np.ndarray, relevance: np.ndarray, cl
             minority = 4 * p * (1 - p)
             findings.append(ConceptFinding(layer, int(c), int(k), float(contrast * minority * importance[c]),
                                            contrast, eta, minority, float(importance[c]), float(outlier[c]),
-                                           members=above.tolist(),
+                                           member_rows=above.tolist(),
                                            source_association=_source_association(above, rows, sources)))
     findings.sort(key=lambda f: -f.suspicion)
     findings = findings[:top]
     for f in findings:  # the tests are costlier than the score: only for the findings kept
         f.bimodality_z = bimodality_z(activations[classes == f.class_index, f.channel], seed=f.channel)
-        f.label_p_value = label_link(activations[:, f.channel], np.asarray(f.members, int), classes, f.class_index)
-        link = source_link(np.asarray(f.members, int), np.flatnonzero(classes == f.class_index), sources)
+        f.label_p_value = label_link(activations[:, f.channel], np.asarray(f.member_rows, int), classes, f.class_index)
+        link = source_link(np.asarray(f.member_rows, int), np.flatnonzero(classes == f.class_index), sources)
         if link is not None:
             f.source_cramers_v, f.source_p_value = link
     return findings

@@ -4,7 +4,7 @@ and write ``reveal.json`` plus an offline HTML report (see :mod:`cxr_audit.revea
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ from cxr_audit.reveal.concepts import alarm_level, rank_concepts
 from cxr_audit.reveal.embedding import EMBEDDINGS
 from cxr_audit.reveal.location import outside_lung_share
 from cxr_audit.reveal.prototypes import as_records, audit_prototypes
+from cxr_audit.reveal.records import ConceptRecord
 from cxr_audit.reveal.report import write_report
 from cxr_audit.reveal.spray import prepare_heatmaps
 from cxr_audit.runtime import now, versions, write_text_atomic
@@ -52,7 +53,7 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     v = _read_scan(scan_path, target)
     step = _Steps(len(v.layers) + 3 * len(np.unique(v.classes[v.rows])) + 1, on_progress)
     concepts, n_tested = _rank_layers(v, top, step)
-    concepts.sort(key=lambda c: -c["suspicion"])
+    concepts.sort(key=lambda c: -c.suspicion)
     concepts = _weigh_by_location(scan_path, concepts[:max(3 * top, 30)], v.index, v.rows, device, v.explained)[:top]
     level = alarm_level(n_tested)
     source_tests = flag_alarms(concepts, level)
@@ -60,10 +61,10 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     # on the phantom benchmark the high-suspicion concepts whose split is not bimodal were the
     # *complement* of the artifact (on for the class's stamp-free samples)
     for c in concepts:
-        c["rank_score"] = c["suspicion"] * float(norm.cdf(c["bimodality_z"]))
-    concepts.sort(key=lambda c: (not c["alarm"], -c["rank_score"]))
+        c.rank_score = c.suspicion * float(norm.cdf(c.bimodality_z))
+    concepts.sort(key=lambda c: (not c.alarm, -c.rank_score))
     for rank, c in enumerate(concepts):
-        c["id"] = rank
+        c.id = rank
     _member_cav_scores(concepts, v.layers[0], v.layer(v.layers[0])[0], v.index[v.rows])
     # one concept layer: the middle scanned one, as annotate's default
     middle = v.layers[len(v.layers) // 2]
@@ -75,12 +76,13 @@ def reveal(scan_path: str | Path, out_dir: str | Path, *, target: str = "pred", 
     _export_virelay(out / "reveal.virelay.h5", per_class, v.names)
     virelay = _virelay_project(out / "virelay", v, clustered, per_class, target, virelay_project)
     _scatter(out / "embedding.png", per_class, v.names, v.sources, v.labels, v.index)
-    alarm = {"raised": any(c["alarm"] for c in concepts), "z_level": level, "tests": n_tested,
-             "source_tests": source_tests, "source_linked": [c["id"] for c in concepts if c["source_linked"]]}
+    alarm = {"raised": any(c.alarm for c in concepts), "z_level": level, "tests": n_tested,
+             "source_tests": source_tests, "source_linked": [c.id for c in concepts if c.source_linked]}
     result = {"scan": str(Path(scan_path).resolve()), "target": target, "explained_output": v.explained,
               "class_names": v.names, "sample_ids": [int(v.index[r]) for r in v.rows], "embedding": embedding,
-              "embedding_fitted": {v.names[k]: [d["fitted"], len(d["ids"])] for k, d in per_class.items()},
-              "alarm": alarm, "concepts": concepts, "clusters": clusters, "virelay": virelay,
+              "embedding_fitted": {v.names[k]: [d.fitted, len(d.ids)] for k, d in per_class.items()},
+              "alarm": alarm, "concepts": [c.to_json() for c in concepts],
+              "clusters": [c.to_json() for c in clusters], "virelay": virelay,
               "prevalence": _prevalence(v.labels[v.rows], v.sources[v.rows], v.names),
               "prototypes": _prototypes(scan_path, device), "created": now(),
               "versions": versions()}
@@ -153,35 +155,32 @@ def _read_scan(scan_path, target: str) -> ScanView:
     return view
 
 
-def _rank_layers(v: ScanView, top: int, step: Callable[[str], None]) -> tuple[list[dict], int]:
-    """Candidate concepts of every scanned layer as records (members as manifest ids) and the
-    number of concepts tested (for the alarm's Bonferroni level)."""
+def _rank_layers(v: ScanView, top: int, step: Callable[[str], None]) -> tuple[list[ConceptRecord], int]:
+    """Candidate concepts of every scanned layer and the number of concepts tested (for the
+    alarm's Bonferroni level)."""
     concepts, n_tested = [], 0
     for layer in v.layers:
         acts, rel = v.layer(layer)
         findings = rank_concepts(layer, acts, rel, v.classes[v.rows], v.sources[v.rows], top=top)
         n_tested += len(findings)
-        for finding in findings:
-            record = asdict(finding)
-            record["members"] = [int(v.index[v.rows[m]]) for m in finding.members]
-            record["scores"] = {"activation_max": _short_floats(acts[:, finding.channel])}
-            concepts.append(record)
+        concepts.extend(ConceptRecord.from_finding(f, v.index[v.rows], _short_floats(acts[:, f.channel]))
+                        for f in findings)
         step(f"concepts {layer}")
     return concepts, n_tested
 
 
-def _member_cav_scores(concepts: list[dict], layer: str, acts: np.ndarray, row_ids: np.ndarray) -> None:
+def _member_cav_scores(concepts: list[ConceptRecord], layer: str, acts: np.ndarray, row_ids: np.ndarray) -> None:
     """Add ``scores["cav"]``: each sample's projection on a signal CAV (Pahde et al., 2023) fitted
     at ``layer`` (the earliest scanned one) on the concept's members against every other sample —
     what ``annotate`` would label from this concept. One channel's activation is a noisy detector;
     the direction its members share at an early layer separates the artifact samples better
     (phantom benchmark: docs/reveal.md)."""
     for c in concepts:
-        members = np.isin(row_ids, c["members"])
+        members = np.isin(row_ids, c.members)
         if 0 < members.sum() < len(members):
             cav = SignalCAV().fit(acts, members.astype(int))
-            c["scores"]["cav"] = _short_floats(cav.score(acts))
-            c["cav_layer"] = layer
+            c.scores["cav"] = _short_floats(cav.score(acts))
+            c.cav_layer = layer
 
 
 def _short_floats(values: np.ndarray) -> list[float]:
@@ -192,26 +191,26 @@ def _short_floats(values: np.ndarray) -> list[float]:
 
 
 
-def _weigh_by_location(scan_path, concepts: list[dict], index, rows, device, explained: int | None,
-                       refs: int = 8) -> list[dict]:
+def _weigh_by_location(scan_path, concepts: list[ConceptRecord], index, rows, device, explained: int | None,
+                       refs: int = 8) -> list[ConceptRecord]:
     """With lung masks, multiply each candidate's suspicion by the share of its conditional
     relevance outside the lungs (:mod:`cxr_audit.reveal.location`) and re-rank: a concept that
     splits a class by where the disease is (left/right lung, size) is real signal, one that
     splits it by a corner stamp is not. Without masks the ranking is left as it is."""
     picks = []
     for c in concepts:
-        act = np.asarray(c["scores"]["activation_max"])
-        members = set(c["members"])
+        act = np.asarray(c.scores["activation_max"])
+        members = set(c.members)
         ranked = [int(index[rows[j]]) for j in np.argsort(-act) if int(index[rows[j]]) in members]
-        picks.append((c["layer"], c["channel"], ranked[:refs]))
+        picks.append((c.layer, c.channel, ranked[:refs]))
     shares = outside_lung_share(scan_path, picks, device, explained)
     if shares is None:
         return concepts
     for c, share in zip(concepts, shares):
-        c["outside_lungs"] = share
-        c["suspicion_before_location"] = c["suspicion"]
-        c["suspicion"] = c["suspicion"] * (share if np.isfinite(share) else 1.0)
-    return sorted(concepts, key=lambda c: -c["suspicion"])
+        c.outside_lungs = share
+        c.suspicion_before_location = c.suspicion
+        c.suspicion = c.suspicion * (share if np.isfinite(share) else 1.0)
+    return sorted(concepts, key=lambda c: -c.suspicion)
 
 
 VIRELAY_AUTO_MAX = 20000  # samples; past this the project (a thumbnail per image) is written only when asked
@@ -236,7 +235,7 @@ def _virelay_project(folder: Path, v: ScanView, clustered, per_class, target, wa
         for k, (members, result, cluster_ids) in per.items():
             embeddings = {"spectral": result.embedding}
             if space == "heatmap":
-                embeddings[per_class[k]["method"]] = per_class[k]["embedding"]
+                embeddings[per_class[k].method] = per_class[k].xy
             analyses[space][names[k]] = CategoryAnalysis(members, embeddings, result.eigenvalues, cluster_ids)
     data = ProjectData(name=f"cxr-audit {Path(meta['data']).name}", model=str(meta["arch"]), class_names=names,
                        images=images, labels=v.labels[v.rows], heatmaps=v.heatmaps(), predictions=v.logits,
@@ -269,8 +268,8 @@ def _export_virelay(path: Path, per_class: dict, names: list[str]) -> None:
     """Each class's heatmap embeddings and SpRAy clustering as one ViRelAy analysis database
     (manifest ids as the index)."""
     write_analysis(path, {names[k]: CategoryAnalysis(
-        np.asarray(data["ids"]), {"spectral": data["spray"].embedding, data["method"]: data["embedding"]},
-        data["spray"].eigenvalues, data["spray"].labels, cluster_name=f"spray-k{data['spray'].k}")
+        np.asarray(data.ids), {"spectral": data.spray.embedding, data.method: data.xy},
+        data.spray.eigenvalues, data.spray.labels, cluster_name=f"spray-k{data.spray.k}")
         for k, data in per_class.items()})
 
 
@@ -286,10 +285,10 @@ def _scatter(path: Path, per_class: dict, names, sources, labels, index) -> None
     row_of = {int(i): r for r, i in enumerate(index)}
     fig, axes = plt.subplots(len(per_class), 2, figsize=(7, 3.2 * len(per_class)), squeeze=False)
     for ax_row, (k, data) in zip(axes, per_class.items()):
-        xy = data["embedding"]
-        ax_row[0].scatter(xy[:, 0], xy[:, 1], c=data["spray"].labels, cmap="tab10", s=8)
+        xy = data.xy
+        ax_row[0].scatter(xy[:, 0], xy[:, 1], c=data.spray.labels, cmap="tab10", s=8)
         ax_row[0].set_title(f"{names[k]}: SpRAy clusters", fontsize=8)
-        src = np.array([sources[row_of[int(i)]] for i in data["ids"]])
+        src = np.array([sources[row_of[int(i)]] for i in data.ids])
         for s in sorted(set(src)):
             ax_row[1].scatter(xy[src == s, 0], xy[src == s, 1], s=8, label=s or "(none)")
         ax_row[1].set_title(f"{names[k]}: source", fontsize=8)
