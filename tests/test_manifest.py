@@ -26,6 +26,30 @@ def test_manifest_labels_sources_and_extra_columns(tmp_path):
     assert [s.index for s in m.subset("test").samples] == [1, 2]
 
 
+def test_a_manifest_written_elsewhere_reads_back_the_same_samples(tmp_path, monkeypatch):
+    """Manifest.write keeps every column and rebases paths on the new folder (also from a
+    manifest loaded by a relative path)."""
+    from dataclasses import replace
+
+    for name in ("a.png", "m.png", "art.png"):
+        _img(tmp_path / "data" / name)
+    write_manifest(tmp_path / "data" / "m.csv", [
+        {"path": "a.png", "label": "covid|normal", "source": "A", "split": "train", "mask": "m.png",
+         "artifact": 1, "artifact_mask": "art.png", "patient": "p1"},
+        {"path": "a.png", "label": "normal", "source": "B", "split": "test", "artifact": 0, "patient": "p2"}])
+    monkeypatch.chdir(tmp_path)
+    m = load_manifest("data/m.csv")
+    written = replace(m, samples=m.samples[::-1]).write(tmp_path / "elsewhere" / "deep" / "out.csv")
+    back = load_manifest(written, class_names=m.class_names)
+    assert "data/a.png" in written.read_text()  # relative, not absolute
+    for old, new in zip(m.samples[::-1], back.samples):
+        assert new.path.resolve() == old.path.resolve() and new.labels == old.labels
+        assert (new.source, new.split, new.artifact, new.extra) == (old.source, old.split, old.artifact, old.extra)
+        assert (new.mask and new.mask.resolve()) == (old.mask and old.mask.resolve())
+        assert (new.artifact_mask and new.artifact_mask.resolve()) == (old.artifact_mask and old.artifact_mask.resolve())
+    assert back.multilabel and back[1].mask is not None and back[0].mask is None
+
+
 def test_unknown_label_names_the_row(tmp_path):
     _img(tmp_path / "a.png")
     write_manifest(tmp_path / "m.csv", [{"path": "a.png", "label": "zebra"}])

@@ -4,14 +4,14 @@ columns, readable by every command) and ``contact_sheet.png``."""
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cxr_audit.data.io import read_image
-from cxr_audit.data.manifest import load_manifest, write_manifest
+from cxr_audit.data.manifest import load_manifest
 
 
 def write_mask_outputs(masks_dir, meta, index, labels, mask_rows, masks, scores) -> dict:
@@ -26,14 +26,10 @@ def write_mask_outputs(masks_dir, meta, index, labels, mask_rows, masks, scores)
         png = masks_dir / f"{int(index[r]):06d}.png"
         Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST).save(png)
         mask_path[int(index[r])] = png
-    rows = []
     label_of = {int(i): int(l) for i, l in zip(index, labels) if l >= 0}  # unknown rows: no artifact value
-    for s in manifest.samples:
-        rows.append({"path": os.path.relpath(s.path, masks_dir), "label": "|".join(manifest.class_names[l] for l in s.labels),
-                     "source": s.source, "split": s.split, "mask": os.path.relpath(s.mask, masks_dir) if s.mask else None,
-                     "artifact": label_of.get(s.index),
-                     "artifact_mask": mask_path[s.index].name if s.index in mask_path else None, **s.extra})
-    write_manifest(masks_dir / "annotated.csv", rows)
+    annotated = [replace(s, artifact=label_of.get(s.index), artifact_mask=mask_path.get(s.index))
+                 for s in manifest.samples]
+    replace(manifest, samples=annotated).write(masks_dir / "annotated.csv")
     sheet = _contact_sheet(masks_dir / "contact_sheet.png", manifest, index, mask_rows, masks, scores, meta)
     return {"masks": masks_dir, "manifest": masks_dir / "annotated.csv", "contact_sheet": sheet}
 

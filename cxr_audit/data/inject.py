@@ -11,7 +11,7 @@ reveal/annotate/evaluate are measured against.
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from cxr_audit.data.artifacts import get_artifact
 from cxr_audit.data.io import read_image, write_png
-from cxr_audit.data.manifest import Manifest, load_manifest, write_manifest
+from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.options import choice
 from cxr_audit.runtime import write_text_atomic
@@ -84,26 +84,21 @@ def inject(data: str | Path, out_dir: str | Path, artifact: str, prevalence: dic
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    done = 0
+    samples, done = [], 0
     for s in manifest.samples:
-        row = {"path": os.path.relpath(s.path, out), "label": "|".join(manifest.class_names[l] for l in s.labels),
-               "source": s.source, "split": s.split,
-               "mask": os.path.relpath(s.mask, out) if s.mask else None, **s.extra}
         if s.index in chosen:
             image, mask = art.apply(read_image(s.path), rng)
             name = f"{s.index:06d}_{Path(s.path).stem}.png"
             write_png(out / "images" / name, image)
             write_png(out / "artifact_masks" / name, mask)
-            row.update(path=f"images/{name}", artifact=1, artifact_mask=f"artifact_masks/{name}")
+            s = replace(s, path=out / "images" / name, artifact=1, artifact_mask=out / "artifact_masks" / name)
             done += 1
             if on_progress:
                 on_progress(done, len(chosen))
         else:
-            row.update(artifact=s.artifact or 0,
-                       artifact_mask=os.path.relpath(s.artifact_mask, out) if s.artifact_mask else None)
-        rows.append(row)
-    write_manifest(out / "manifest.csv", rows)
+            s = replace(s, artifact=s.artifact or 0)
+        samples.append(s)
+    replace(manifest, samples=samples).write(out / "manifest.csv")
     write_text_atomic(out / "inject.json", json.dumps(
         {"source_manifest": str(Path(data).resolve()), "artifact": artifact, "prevalence": prevalence,
          "by": by, "splits": splits, "seed": seed, "injected": len(chosen)}, indent=2))

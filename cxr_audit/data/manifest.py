@@ -8,6 +8,7 @@ Sample ids are 0-based manifest row numbers and stay stable across every command
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,15 @@ class Sample:
     @property
     def label(self) -> int:
         return self.labels[0] if self.labels else -1
+
+    def row(self, class_names: list[str], folder: Path) -> dict[str, object]:
+        """This sample as a manifest row of a CSV in ``folder`` (paths relative to it)."""
+        def relative(p: Path | None) -> str | None:
+            return None if p is None else os.path.relpath(p, folder)
+
+        return {"path": relative(self.path), "label": "|".join(class_names[k] for k in self.labels),
+                "source": self.source, "split": self.split, "mask": relative(self.mask), "artifact": self.artifact,
+                "artifact_mask": relative(self.artifact_mask), **self.extra}
 
 
 @dataclass
@@ -71,6 +81,13 @@ class Manifest:
     @property
     def sources(self) -> list[str]:
         return sorted({s.source for s in self.samples})
+
+    def write(self, path: str | Path) -> Path:
+        """Write the samples as a manifest CSV at ``path`` (whole or not at all; paths relative to its
+        folder, extra columns kept); the written file lists the samples in this order."""
+        path = Path(path)
+        write_manifest(path, [s.row(self.class_names, path.parent) for s in self.samples])
+        return path
 
 
 def load_manifest(path: str | Path, class_names: list[str] | None = None, multilabel: bool = False) -> Manifest:
@@ -169,7 +186,8 @@ def _load_image_folder(root: Path, class_names: list[str] | None) -> Manifest:
 
 
 def write_manifest(path: str | Path, rows: list[dict[str, object]]) -> None:
-    """Write manifest rows (dicts) as CSV with known columns first, in a stable order."""
+    """Write manifest rows (dicts) as CSV with known columns first, in a stable order; for a
+    :class:`Manifest` use :meth:`Manifest.write`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []

@@ -15,13 +15,13 @@ The H1 and H2 curves cross near 50/50, where Test-50-50 peaks.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from cxr_audit.data.manifest import Manifest, load_manifest, write_manifest
+from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate import metrics as M
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
@@ -73,7 +73,7 @@ def stress(data: str | Path, out: str | Path, *, sources: tuple[str, str] | None
         chosen = _biased_draw(pools, h1, h2, pos, x, per_class, np.random.default_rng(seed + k))
         extra = list(test.samples)  # no val rows: model selection on unbiased data would hide the effect
         csv = out / f"x{x:03d}" / "manifest.csv"
-        _write_subset(csv, manifest, chosen + extra)
+        replace(manifest, samples=chosen + extra).write(csv)
         ckpt = train(csv, out / f"x{x:03d}" / "model.pt", arch, size=size, epochs=epochs, batch_size=batch_size,
                      lr=lr, seed=seed, device=device, on_progress=on_progress).checkpoint
         model, config = load_checkpoint(ckpt)
@@ -113,17 +113,6 @@ def _two_sources(manifest: Manifest) -> tuple[str, str]:
     return kinds[0], kinds[1]
 
 
-def _write_subset(path: Path, manifest: Manifest, samples) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for s in samples:
-        rows.append({"path": os.path.relpath(s.path, path.parent), "label": manifest.class_names[s.label],
-                     "source": s.source, "split": s.split,
-                     "mask": os.path.relpath(s.mask, path.parent) if s.mask else None, "artifact": s.artifact,
-                     "artifact_mask": os.path.relpath(s.artifact_mask, path.parent) if s.artifact_mask else None})
-    write_manifest(path, rows)
 
 
 def prototype_source_shares(checkpoint: Path, h1: str) -> dict:
