@@ -7,8 +7,12 @@ training images are scanned and revealed (:mod:`cxr_audit.reveal.prototypes`), a
 gives the test accuracy, the share of each class's prototypes flagged (source-linked or with PRP
 relevance densely outside the lungs), the share projected onto a stamped patch (phantoms: the
 projected box overlaps the injected stamp's mask), whether one of the class's stamped prototypes
-is also flagged (``caught``: the issue's acceptance, 1 = in every seed) and Average Drop of PRP vs the upsampled
-similarity maps (`evaluate`); mean ± sd over seeds.
+is also flagged (``caught``: the issue's acceptance, 1 = in every seed), ``reliance`` (`evaluate`'s
+``artifact_inserted_drop``: test accuracy lost when the stamp is drawn on every image of the other
+class — a model that does not use the stamp *should* have no stamped prototype) and Average Drop of
+PRP vs the upsampled similarity maps (`evaluate`); mean ± sd over seeds. ``--disease-strength``
+(phantom opacity brightness, default 0.15; lower = harder, so the stamp becomes the easier cue)
+sweeps how attractive the shortcut is.
 
 Data: ``phantoms`` (two alternating sources; a text stamp on every H1 = ``site0`` image; the
 positive class ``disease``) at mixes ``--mixes`` (default 50 and 90 % of disease from H1; the
@@ -33,7 +37,7 @@ import numpy as np
 COVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
 
 
-def phantom_mix(work: Path, n: int, size: int, seed: int, x: int, y: int = 50) -> Path:
+def phantom_mix(work: Path, n: int, size: int, seed: int, x: int, y: int = 50, strength: float = 0.15) -> Path:
     """Phantoms with a stamp on every ``site0`` image, ``x`` % of the disease images and ``y`` % of
     the healthy images from ``site0`` (images of the source in excess dropped, per class)."""
     from cxr_audit.data.inject import inject
@@ -41,7 +45,7 @@ def phantom_mix(work: Path, n: int, size: int, seed: int, x: int, y: int = 50) -
 
     stamped = work / "stamped" / "manifest.csv"
     if not stamped.exists():
-        phantoms = generate_phantoms(work / "ph", n=n, size=size, seed=seed, sources=2)
+        phantoms = generate_phantoms(work / "ph", n=n, size=size, seed=seed, sources=2, disease_strength=strength)
         stamped = inject(phantoms, work / "stamped", "text", {"site0": 1.0}, by="source", seed=seed)
     rows = list(csv.DictReader(open(stamped)))
     drop = set()
@@ -99,7 +103,8 @@ def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     return {"accuracy": metrics["accuracy"], "flagged_pos": share[positive][0], "flagged_other": share[other][0],
             "stamped_pos": share[positive][1], "stamped_other": share[other][1],
             "caught_pos": share[positive][2], "caught_other": share[other][2],
-            "ad_prp": metrics["prp_average_drop"], "ad_act": metrics["activation_average_drop"],
+            "reliance": metrics.get("artifact_inserted_drop", float("nan")), "ad_prp": metrics["prp_average_drop"],
+            "ad_act": metrics["activation_average_drop"],
             "seconds": time.perf_counter() - start}
 
 
@@ -110,10 +115,12 @@ def _cells(args, root: Path):
             if kind == "covid":
                 yield kind, "100/0", seed, COVID, root / f"covid{seed}", "covid"
                 continue
-            for x in args.mixes:
-                work, y = root / f"ph{seed}", 50 if x == 50 else args.healthy_h1
-                yield kind, f"{x}/{100 - x}, healthy {y}/{100 - y}", seed, phantom_mix(work, args.n, args.size, seed, x, y), \
-                    work / f"x{x}", "disease"
+            for strength in args.disease_strength:
+                for x in args.mixes:
+                    work, y = root / f"ph{seed}_{strength}", 50 if x == 50 else args.healthy_h1
+                    data = phantom_mix(work, args.n, args.size, seed, x, y, strength)
+                    yield kind, f"{x}/{100 - x}, healthy {y}/{100 - y}, opacity {strength}", seed, data, \
+                        work / f"x{x}", "disease"
 
 
 def main() -> None:
@@ -124,6 +131,8 @@ def main() -> None:
                         help="%% of healthy images from H1 (50: Gautam et al.'s design; 10: H1 carries disease, "
                              "H2 healthy; 50 is used for the 50 mix either way)")
     parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--disease-strength", nargs="+", type=float, default=[0.15],
+                        help="phantom opacity brightness (lower: the stamp is the easier cue)")
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
@@ -144,8 +153,8 @@ def main() -> None:
 
 
 def _print_table(results: dict, args) -> None:
-    keys = ["accuracy", "flagged_pos", "flagged_other", "stamped_pos", "stamped_other", "caught_pos", "caught_other",
-            "ad_prp", "ad_act", "seconds"]
+    keys = ["accuracy", "reliance", "flagged_pos", "flagged_other", "stamped_pos", "stamped_other", "caught_pos",
+            "caught_other", "ad_prp", "ad_act", "seconds"]
     print(f"\nprotopnet:{args.arch}, {args.size}px, {args.epochs} epochs; mean ± sd over seeds {args.seeds}; "
           "pos = the class over-represented in H1")
     print("| data | mix H1/H2 (pos) | " + " | ".join(keys) + " |")
