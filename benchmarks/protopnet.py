@@ -5,9 +5,12 @@ source H1 and show the prototypes latching onto H1's cues. Here, per mix and see
 ``protopnet:ARCH`` is trained (`train`'s three steps), evaluated on the clean test split, the
 training images are scanned and revealed (:mod:`cxr_audit.reveal.prototypes`), and the table
 gives the test accuracy, the share of each class's prototypes flagged (source-linked or with PRP
-relevance densely outside the lungs), the share projected onto a stamped patch (phantoms: the
-projected box overlaps the injected stamp's mask), whether one of the class's stamped prototypes
-is also flagged (``caught``: the issue's acceptance, 1 = in every seed), ``reliance`` (`evaluate`'s
+relevance densely outside the lungs), the share projected onto a stamped patch — ``stamped_cell``:
+the projected feature cell overlaps the injected stamp's mask; ``stamped_prp``: the prototype's PRP
+map on its projected image is at least :data:`~cxr_audit.reveal.prototypes.ENRICHMENT` times denser
+on the stamp than elsewhere (:func:`stamp_enrichment` says why the cell misleads) — whether one of
+the class's PRP-stamped prototypes is also flagged (``caught``: the issue's acceptance, 1 = in
+every seed), ``reliance`` (`evaluate`'s
 ``artifact_inserted_drop``: test accuracy lost when the stamp is drawn on every image of the other
 class — a model that does not use the stamp *should* have no stamped prototype) and Average Drop of
 PRP vs the upsampled similarity maps (`evaluate`); mean ± sd over seeds. ``--disease-strength``
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cxr_audit.reveal.prototypes import ENRICHMENT
 
 COVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
 
@@ -67,7 +71,7 @@ def phantom_mix(work: Path, n: int, size: int, seed: int, x: int, y: int = 50, s
 
 
 def stamped_projection(record: dict, artifact_masks: dict) -> bool:
-    """Whether a prototype's projected box overlaps the injected stamp of its image."""
+    """Whether a prototype's projected feature cell (its box) overlaps the injected stamp of its image."""
     from cxr_audit.data.io import read_image
 
     mask_path = artifact_masks.get(record.get("sample"))
@@ -75,6 +79,41 @@ def stamped_projection(record: dict, artifact_masks: dict) -> bool:
         return False
     y0, x0, y1, x1 = record["box"]
     return bool((read_image(mask_path)[y0:y1, x0:x1] > 0.5).any())
+
+
+def stamp_enrichment(ckpt: Path, data: Path, prototypes: list[dict]) -> list[float | None]:
+    """Per prototype, how much denser its PRP relevance on its projected image is inside the injected
+    stamp than elsewhere (:func:`cxr_audit.reveal.prototypes.outside_enrichment` with the stamp for
+    the outside; ``None`` when that image has no stamp). The feature cell is not where a prototype
+    looks: a 1x1 prototype on a ResNet trunk sees the whole image from every cell, so on these
+    phantoms the disease prototypes projected onto lung cells while their PRP maps lit up the stamp
+    in the corner (Gautam et al., 2023: PRP, not the cell or the upsampled similarity, shows it)."""
+    import torch
+    from cxr_audit.data.dataset import CxrDataset, collate
+    from cxr_audit.data.io import read_image
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.explain.prp import prototype_explainer
+    from cxr_audit.models.architectures import spec_of
+    from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+    from cxr_audit.reveal.prototypes import outside_enrichment
+    from PIL import Image
+
+    net, config = load_checkpoint(ckpt)
+    prep = preprocessing_of(config)
+    manifest = load_manifest(data, class_names=config["class_names"])
+    batch = collate([CxrDataset(manifest, prep, with_masks=False)[p["projected"]["sample"]] for p in prototypes])
+    with prototype_explainer(net.eval(), config["arch"], prep, spec_of(config["arch"]).prototype_layer) as explain:
+        maps = explain(batch["image"], index=torch.tensor([[p["prototype"]] for p in prototypes])).prp[:, 0].numpy()
+    out = []
+    for p, heat in zip(prototypes, maps):
+        stamp = manifest[p["projected"]["sample"]].artifact_mask
+        if stamp is None:
+            out.append(None)
+            continue
+        inside = np.asarray(Image.fromarray(read_image(stamp) > 0.5).resize(heat.shape[::-1], Image.NEAREST))
+        positive = np.clip(heat, 0, None)
+        out.append(outside_enrichment(float(positive[inside].sum() / max(positive.sum(), 1e-12)), float(inside.mean())))
+    return out
 
 
 def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
@@ -86,23 +125,29 @@ def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     from cxr_audit.training.pipeline import train
 
     start = time.perf_counter()
-    ckpt = train(data, work / "pp.pt", f"protopnet:{args.arch}", size=args.size, epochs=args.epochs,
-                 batch_size=16, seed=seed, device="cpu").checkpoint
-    metrics = evaluate(ckpt, data, device="cpu", seed=seed).metrics["model"]
+    ckpt = work / "pp.pt"
+    if not ckpt.is_file():  # --work of an earlier run: its trained model (same data, seed and options) is reused
+        ckpt = train(data, ckpt, f"protopnet:{args.arch}", size=args.size, epochs=args.epochs,
+                     batch_size=16, seed=seed, device="cpu").checkpoint
+    stamp = "text" if positive == "disease" else None  # phantoms: the stamp drawn on every healthy test image
+    metrics = evaluate(ckpt, data, device="cpu", seed=seed, artifact=stamp).metrics["model"]
     s = scan(ckpt, data, work / "train.h5", split="train", device="cpu", prototype_maps=1).path
     prototypes = reveal(s, work / "reveal", references=False)["prototypes"]
     manifest = load_manifest(data)
     masks = {smp.index: smp.artifact_mask for smp in manifest.samples}
+    dense = dict(zip([p["prototype"] for p in prototypes], stamp_enrichment(ckpt, data, prototypes)))
     share = {}
     for cls in sorted({p["class"] for p in prototypes}):
         own = [p for p in prototypes if p["class"] == cls]
-        stamped = [stamped_projection(p["projected"], masks) for p in own]
-        share[cls] = (np.mean([p["flagged"] for p in own]), np.mean(stamped),
-                      float(any(s and p["flagged"] for s, p in zip(stamped, own))))
+        cell = [stamped_projection(p["projected"], masks) for p in own]
+        looks = [(dense[p["prototype"]] or 0.0) >= ENRICHMENT for p in own]
+        share[cls] = (np.mean([p["flagged"] for p in own]), np.mean(cell), np.mean(looks),
+                      float(any(s and p["flagged"] for s, p in zip(looks, own))))
     other = next(c for c in share if c != positive)
     return {"accuracy": metrics["accuracy"], "flagged_pos": share[positive][0], "flagged_other": share[other][0],
-            "stamped_pos": share[positive][1], "stamped_other": share[other][1],
-            "caught_pos": share[positive][2], "caught_other": share[other][2],
+            "stamped_cell_pos": share[positive][1], "stamped_cell_other": share[other][1],
+            "stamped_prp_pos": share[positive][2], "stamped_prp_other": share[other][2],
+            "caught_pos": share[positive][3], "caught_other": share[other][3],
             "reliance": metrics.get("artifact_inserted_drop", float("nan")), "ad_prp": metrics["prp_average_drop"],
             "ad_act": metrics["activation_average_drop"],
             "seconds": time.perf_counter() - start}
@@ -137,12 +182,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--work", help="folder for data and models (default: a new temporary one); the models "
+                                       "already in it are reused, so a table can be re-read with new metrics")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(2)
-    root = Path(tempfile.mkdtemp())
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp())
     results: dict = {}
     for kind, mix, seed, data, work, positive in _cells(args, root):
         work.mkdir(parents=True, exist_ok=True)
@@ -153,8 +200,8 @@ def main() -> None:
 
 
 def _print_table(results: dict, args) -> None:
-    keys = ["accuracy", "reliance", "flagged_pos", "flagged_other", "stamped_pos", "stamped_other", "caught_pos",
-            "caught_other", "ad_prp", "ad_act", "seconds"]
+    keys = ["accuracy", "reliance", "flagged_pos", "flagged_other", "stamped_cell_pos", "stamped_cell_other",
+            "stamped_prp_pos", "stamped_prp_other", "caught_pos", "caught_other", "ad_prp", "ad_act", "seconds"]
     print(f"\nprotopnet:{args.arch}, {args.size}px, {args.epochs} epochs; mean ± sd over seeds {args.seeds}; "
           "pos = the class over-represented in H1")
     print("| data | mix H1/H2 (pos) | " + " | ".join(keys) + " |")

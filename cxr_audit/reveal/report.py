@@ -63,7 +63,8 @@ def _prototype_png(out: Path, scan_path, prototypes: list[dict], device: str) ->
     if not prototypes:
         return None
     png = prototype_gallery(scan_path, prototypes[:20], out / "prototypes.png", device,
-                            title="prototypes: projected training patch, enlarged, PRP map")
+                            title="prototypes: projected image with its feature cell boxed, the cell enlarged, PRP map "
+                                  "(a deep trunk sees the whole image from every cell: the PRP map shows where it looks)")
     return None if png is None else png.name
 
 
