@@ -81,17 +81,17 @@ def stamped_projection(record: dict, artifact_masks: dict) -> bool:
     return bool((read_image(mask_path)[y0:y1, x0:x1] > 0.5).any())
 
 
-def stamp_enrichment(ckpt: Path, data: Path, prototypes: list[dict]) -> list[float | None]:
+def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict]) -> list[float | None]:
     """Per prototype, how much denser its PRP relevance on its projected image is inside the injected
     stamp than elsewhere (:func:`cxr_audit.reveal.prototypes.outside_enrichment` with the stamp for
-    the outside; ``None`` when that image has no stamp). The feature cell is not where a prototype
-    looks: a 1x1 prototype on a ResNet trunk sees the whole image from every cell, so on these
+    the outside; ``None`` when that image has no stamp); ``manifest``: the trained-on data. The
+    feature cell is not where a prototype looks: a 1x1 prototype on a ResNet trunk sees the whole
+    image from every cell, so on these
     phantoms the disease prototypes projected onto lung cells while their PRP maps lit up the stamp
     in the corner (Gautam et al., 2023: PRP, not the cell or the upsampled similarity, shows it)."""
     import torch
     from cxr_audit.data.dataset import CxrDataset, collate
     from cxr_audit.data.io import read_image
-    from cxr_audit.data.manifest import load_manifest
     from cxr_audit.explain.prp import prototype_explainer
     from cxr_audit.models.architectures import spec_of
     from cxr_audit.models.registry import load_checkpoint, preprocessing_of
@@ -100,7 +100,6 @@ def stamp_enrichment(ckpt: Path, data: Path, prototypes: list[dict]) -> list[flo
 
     net, config = load_checkpoint(ckpt)
     prep = preprocessing_of(config)
-    manifest = load_manifest(data, class_names=config["class_names"])
     batch = collate([CxrDataset(manifest, prep, with_masks=False)[p["projected"]["sample"]] for p in prototypes])
     with prototype_explainer(net.eval(), config["arch"], prep, spec_of(config["arch"]).prototype_layer) as explain:
         maps = explain(batch["image"], index=torch.tensor([[p["prototype"]] for p in prototypes])).prp[:, 0].numpy()
@@ -135,7 +134,7 @@ def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     prototypes = reveal(s, work / "reveal", references=False)["prototypes"]
     manifest = load_manifest(data)
     masks = {smp.index: smp.artifact_mask for smp in manifest.samples}
-    dense = dict(zip([p["prototype"] for p in prototypes], stamp_enrichment(ckpt, data, prototypes)))
+    dense = dict(zip([p["prototype"] for p in prototypes], stamp_enrichment(ckpt, manifest, prototypes)))
     share = {}
     for cls in sorted({p["class"] for p in prototypes}):
         own = [p for p in prototypes if p["class"] == cls]

@@ -28,7 +28,10 @@ from cxr_audit.numerics.threshold import otsu_threshold
 
 
 @dataclass
-class ConceptFinding:
+class ConceptStatistics:
+    """What the ranking measures of one (layer, channel, class); shared by the finding and by
+    ``reveal``'s record of it (:class:`cxr_audit.reveal.records.ConceptRecord`)."""
+
     layer: str
     channel: int
     class_index: int
@@ -39,11 +42,15 @@ class ConceptFinding:
     importance: float
     outlier: float
     bimodality_z: float = 0.0
-    member_rows: list[int] = field(default_factory=list)  # scan rows above the split (positions in the arrays)
     source_association: dict = field(default_factory=dict)
     source_cramers_v: float | None = None  # membership vs source within the class (None: < 2 sources)
     source_p_value: float | None = None
     label_p_value: float | None = None  # membership vs class: is the split tied to the label?
+
+
+@dataclass
+class ConceptFinding(ConceptStatistics):
+    member_rows: list[int] = field(default_factory=list)  # scan rows above the split (positions in the arrays)
 
 
 GAUSSIAN_ETA = 2 / np.pi  # share of variance the best two-way split explains for a normal distribution

@@ -13,29 +13,16 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from cxr_audit.reveal.concepts import ConceptFinding
+from cxr_audit.reveal.concepts import ConceptFinding, ConceptStatistics
 
 
 @dataclass
-class ConceptRecord:
-    """One candidate concept: the statistics of its :class:`ConceptFinding`, its members as manifest
-    ids, per-sample scores and what the later steps of ``reveal`` decide about it."""
+class ConceptRecord(ConceptStatistics):
+    """One candidate concept: the statistics of its :class:`ConceptFinding` (``suspicion`` times
+    ``outside_lungs`` when lung masks exist; before: ``suspicion_before_location``), its members as
+    manifest ids, per-sample scores and what the later steps of ``reveal`` decide about it."""
 
-    layer: str
-    channel: int
-    class_index: int
-    suspicion: float  # times outside_lungs when lung masks exist (before: suspicion_before_location)
-    contrast: float
-    eta: float
-    minority: float
-    importance: float
-    outlier: float
-    bimodality_z: float
-    members: list[int]  # manifest ids above the split
-    source_association: dict
-    source_cramers_v: float | None
-    source_p_value: float | None
-    label_p_value: float | None
+    members: list[int] = field(default_factory=list)  # manifest ids above the split
     scores: dict[str, list[float]] = field(default_factory=dict)  # "activation_max", "cav": one per scanned row
     outside_lungs: float | None = None  # share of conditional relevance outside the lung masks
     suspicion_before_location: float | None = None
@@ -49,7 +36,7 @@ class ConceptRecord:
     @classmethod
     def from_finding(cls, finding: ConceptFinding, row_ids: np.ndarray, activation_max: list[float]) -> ConceptRecord:
         """The record of ``finding``; ``row_ids[r]`` is the manifest id of scan row ``r``."""
-        shared = {f.name: getattr(finding, f.name) for f in fields(ConceptFinding) if f.name != "member_rows"}
+        shared = {f.name: getattr(finding, f.name) for f in fields(ConceptStatistics)}
         return cls(**shared, members=[int(row_ids[r]) for r in finding.member_rows],
                    scores={"activation_max": activation_max})
 

@@ -113,8 +113,6 @@ def _two_sources(manifest: Manifest) -> tuple[str, str]:
     return kinds[0], kinds[1]
 
 
-
-
 def prototype_source_shares(checkpoint: Path, h1: str) -> dict:
     """For a ProtoPNet checkpoint, ``{"prototypes_from_h1": {class: share}}``: the share of each class's
     prototypes projected onto a training image from source ``h1`` (Gautam et al., 2022); ``{}`` for
