@@ -90,28 +90,41 @@ def measure(checkpoint, data: Path, positive: str, device: str, seed: int, artif
 
 
 def parse_variant(method: str) -> tuple[str, dict]:
-    """``"rrclarc:layer=layer4,lambda_=1e5"`` -> ``("rrclarc", {"layer": "layer4", "lambda_": 100000.0})``:
-    a method with `unlearn` keyword arguments other than its defaults (numbers parsed)."""
+    """``"rrclarc:layer=layer4,lambda_=1e5,per_position=0"`` -> ``("rrclarc", {"layer": "layer4",
+    "lambda_": 100000.0, "options": {"per_position": 0.0}})``: a method with `unlearn` keyword
+    arguments other than its defaults; keys that are not `unlearn` options are the method's own
+    (``--option``); numbers parsed."""
+    from dataclasses import fields
+
+    from cxr_audit.unlearn.pipeline import UnlearnOptions
+
     name, _, rest = method.partition(":")
-    settings = {}
+    settings, own = {}, {}
+    known = {f.name for f in fields(UnlearnOptions)}
     for pair in filter(None, rest.split(",")):
         key, _, value = pair.partition("=")
         try:
-            settings[key] = float(value)
+            value = float(value)
         except ValueError:
-            settings[key] = value
-    return name, settings
+            pass
+        (settings if key in known else own)[key] = value
+    return name, {**settings, "options": own} if own else settings
 
 
 def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     """Every method on one (data set, architecture, seed); one row per method."""
     from cxr_audit.unlearn.pipeline import input_at_chance, is_refused, unlearn
 
-    work = Path(tempfile.mkdtemp(prefix=f"mit-{kind}-{arch}-{seed}-", dir=args.work))
     positive = "disease" if kind == "phantoms" else "lesion"
     artifact = getattr(args, "artifact", "text")
-    data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
-    base, annotations, annotated, quality = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
+    work, cached = cell_folder(kind, arch, seed, artifact, args)
+    if cached.is_file():  # --work of an earlier run with the same cell and options: its shortcut model is reused
+        data, base, annotations, annotated, quality = _read_cell(json.loads(cached.read_text()))
+    else:
+        data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
+        base, annotations, annotated, quality = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
+        cached.write_text(json.dumps({"data": str(data), "base": str(base), "annotations": str(annotations),
+                                      "annotated": str(annotated), "quality": quality}))
     reference = measure(base, data, positive, args.device, seed, artifact)
     rows = [{"dataset": kind, "arch": arch, "seed": seed, "method": "(trained)", **reference,
              "mask_iou": quality.get("mask_iou", float("nan")), "mask_iou_across": quality["mask_iou_across"]}]
@@ -120,8 +133,9 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     for method in args.methods:
         name, settings = parse_variant(method)
         start = time.perf_counter()
-        r = unlearn(base, annotated, work / f"{method.replace(':', '_')}.pt", name, annotations=annotations,
-                    epochs=args.unlearn_epochs, device=args.device, seed=seed, keep_worse=True, **settings)
+        r = unlearn(base, annotated, work / f"{method.replace(':', '_').replace(',', '_')}.pt", name,
+                    annotations=annotations, epochs=args.unlearn_epochs, device=args.device, seed=seed,
+                    keep_worse=True, **settings)
         seconds = time.perf_counter() - start
         plain = seconds if method == "none" else plain
         m = measure(r.checkpoint, data, positive, args.device, seed, artifact)
@@ -135,6 +149,23 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     for row in rows[1:]:
         row["cost"] = row["seconds"] / plain if plain else float("nan")
     return rows
+
+
+def cell_folder(kind: str, arch: str, seed: int, artifact: str, args) -> tuple[Path, Path]:
+    """``(folder, cache file)`` of one cell: a new temporary folder, or with ``--work`` one named
+    by the cell and every option that shapes its shortcut model, so a later run reuses the model."""
+    if args.work is None:
+        work = Path(tempfile.mkdtemp(prefix=f"mit-{kind}-{arch}-{seed}-"))
+    else:
+        name = f"{kind}-{arch}-{artifact}-s{seed}-{args.size}px-p{args.prevalence}-e{args.epochs}"
+        work = Path(args.work) / name
+        work.mkdir(parents=True, exist_ok=True)
+    return work, work / "cell.json"
+
+
+def _read_cell(cell: dict):
+    return (Path(cell["data"]), Path(cell["base"]), Path(cell["annotations"]), Path(cell["annotated"]),
+            cell["quality"])
 
 
 def default_chain(rows: list[dict]) -> list[dict]:
@@ -203,7 +234,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="training the shortcut model")
     parser.add_argument("--unlearn-epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--work", type=Path, default=None, 
+                        help="folder for the runs (default: a temporary one); a cell already there (same data set, "
+                        "architecture, artifact, seed, size, prevalence, epochs) reuses its trained, scanned and "
+                        "annotated model")
     parser.add_argument("--json", type=Path, default=None, help="also write every row here")
     parser.add_argument("--table", type=Path, nargs="+", default=None, help="only print the table of these --json files")
     args = parser.parse_args()
