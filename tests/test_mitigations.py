@@ -248,7 +248,6 @@ def test_augment_pastes_only_into_artifact_free_images_at_their_class_rate():
     aug = Augment()
     aug.context = Context(num_classes=2, artifact={0: 0, 1: 1, 2: 0, 3: 0})
     aug.q = torch.tensor([1.0, 0.0])  # paste into every clean image of class 0, never into class 1
-    aug.r, aug.fill_images = torch.zeros(2), None  # level=max: nothing is removed
     aug.donor_images, aug.donor_masks = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     aug.donor_masks[..., :2, :2] = 1
     aug.generator = torch.Generator().manual_seed(0)
@@ -264,45 +263,6 @@ def test_augment_pastes_only_into_artifact_free_images_at_their_class_rate():
     assert pasted.tolist() == [1.0, 0.0, 0.0, 1.0]  # row 1 already has it, row 2 is class 1
     assert float(seen["x"][:, :, 2:, 2:].abs().sum()) == 0  # outside the mask nothing changes
     assert float(x.abs().sum()) == 0  # the batch itself is not modified in place
-
-
-def test_rates_at_the_mean_level_meet_between_the_classes():
-    from cxr_audit.unlearn.augment import augmentation_rates
-
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 3, 6000)
-    flags = (rng.random(6000) < np.array([0.0, 0.9, 0.3])[labels]).astype(int)
-    paste, remove = augmentation_rates(labels, flags, 3, "mean")
-    kept = np.where(flags == 1, rng.random(6000) >= remove[labels], rng.random(6000) < paste[labels])  # naive
-    prevalence = [kept[labels == c].mean() for c in range(3)]
-    assert max(prevalence) - min(prevalence) < 0.04
-    assert abs(np.mean(prevalence) - 0.4) < 0.03  # the classes meet at the mean prevalence (0 + 0.9 + 0.3) / 3
-    assert remove[0] == 0 and paste[1] == 0  # nothing removed below the level, nothing pasted above it
-    assert (augmentation_rates(labels, flags, 3, "max")[1] == 0).all()  # level=max only pastes
-
-
-def test_augment_removes_the_artifact_with_an_artifact_free_region():
-    from cxr_audit.unlearn.augment import Augment
-    from cxr_audit.unlearn.base import Context
-
-    aug = Augment()
-    aug.context = Context(num_classes=2, artifact={0: 1, 1: 1, 2: 0})
-    aug.q, aug.r = torch.zeros(2), torch.tensor([0.0, 1.0])  # remove from every artifact image of class 1
-    aug.fill_images = torch.full((1, 1, 4, 4), 7.0)
-    aug.generator = torch.Generator().manual_seed(0)
-    own = torch.zeros(3, 1, 4, 4)
-    own[:2, :, 1:3, 1:3] = 1  # each image's own artifact mask
-    seen = {}
-
-    def model(images):
-        seen["x"] = images
-        return images.flatten(1)[:, :2]
-
-    x = torch.ones(3, 1, 4, 4)
-    aug.forward(model, {"index": torch.tensor([0, 1, 2]), "label": torch.tensor([0, 1, 1]), "artifact_mask": own}, x)
-    filled = seen["x"][:, 0, 1:3, 1:3].amax(dim=(1, 2))
-    assert filled.tolist() == [1.0, 7.0, 1.0]  # class 0 keeps it; the clean image has nothing to remove
-    assert float((seen["x"] * (1 - own)).sum()) == float((x * (1 - own)).sum())  # outside the mask unchanged
 
 
 def test_augment_from_the_cli_removes_the_reliance_on_the_stamp(shortcut_model, poisoned, tmp_path):
