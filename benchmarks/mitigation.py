@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -121,6 +122,8 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     if cached.is_file():  # --work of an earlier run with the same cell and options: its shortcut model is reused
         data, base, annotations, annotated, quality = _read_cell(json.loads(cached.read_text()))
     else:
+        print(f"[{kind} {arch} seed {seed}] building the data, training, scanning and annotating the shortcut model "
+              f"in {work}", file=sys.stderr, flush=True)
         data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
         base, annotations, annotated, quality = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
         cached.write_text(json.dumps({"data": str(data), "base": str(base), "annotations": str(annotations),
@@ -132,6 +135,7 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     plain = None
     for method in args.methods:
         name, settings = parse_variant(method)
+        print(f"[{kind} {arch} seed {seed}] {method}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         r = unlearn(base, annotated, work / f"{method.replace(':', '_').replace(',', '_')}.pt", name,
                     annotations=annotations, epochs=args.unlearn_epochs, device=args.device, seed=seed,
@@ -234,7 +238,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="training the shortcut model")
     parser.add_argument("--unlearn-epochs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--work", type=Path, default=None, 
+    parser.add_argument("--work", type=Path, default=None,
                         help="folder for the runs (default: a temporary one); a cell already there (same data set, "
                         "architecture, artifact, seed, size, prevalence, epochs) reuses its trained, scanned and "
                         "annotated model")

@@ -67,3 +67,22 @@ def test_the_default_chain_row_is_what_a_user_of_the_defaults_gets():
         assert refused["refused"] and refused["closed"] == 0.0 and refused["inserted"] == 0.4
     assert chain(rows(True, False, at_chance=True))[0]["seconds"] == 10.0  # no fallback ran
     assert chain([trained, rows(False, False)[1]]) == []  # dfr did not run: no chain row
+
+
+def test_a_method_variant_splits_unlearn_options_from_the_methods_own():
+    name, settings = _benchmark().parse_variant("rrclarc:layer=layer4,lambda_=1e5,per_position=0")
+    assert name == "rrclarc"
+    assert settings == {"layer": "layer4", "lambda_": 100000.0, "options": {"per_position": 0.0}}
+    assert _benchmark().parse_variant("dfr") == ("dfr", {})
+
+
+def test_a_cell_folder_is_named_by_everything_that_shapes_its_shortcut_model(tmp_path):
+    bench = _benchmark()
+    args = _args(tmp_path, [])
+    folder, cache = bench.cell_folder("real", "vgg11", 1, "marker", args)
+    assert folder.is_dir() and cache == folder / "cell.json" and folder.parent == tmp_path
+    assert bench.cell_folder("real", "vgg11", 1, "marker", args)[0] == folder  # a later run finds it again
+    for changed in ({"size": 224}, {"prevalence": 0.5}, {"epochs": 3}):
+        assert bench.cell_folder("real", "vgg11", 1, "marker", SimpleNamespace(**{**vars(args), **changed}))[0] != folder
+    assert bench.cell_folder("real", "vgg11", 2, "marker", args)[0] != folder
+    assert bench.cell_folder("real", "vgg11", 1, "text", args)[0] != folder
