@@ -20,8 +20,8 @@ measured too), evaluate. "closed" is the share of the trained model's clean-vs-i
 gap that is gone; "cost" is each method's wall time over one plain fine-tune of the same epochs
 (``none``) in the same run; "refused" counts the seeds where `unlearn` would not have written the
 result (worse than its input on its own validation objective). When ``augment`` and ``dfr`` both
-run, a row "default (augment, else dfr)" shows what `unlearn`'s defaults give a user (its
-``--fallback dfr``; a refused result leaves the trained model). The trained model's row carries
+run, a row "default (augment, else rpclarc, else dfr)" shows what `unlearn`'s defaults give a
+user (its ``--fallback rpclarc,dfr``; a refused result leaves the trained model). The trained model's row carries
 the annotation's mask IoU against the injected masks, with the across-class mask CAV's in
 brackets.
 
@@ -173,23 +173,29 @@ def _read_cell(cell: dict):
 
 
 def default_chain(rows: list[dict]) -> list[dict]:
-    """The row of what a user of the defaults gets — `augment`, and `dfr` when augment is refused
-    and the input has signal beyond the artifact (`unlearn --fallback dfr`) — from the two
-    methods' rows of one cell; when the result is refused, nothing is written and the user keeps
-    the trained model (closed 0). Empty unless both ran with their defaults."""
+    """The row of what a user of the defaults gets — `augment`, else the first of `unlearn`'s
+    fallbacks (:data:`~cxr_audit.unlearn.pipeline.DEFAULT_FALLBACK`) that is not refused, none
+    when the input has no signal beyond the artifact — from the methods' rows of one cell; when
+    every result is refused, nothing is written and the user keeps the trained model (closed 0).
+    Empty unless the default and every fallback ran with their defaults."""
+    from cxr_audit.unlearn.pipeline import DEFAULT_FALLBACK, DEFAULT_METHOD
+
+    chain = [DEFAULT_METHOD, *DEFAULT_FALLBACK.split(",")]
     by = {r["method"]: r for r in rows}
-    if not {"augment", "dfr"} <= set(by):
+    if not set(chain) <= set(by):
         return []
-    augment, dfr, trained = by["augment"], by["dfr"], by["(trained)"]
-    if not augment["refused"]:
-        used, seconds = augment, augment["seconds"]
-    elif augment["input_at_chance"] or dfr["refused"]:
-        used, seconds = None, augment["seconds"] + (0 if augment["input_at_chance"] else dfr["seconds"])
-    else:
-        used, seconds = dfr, augment["seconds"] + dfr["seconds"]
+    first, trained = by[DEFAULT_METHOD], by["(trained)"]
+    tried = chain[:1] if first["refused"] and first["input_at_chance"] else chain
+    used, seconds = None, 0.0
+    for name in tried:
+        seconds += by[name]["seconds"]
+        if not by[name]["refused"]:
+            used = by[name]
+            break
     kept = {k: trained[k] for k in ("clean", "inserted", "worst")}
-    row = {**(used or {**augment, **kept, "closed": 0.0, "clean_delta": 0.0, "worst_delta": 0.0}),
-           "method": "default (augment, else dfr)", "seconds": seconds, "refused": used is None}
+    label = f"default ({', else '.join(chain)})"
+    row = {**(used or {**first, **kept, "closed": 0.0, "clean_delta": 0.0, "worst_delta": 0.0}),
+           "method": label, "seconds": seconds, "refused": used is None, "used": used["method"] if used else None}
     return [row]
 
 

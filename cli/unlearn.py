@@ -23,8 +23,8 @@ MethodOpt = Annotated[str, typer.Option("--method",
     help=f"Mitigation: {', '.join(MITIGATIONS)}. The default, augment, fine-tunes with the annotated artifact "
          "pasted into the other classes' images until it predicts nothing; docs/unlearn.md has the benchmark.")]
 FallbackOpt = Annotated[str, typer.Option("--fallback",
-    help="Method tried once when --method's result is refused (worse than the input on validation); 'none': "
-         "refuse at once.")]
+    help="Methods tried in turn, comma-separated, when --method's result is refused (worse than the input on "
+         "validation); one that needs a CAV is skipped without --annotations; 'none': refuse at once.")]
 AnnotationsOpt = Annotated[Optional[Path], typer.Option("--annotations", "-a",
     help="annotations.h5 from `cxr-audit annotate` (CAV, artifact labels).")]
 LayerOpt = Annotated[Optional[str], typer.Option("--layer",

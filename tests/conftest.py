@@ -37,6 +37,18 @@ def shortcut_model(poisoned, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_annotations(shortcut_model, poisoned, tmp_path_factory) -> Path:
+    """Annotations (from the ``artifact`` column, no masks) of the shortcut model's scan of the
+    training split only, as the benchmark and a quick user make them."""
+    from cxr_audit.annotate.pipeline import annotate
+    from cxr_audit.scan.pipeline import scan
+
+    folder = tmp_path_factory.mktemp("annotations")
+    s = scan(shortcut_model, poisoned, folder / "s.h5", split="train", layers=["layer2", "layer3"], device="cpu").path
+    return annotate(s, folder / "a.h5", from_column="artifact", masks=False, device="cpu").path
+
+
+@pytest.fixture(scope="session")
 def rrr_model(shortcut_model, poisoned, tmp_path_factory) -> Path:
     """The shortcut model after `cxr-audit unlearn --method rrr` with the true artifact masks.
 

@@ -47,26 +47,30 @@ def test_a_pure_shortcut_model_is_refused_not_presented_as_fixed(tmp_path):
 
 
 def test_the_default_chain_row_is_what_a_user_of_the_defaults_gets():
-    """augment when it is kept; dfr when augment is refused; the trained model when both are
-    refused or the input has no signal beyond the artifact (nothing written)."""
+    """augment when it is kept; else rpclarc, else dfr, whichever is first not refused; the trained
+    model when all are refused or the input has no signal beyond the artifact (nothing written)."""
     chain = _benchmark().default_chain
     trained = {"method": "(trained)", "clean": 0.9, "inserted": 0.4, "worst": 0.1}
 
-    def rows(augment_refused, dfr_refused, at_chance=False):
+    def rows(augment_refused, rpclarc_refused, dfr_refused, at_chance=False):
         common = {"seconds": 10.0, "input_at_chance": at_chance}
         return [trained, {"method": "augment", "clean": 0.8, "inserted": 0.8, "worst": 0.5, "closed": 1.0,
                           "clean_delta": -0.1, "worst_delta": 0.4, "refused": augment_refused, **common},
+                {"method": "rpclarc", "clean": 0.9, "inserted": 0.9, "worst": 0.6, "closed": 1.0, "clean_delta": 0.0,
+                 "worst_delta": 0.5, "refused": rpclarc_refused, **common},
                 {"method": "dfr", "clean": 0.9, "inserted": 0.6, "worst": 0.3, "closed": 0.6, "clean_delta": 0.0,
                  "worst_delta": 0.2, "refused": dfr_refused, **common}]
 
-    kept = chain(rows(False, True))[0]
-    assert kept["clean"] == 0.8 and kept["seconds"] == 10.0 and not kept["refused"]
-    fell_back = chain(rows(True, False))[0]
-    assert fell_back["clean"] == 0.9 and fell_back["closed"] == 0.6 and fell_back["seconds"] == 20.0
-    for refused in (chain(rows(True, True))[0], chain(rows(True, False, at_chance=True))[0]):
+    kept = chain(rows(False, True, True))[0]
+    assert kept["clean"] == 0.8 and kept["seconds"] == 10.0 and not kept["refused"] and kept["used"] == "augment"
+    first_fallback = chain(rows(True, False, False))[0]
+    assert first_fallback["used"] == "rpclarc" and first_fallback["inserted"] == 0.9 and first_fallback["seconds"] == 20.0
+    second = chain(rows(True, True, False))[0]
+    assert second["used"] == "dfr" and second["closed"] == 0.6 and second["seconds"] == 30.0
+    for refused in (chain(rows(True, True, True))[0], chain(rows(True, False, False, at_chance=True))[0]):
         assert refused["refused"] and refused["closed"] == 0.0 and refused["inserted"] == 0.4
-    assert chain(rows(True, False, at_chance=True))[0]["seconds"] == 10.0  # no fallback ran
-    assert chain([trained, rows(False, False)[1]]) == []  # dfr did not run: no chain row
+    assert chain(rows(True, False, False, at_chance=True))[0]["seconds"] == 10.0  # no fallback ran
+    assert chain(rows(False, False, False)[:3]) == []  # dfr did not run: no chain row
 
 
 def test_a_method_variant_splits_unlearn_options_from_the_methods_own():

@@ -160,7 +160,7 @@ def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model
     assert not out.exists()
 
 
-def test_a_refused_method_falls_back_to_dfr_once(shortcut_model, poisoned, tmp_path, monkeypatch):
+def test_a_refused_method_falls_back_to_dfr_without_annotations(shortcut_model, poisoned, tmp_path, monkeypatch):
     import cxr_audit.unlearn.pipeline as unlearning
 
     real, calls = unlearning._after, []
@@ -191,6 +191,29 @@ def test_a_refused_method_falls_back_to_dfr_once(shortcut_model, poisoned, tmp_p
     assert r.exit_code == 3 and "trying" not in r.output and not out.exists(), r.output
     r = runner.invoke(app, base + ["--fallback", "bogus"])
     assert r.exit_code == 2 and "unknown --fallback 'bogus'" in r.output
+
+
+def test_with_annotations_the_fallbacks_run_in_turn_until_one_is_kept(shortcut_model, poisoned, train_annotations,
+                                                                    tmp_path, monkeypatch):
+    import cxr_audit.unlearn.pipeline as unlearning
+
+    real, calls = unlearning._after, []
+
+    def two_worse(net, extra, validation):  # augment and rpclarc refused, DFR judged for real
+        calls.append(1)
+        return WORSE if len(calls) <= 2 else real(net, extra, validation)
+
+    monkeypatch.setattr(unlearning, "_after", two_worse)
+    signal = {"objective": 0.0, "clean_balanced_accuracy": 0.9, "inserted_balanced_accuracy": 0.5}
+    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: signal)
+    out = tmp_path / "chain.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--annotations", str(train_annotations), "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "augment was refused" in r.output and "trying rpclarc" in r.output, r.output
+    assert "rpclarc was refused" in r.output and "trying dfr" in r.output, r.output
+    record = torch.load(out, weights_only=True)["extra"]["unlearn"]
+    assert record["method"] == "dfr" and record["fallback_from"] == "augment" and len(calls) == 3
 
 
 def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_model, poisoned, tmp_path,

@@ -43,12 +43,14 @@ from cxr_audit.training.engine import fit
 from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.base import TrainingData
 from cxr_audit.unlearn.sweep import choose, sweep_lambdas
-from cxr_audit.unlearn.validation import Validation
+from cxr_audit.unlearn.validation import Validation, cav_labels
 
 DEFAULT_METHOD = "augment"
-#: tried when the method's result is refused; DFR only retrains the last layer, so it keeps the
-#: features a fine-tune can lose (measured: vgg11 with a marker, docs/unlearn.md)
-DEFAULT_FALLBACK = "dfr"
+#: tried in turn when the method's result is refused (measured on vgg11 with a marker, where
+#: fine-tuning loses the lesion with the marker: docs/unlearn.md). Reactive P-ClArC edits only
+#: the images where the artifact is detected, so clean images keep their predictions; DFR only
+#: retrains the last layer, so it keeps the features a fine-tune can lose.
+DEFAULT_FALLBACK = "rpclarc,dfr"
 
 
 class NotImprovedError(CxrAuditError):
@@ -168,26 +170,44 @@ def unlearn(model: str | Path, data: str | Path, out: str | Path, method: str = 
     ``settings``: the fields of :class:`UnlearnOptions`.
 
     When the result is refused (worse than the input on the validation objective) and the input
-    has signal beyond the artifact, runs once more with ``fallback`` (default DFR, without
-    ``method``'s own options; ``None``: refuse at once). The result's ``fallback_from`` names the
-    refused method."""
+    has signal beyond the artifact, the ``fallback`` methods (comma-separated; default
+    ``rpclarc,dfr``) are tried in turn, each without ``method``'s own options, until one is not
+    refused; a fallback that needs a CAV is skipped without ``annotations``. ``None``: refuse at
+    once. The result's ``fallback_from`` names the refused method."""
     opts = UnlearnOptions.of(settings)
-    if fallback is not None:
-        choice("--fallback", fallback, ["none", *MITIGATIONS])
+    chain = [choice("--fallback", name.strip(), MITIGATIONS) for name in (fallback or "").split(",") if name.strip()]
     say = on_stage or (lambda _: None)
     try:
         return unlearn_once(model, data, out, method, opts, on_progress, say)
     except NotImprovedError as refused:
-        if (not fallback or fallback == method or refused.input_at_chance
-                or (opts.target is not None and not MITIGATIONS[fallback].multilabel)):
+        if refused.input_at_chance:
             raise
-        say(f"{method} was refused ({refused.summary}); trying {fallback}")
+        return _fall_back(refused, [name for name in chain if _can_fall_back(name, method, opts)], model, data, out,
+                          method, opts, on_progress, say)
+
+
+def _can_fall_back(name: str, method: str, opts: UnlearnOptions) -> bool:
+    mitigation = MITIGATIONS[name]
+    return (name != method and (opts.target is None or mitigation.multilabel)
+            and ("cav" not in mitigation.needs or opts.annotations is not None))
+
+
+def _fall_back(refused: NotImprovedError, chain: list[str], model, data, out, method: str, opts: UnlearnOptions,
+               on_progress, say) -> UnlearnResult:
+    """The first of ``chain`` whose result is not refused; else :class:`NotImprovedError` with
+    every refusal."""
+    summaries, last, previous = [refused.summary], refused, method
+    for name in chain:
+        say(f"{previous} was refused ({last.summary}); trying {name}")
         try:
-            return unlearn_once(model, data, out, fallback, replace(opts, options=None, fallback_from=method),
+            return unlearn_once(model, data, out, name, replace(opts, options=None, fallback_from=method),
                                 on_progress, say)
         except NotImprovedError as again:
-            raise NotImprovedError(f"{refused.summary}; then {again.summary}", again.advice,
-                                   again.input_at_chance) from None
+            summaries.append(again.summary)
+            last, previous = again, name
+    if len(summaries) == 1:
+        raise refused
+    raise NotImprovedError("; then ".join(summaries), last.advice, last.input_at_chance) from None
 
 
 def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: str, opts: UnlearnOptions,
@@ -204,12 +224,15 @@ def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: s
     manifest, train_set, val_set = _splits_of(data, config, opts.train_split, opts.val_split)
     mitigation = get_mitigation(method, **opts.method_options())
     context = _checked_context(manifest, train_set, config, mitigation, opts, say)
+    start_state = copy.deepcopy(net.state_dict())
+    net = net.to(dev)
     say(f"reading the validation split ('{opts.val_split}')" if val_set is not None else "no validation split")
+    if val_set is not None and opts.annotations is not None:  # which validation images carry the artifact
+        context.artifact.update(cav_labels(net, val_set, prep, dev, opts.annotations, opts.batch_size,
+                                           context.artifact))
     validation = (Validation(train_set, val_set, prep, dev, context, opts.batch_size, opts.seed)
                   if val_set is not None else None)
     context.data = TrainingData(train_set, prep, dev, opts.batch_size, opts.seed, validation)
-    start_state = copy.deepcopy(net.state_dict())
-    net = net.to(dev)
     before = validation.summary(net) if validation else {}
     _note_no_reliance(before, say)
     run = dict(context=context, balance=_balance(method, opts.balance, train_set, context, mitigation, net),
