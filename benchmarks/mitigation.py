@@ -147,7 +147,8 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
         rows.append({"dataset": kind, "arch": arch, "seed": seed, "method": method, **m, "seconds": seconds,
                      "closed": 1 - gap / gap0 if gap0 > 0 else float("nan"), "clean_delta": m["clean"] - reference["clean"],
                      "worst_delta": m["worst"] - reference["worst"], "strength": r.lambda_,
-                     "refused": is_refused(r.before, r.after), "input_at_chance": input_at_chance(r.before, 2)})
+                     "refused": is_refused(r.before, r.after), "input_at_chance": input_at_chance(r.before, 2),
+                     "improved": bool(r.before) and r.after["objective"] > r.before["objective"]})
         print(json.dumps(rows[-1]), flush=True)
     rows += default_chain(rows)
     for row in rows[1:]:
@@ -189,7 +190,8 @@ def default_chain(rows: list[dict]) -> list[dict]:
     used, seconds = None, 0.0
     for name in tried:
         seconds += by[name]["seconds"]
-        if not by[name]["refused"]:
+        # a fallback must improve on the input (`unlearn` refuses one that changes nothing)
+        if not by[name]["refused"] and (name == DEFAULT_METHOD or by[name].get("improved", True)):
             used = by[name]
             break
     kept = {k: trained[k] for k in ("clean", "inserted", "worst")}

@@ -71,6 +71,9 @@ def test_the_default_chain_row_is_what_a_user_of_the_defaults_gets():
         assert refused["refused"] and refused["closed"] == 0.0 and refused["inserted"] == 0.4
     assert chain(rows(True, False, False, at_chance=True))[0]["seconds"] == 10.0  # no fallback ran
     assert chain(rows(False, False, False)[:3]) == []  # dfr did not run: no chain row
+    unchanged = rows(True, False, False)
+    unchanged[2]["improved"] = False  # rpclarc changed nothing: not refused, yet no fix; dfr is next
+    assert chain(unchanged)[0]["used"] == "dfr"
 
 
 def test_a_method_variant_splits_unlearn_options_from_the_methods_own():

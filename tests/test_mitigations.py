@@ -146,6 +146,7 @@ def test_dfr_from_the_cli_changes_only_the_head_and_records_its_choice(shortcut_
 
 
 WORSE = {"objective": -1.0, "clean_balanced_accuracy": 0.0, "inserted_balanced_accuracy": 0.0}
+BETTER = {"objective": 1.0, "clean_balanced_accuracy": 1.0, "inserted_balanced_accuracy": 1.0}
 
 
 def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model, poisoned, tmp_path, monkeypatch):
@@ -163,11 +164,11 @@ def test_a_result_worse_than_its_input_is_refused_and_not_written(shortcut_model
 def test_a_refused_method_falls_back_to_dfr_without_annotations(shortcut_model, poisoned, tmp_path, monkeypatch):
     import cxr_audit.unlearn.pipeline as unlearning
 
-    real, calls = unlearning._after, []
+    calls = []
 
-    def first_worse(net, extra, validation):  # augment's result is refused, DFR's judged for real
+    def first_worse(net, extra, validation):  # augment's result is refused, DFR's improves
         calls.append(1)
-        return WORSE if len(calls) == 1 else real(net, extra, validation)
+        return WORSE if len(calls) == 1 else BETTER
 
     monkeypatch.setattr(unlearning, "_after", first_worse)
     # the fixture's model is at chance without the stamp (no fallback then): pretend it is not
@@ -197,21 +198,21 @@ def test_with_annotations_the_fallbacks_run_in_turn_until_one_is_kept(shortcut_m
                                                                     tmp_path, monkeypatch):
     import cxr_audit.unlearn.pipeline as unlearning
 
-    real, calls = unlearning._after, []
-
-    def two_worse(net, extra, validation):  # augment and rpclarc refused, DFR judged for real
-        calls.append(1)
-        return WORSE if len(calls) <= 2 else real(net, extra, validation)
-
-    monkeypatch.setattr(unlearning, "_after", two_worse)
     signal = {"objective": 0.0, "clean_balanced_accuracy": 0.9, "inserted_balanced_accuracy": 0.5}
+    calls = []
+
+    def judged(net, extra, validation):  # augment worse, rpclarc no better than the input, DFR better
+        calls.append(1)
+        return [WORSE, signal, BETTER][len(calls) - 1]
+
+    monkeypatch.setattr(unlearning, "_after", judged)
     monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: signal)
     out = tmp_path / "chain.pt"
     r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
                             "--annotations", str(train_annotations), "--epochs", "1", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "augment was refused" in r.output and "trying rpclarc" in r.output, r.output
-    assert "rpclarc was refused" in r.output and "trying dfr" in r.output, r.output
+    assert "rpclarc was refused" in r.output and "did not improve" in r.output and "trying dfr" in r.output, r.output
     record = torch.load(out, weights_only=True)["extra"]["unlearn"]
     assert record["method"] == "dfr" and record["fallback_from"] == "augment" and len(calls) == 3
 

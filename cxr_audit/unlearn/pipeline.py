@@ -250,7 +250,10 @@ def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: s
     if outcome.extra is None:
         outcome.extra = mitigation.finish(net)
     after = _after(net, outcome.extra, validation)
-    _refuse_if_worse(method, before, after, opts.keep_worse, validation, context.num_classes)
+    # a fallback must improve on the input: one that changes nothing (e.g. reactive P-ClArC that
+    # detects no artifact) is no fix to present, and the next fallback may still help
+    _refuse_if_worse(method, before, after, opts.keep_worse, validation, context.num_classes,
+                     need_gain=opts.fallback_from is not None)
     record = _record(method, opts, model, data, outcome, validation, before, after, run, context, mitigation)
     if is_main_process():  # under torchrun every rank holds the same weights; one writes them
         save_checkpoint(out, net, config["arch"], config["class_names"], prep,
@@ -387,9 +390,11 @@ def _after(net, extra: dict, validation: Validation | None) -> dict:
         handle.remove()
 
 
-def is_refused(before: dict, after: dict) -> bool:
-    """Whether ``unlearn`` refuses a result: worse than its input on the validation objective."""
-    return bool(before) and after["objective"] < before["objective"]
+def is_refused(before: dict, after: dict, need_gain: bool = False) -> bool:
+    """Whether ``unlearn`` refuses a result: worse than its input on the validation objective
+    (``need_gain``: no better than it)."""
+    return bool(before) and (after["objective"] < before["objective"]
+                             or (need_gain and after["objective"] <= before["objective"]))
 
 
 def input_at_chance(before: dict, num_classes: int) -> bool:
@@ -398,8 +403,9 @@ def input_at_chance(before: dict, num_classes: int) -> bool:
     return bool(before) and before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05
 
 
-def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation, num_classes: int) -> None:
-    if keep_worse or not is_refused(before, after):
+def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation, num_classes: int,
+                     need_gain: bool = False) -> None:
+    if keep_worse or not is_refused(before, after, need_gain):
         return
     inserted = ""
     if "inserted_balanced_accuracy" in before and "inserted_balanced_accuracy" in after:
@@ -415,7 +421,8 @@ def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, v
                   "teach the model to ignore that evidence; else try another --method (augment, dfr, rrclarc) or "
                   "more --epochs")
     raise NotImprovedError(
-        f"{method} made the model worse on its validation objective ({validation.description}: "
+        f"{method} {'made the model worse' if is_refused(before, after) else 'did not improve the model'} on its "
+        f"validation objective ({validation.description}: "
         f"{before['objective']:.3f} → {after['objective']:.3f}; balanced accuracy without the artifact "
         f"{before['clean_balanced_accuracy']:.3f} → {after['clean_balanced_accuracy']:.3f}{inserted})",
         f"{advice[0].upper() + advice[1:]}; --keep-worse writes the result anyway", at_chance)
