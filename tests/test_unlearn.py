@@ -58,7 +58,10 @@ def test_pclarc_checkpoint_loads_with_its_projection(shortcut_model, poisoned, t
 
     s = scan(shortcut_model, poisoned, tmp_path / "s.h5", split="train", layers=["layer3"], device="cpu").path
     annotate(s, tmp_path / "a.h5", from_column="artifact", masks=False, device="cpu")
-    unlearn(shortcut_model, poisoned, tmp_path / "p.pt", "pclarc", annotations=tmp_path / "a.h5", device="cpu")
+    # keep_worse: this tests how a projection is saved and loaded, not whether pclarc is kept (on this
+    # phantom model, judged on artifact-free validation images, it is refused and a fallback is written)
+    unlearn(shortcut_model, poisoned, tmp_path / "p.pt", "pclarc", annotations=tmp_path / "a.h5", device="cpu",
+            keep_worse=True)
     model, config = load_checkpoint(tmp_path / "p.pt")
     assert config["projection"]["layer"] == "layer3"
     assert model.layer3._forward_hooks  # re-installed on load: every command sees the projected model
