@@ -147,7 +147,8 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
         rows.append({"dataset": kind, "arch": arch, "seed": seed, "method": method, **m, "seconds": seconds,
                      "closed": 1 - gap / gap0 if gap0 > 0 else float("nan"), "clean_delta": m["clean"] - reference["clean"],
                      "worst_delta": m["worst"] - reference["worst"], "strength": r.lambda_,
-                     "refused": is_refused(r.before, r.after), "input_at_chance": input_at_chance(r.before, 2),
+                     "refused": is_refused(r.before, r.after) or input_at_chance(r.after, 2),
+                     "input_at_chance": input_at_chance(r.before, 2),
                      "improved": bool(r.before) and r.after["objective"] > r.before["objective"]})
         print(json.dumps(rows[-1]), flush=True)
     rows += default_chain(rows)

@@ -229,6 +229,21 @@ def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_m
     assert r.exit_code == 3 and "trying" not in r.output and "--balance resample" in r.output, r.output
 
 
+def test_a_result_at_chance_without_the_artifact_is_refused_even_if_the_objective_rose(
+        shortcut_model, poisoned, tmp_path, monkeypatch):
+    import cxr_audit.unlearn.pipeline as unlearning
+
+    at_chance = {"objective": 0.25, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.0}
+    rose = {"objective": 0.5, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.5}
+    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: at_chance)
+    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: rose)
+    out = tmp_path / "x.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--epochs", "1", "--device", "cpu"])
+    assert r.exit_code == 3 and "at chance" in r.output and "--balance resample" in r.output, r.output
+    assert not out.exists()
+
+
 def test_a_sweep_in_which_every_lambda_diverges_fails_loudly(shortcut_model, poisoned, tmp_path):
     out = tmp_path / "diverged.pt"
     r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
