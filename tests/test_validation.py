@@ -40,11 +40,11 @@ def test_validation_rows_are_labelled_by_the_annotations_cav(shortcut_model, poi
     manifest = load_manifest(poisoned, class_names=config["class_names"])
     val = manifest.subset("val")
     truth = {s.index: int(s.artifact) for s in val.samples}
-    labels = cav_labels(net, val, preprocessing_of(config), torch.device("cpu"), train_annotations, 16, known={})
+    labels = cav_labels(net, val, preprocessing_of(config), train_annotations, 16, known={})
     assert set(labels) == set(truth)  # every validation row, none of the training rows
     agreement = np.mean([labels[i] == truth[i] for i in truth])
     assert agreement >= 0.9, agreement  # the stamp this model learned is what its CAV finds
-    assert cav_labels(net, val, preprocessing_of(config), torch.device("cpu"), train_annotations, 16, known=truth) == {}
+    assert cav_labels(net, val, preprocessing_of(config), train_annotations, 16, known=truth) == {}
 
 
 def _validation(poisoned, shortcut_model, artifact: dict):

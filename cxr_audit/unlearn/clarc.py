@@ -13,26 +13,34 @@ from cxr_audit.unlearn.base import Mitigation
 
 
 @torch.no_grad()
-def concept_references(model, layer: str, cav: torch.Tensor, loader, artifact: dict[int, int],
-                       max_batches: int = 50) -> dict[str, float]:
-    """Mean ``v·maxpool(a)`` over clean and over artifact samples of ``loader`` (model in eval mode)."""
+def concept_scores(model, layer: str, cav: torch.Tensor, loader, max_batches: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores (N,), manifest rows (N,))``: ``v·maxpool(a)`` at ``layer`` of the samples of
+    ``loader`` (the first ``max_batches`` batches; model in eval mode)."""
     store: dict = {}
     handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    scores, flags = [], []
+    scores, rows = [], []
     try:
         for b, batch in enumerate(loader):
-            if b >= max_batches:
+            if max_batches is not None and b >= max_batches:
                 break
             model(batch["image"].to(device))
             scores.append((pooled_max(store["a"]).float() @ cav.to(device)).cpu().numpy())
-            flags.append([artifact.get(int(i), 0) for i in batch["index"]])
+            rows.append(batch["index"].numpy())
     finally:
         handle.remove()
         model.train(was_training)
-    scores, flags = np.concatenate(scores), np.concatenate(flags)
+    return np.concatenate(scores), np.concatenate(rows)
+
+
+def concept_references(model, layer: str, cav: torch.Tensor, loader, artifact: dict[int, int],
+                       max_batches: int = 50) -> dict[str, float]:
+    """Mean ``v·maxpool(a)`` over clean and over artifact samples of ``loader`` (model in eval mode)."""
+    scores, rows = concept_scores(model, layer, cav, loader, max_batches)
+    flags = np.array([artifact.get(int(i), 0) for i in rows])
     clean = scores[flags == 0].mean() if (flags == 0).any() else float(np.median(scores))
     art = scores[flags == 1].mean() if (flags == 1).any() else float(scores.max())
     return {"clean": float(clean), "artifact": float(art)}

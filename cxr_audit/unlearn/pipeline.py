@@ -228,7 +228,7 @@ def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: s
     net = net.to(dev)
     say(f"reading the validation split ('{opts.val_split}')" if val_set is not None else "no validation split")
     if val_set is not None and opts.annotations is not None:  # which validation images carry the artifact
-        context.artifact.update(cav_labels(net, val_set, prep, dev, opts.annotations, opts.batch_size,
+        context.artifact.update(cav_labels(net, val_set, prep, opts.annotations, opts.batch_size,
                                            context.artifact))
     validation = (Validation(train_set, val_set, prep, dev, context, opts.batch_size, opts.seed)
                   if val_set is not None else None)

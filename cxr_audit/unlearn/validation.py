@@ -20,15 +20,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from cxr_audit.annotate.store import read_annotations
 from cxr_audit.data.attack import artifact_class, paste_attack, victims
-from cxr_audit.data.dataset import load_batch
+from cxr_audit.data.dataset import CxrDataset, collate, load_batch
 from cxr_audit.data.manifest import Manifest
-from cxr_audit.numerics.tensors import pooled_max
 from cxr_audit.training.balance import group_ids
 from cxr_audit.training.pipeline import batched_logits
 from cxr_audit.unlearn.base import Context, task_labels, task_logits
+from cxr_audit.unlearn.clarc import concept_scores
 
 #: fewest artifact-free validation images per class for the objective to be judged on them alone
 MIN_CLEAN_PER_CLASS = 5
@@ -112,28 +113,21 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean([(pred[labels == c] == c).float().mean().item() for c in labels.unique()]))
 
 
-def cav_labels(model, samples: Manifest, prep, dev, annotations, batch_size: int, known: dict[int, int]) -> dict[int, int]:
+def cav_labels(model, samples: Manifest, prep, annotations, batch_size: int, known: dict[int, int]) -> dict[int, int]:
     """Artifact labels ``{manifest row: 0/1}`` for the ``samples`` not in ``known``, by the
     annotation's own CAV: ``v · maxpool(a_layer) > t`` — the score `annotate` ranks by — with
     ``t`` the cut that best separates the annotation's own labels by its own scores (balanced
     accuracy). ``{}`` when the model has no module of the annotation's layer."""
     todo = [s for s in samples.samples if s.index not in known]
     ann = read_annotations(annotations) if todo else None
-    module = dict(model.named_modules()).get(ann.layer) if ann is not None else None
-    if module is None or not ann.scores:
+    if ann is None or ann.layer not in dict(model.named_modules()) or not ann.scores:
         return {}
     rows = list(ann.scores)
     cut = best_cut(np.array([ann.scores[i] for i in rows]), np.array([ann.labels[i] for i in rows]))
-    images = load_batch(Manifest(todo, samples.class_names), prep, with_masks=False)["image"]
-    pooled: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: pooled.append(pooled_max(out.detach().float()).cpu()))
-    try:
-        with torch.no_grad():
-            batched_logits(model, images, dev, batch_size)
-    finally:
-        handle.remove()
-    scores = torch.cat(pooled).numpy() @ ann.cav
-    return {s.index: int(v > cut) for s, v in zip(todo, scores)}
+    loader = DataLoader(CxrDataset(Manifest(todo, samples.class_names), prep, with_masks=False),
+                        batch_size=batch_size, collate_fn=collate)
+    scores, index = concept_scores(model, ann.layer, torch.from_numpy(ann.cav), loader)
+    return {int(i): int(v > cut) for i, v in zip(index, scores)}
 
 
 def best_cut(scores: np.ndarray, labels: np.ndarray) -> float:
