@@ -10,7 +10,8 @@ the projected feature cell overlaps the injected stamp's mask; ``stamped_prp``: 
 map on its projected image is at least :data:`~cxr_audit.reveal.prototypes.ENRICHMENT` times denser
 on the stamp than elsewhere (:func:`stamp_enrichment` says why the cell misleads) — whether one of
 the class's PRP-stamped prototypes is also flagged (``caught``: the issue's acceptance, 1 = in
-every seed), ``reliance`` (`evaluate`'s
+every seed), ``overlap`` (mean Jaccard of the prototypes' nearest-image sets within the class:
+how far they are duplicates), ``reliance`` (`evaluate`'s
 ``artifact_inserted_drop``: test accuracy lost when the stamp is drawn on every image of the other
 class — a model that does not use the stamp *should* have no stamped prototype) and Average Drop of
 PRP vs the upsampled similarity maps (`evaluate`); mean ± sd over seeds. ``--disease-strength``
@@ -115,6 +116,14 @@ def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict]) -> list[float
     return out
 
 
+def neighbour_overlap(prototypes: list[dict]) -> float:
+    """Mean Jaccard overlap of the nearest-image sets of every pair of ``prototypes`` (reveal's
+    ``nearest``): 1 = duplicates that respond to the same images, 0 = each its own images."""
+    sets = [set(p["nearest"]) for p in prototypes]
+    pairs = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:] if a | b]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
 def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     """Train, evaluate, scan and reveal one ProtoPNet; its row of the table."""
     from cxr_audit.data.manifest import load_manifest
@@ -141,12 +150,13 @@ def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
         cell = [stamped_projection(p["projected"], masks) for p in own]
         looks = [(dense[p["prototype"]] or 0.0) >= ENRICHMENT for p in own]
         share[cls] = (np.mean([p["flagged"] for p in own]), np.mean(cell), np.mean(looks),
-                      float(any(s and p["flagged"] for s, p in zip(looks, own))))
+                      float(any(s and p["flagged"] for s, p in zip(looks, own))), neighbour_overlap(own))
     other = next(c for c in share if c != positive)
     return {"accuracy": metrics["accuracy"], "flagged_pos": share[positive][0], "flagged_other": share[other][0],
             "stamped_cell_pos": share[positive][1], "stamped_cell_other": share[other][1],
             "stamped_prp_pos": share[positive][2], "stamped_prp_other": share[other][2],
             "caught_pos": share[positive][3], "caught_other": share[other][3],
+            "overlap_pos": share[positive][4], "overlap_other": share[other][4],
             "reliance": metrics.get("artifact_inserted_drop", float("nan")), "ad_prp": metrics["prp_average_drop"],
             "ad_act": metrics["activation_average_drop"],
             "seconds": time.perf_counter() - start}
@@ -200,7 +210,8 @@ def main() -> None:
 
 def _print_table(results: dict, args) -> None:
     keys = ["accuracy", "reliance", "flagged_pos", "flagged_other", "stamped_cell_pos", "stamped_cell_other",
-            "stamped_prp_pos", "stamped_prp_other", "caught_pos", "caught_other", "ad_prp", "ad_act", "seconds"]
+            "stamped_prp_pos", "stamped_prp_other", "caught_pos", "caught_other", "overlap_pos",
+            "overlap_other", "ad_prp", "ad_act", "seconds"]
     print(f"\nprotopnet:{args.arch}, {args.size}px, {args.epochs} epochs; mean ± sd over seeds {args.seeds}; "
           "pos = the class over-represented in H1")
     print("| data | mix H1/H2 (pos) | " + " | ".join(keys) + " |")

@@ -73,6 +73,8 @@ def test_three_steps_project_every_prototype_onto_a_training_patch_of_its_class(
     dataset = CxrDataset(manifest, preprocessing_of(config), with_masks=False)
     by_index = {s.index: s for s in manifest.samples}
     assert len(records) == 20 and all(r["sample"] is not None for r in records)
+    for cls in config["class_names"]:  # no duplicates: a class's prototypes lie on ten different images
+        assert len({r["sample"] for r in records if r["class"] == cls}) == 10
     with torch.no_grad():
         for r in records:
             sample = by_index[r["sample"]]
@@ -91,6 +93,51 @@ def test_three_steps_project_every_prototype_onto_a_training_patch_of_its_class(
     assert w[~own].abs().mean() < 0.5 and w[own].mean() > 0.5
     history = payload["extra"]["history"]
     assert [h["stage"] for h in history] == ["joint"] * 2 + ["last layer"] * 5
+
+
+def test_projection_candidates_are_each_prototypes_nearest_images_of_its_class(phantoms):
+    from cxr_audit.data.dataset import CxrDataset, Preprocessing
+    from cxr_audit.data.manifest import load_manifest
+    from cxr_audit.training.protopnet import _nearest_images
+
+    torch.manual_seed(3)
+    model = build_model("protopnet:resnet18", 2, 1, 64).eval()
+    manifest = load_manifest(phantoms).subset("train")
+    prep = Preprocessing(size=64)
+    candidates = _nearest_images(model, manifest, prep, torch.device("cpu"), batch_size=7)
+    dataset = CxrDataset(manifest, prep, with_masks=False)
+    with torch.no_grad():  # naive: every image's closest patch to every prototype, one image at a time
+        closest = {s.index: model.prototypes(model.latent(dataset[k]["image"][None]))[0].flatten(1).min(1)
+                   for k, s in enumerate(manifest.samples)}
+    position = {s.index: k for k, s in enumerate(manifest.samples)}
+    for j in (0, 7, 13):
+        cls = int(model.prototype_class[j])
+        own = sorted((float(closest[s.index][0][j]), s.index) for s in manifest.samples if s.label == cls)
+        assert [c["sample"] for c in candidates[j]] == [i for _, i in own[:10]]
+        np.testing.assert_allclose([c["distance_before"] for c in candidates[j]], [d for d, _ in own[:10]], rtol=1e-4)
+        first = candidates[j][0]  # the recorded vector is that image's closest patch
+        with torch.no_grad():
+            z = model.latent(dataset[position[first["sample"]]]["image"][None])[0]
+        row, col = first["patch"]
+        assert int(closest[first["sample"]][1][j]) == row * z.shape[2] + col
+        torch.testing.assert_close(first["vector"], z[:, row, col])
+
+
+def test_distinct_images_gives_the_closest_pairs_first_and_reuses_only_when_images_run_out():
+    from cxr_audit.training.protopnet import distinct_images
+
+    def cand(*pairs):
+        return [{"sample": s, "distance_before": d} for s, d in pairs]
+
+    classes = torch.tensor([0, 0, 0, 1, 1])
+    candidates = [cand(("a", 0.1), ("b", 0.5), ("d", 0.6)), cand(("a", 0.05), ("c", 0.9)),
+                  cand(("a", 0.2), ("b", 0.3)), cand(("x", 1.0)), cand(("x", 2.0))]
+    chosen = [c["sample"] for c in distinct_images(candidates, classes)]
+    # pairs by distance: 1-a (0.05) taken; 0-a, 2-a refused; 2-b (0.3); 0-b refused; 0-d (0.6)
+    assert chosen[:3] == ["d", "a", "b"]
+    assert chosen[3:] == ["x", "x"]  # class 1 has one image for two prototypes: the second reuses it
+    candidates[0] = candidates[0][:2]  # 0's candidates all taken: it keeps its nearest
+    assert [c["sample"] for c in distinct_images(candidates, classes)][:3] == ["a", "a", "b"]
 
 
 def test_scan_of_a_protopnet_stores_per_prototype_similarities(protopnet_model, phantoms, tmp_path):

@@ -49,3 +49,12 @@ def test_a_stamp_that_one_source_carries_with_the_disease_gets_a_flagged_prototy
     assert rows[90]["caught_pos"] == 1.0 and rows[90]["stamped_prp_pos"] > 0
     assert rows[50]["caught_pos"] == 0.0
     assert rows[90]["ad_prp"] <= rows[90]["ad_act"]  # on the balanced mix the two tie (35.9 vs 35.8, seed 0)
+
+
+def test_neighbour_overlap_is_the_mean_pairwise_jaccard_of_the_nearest_sets():
+    overlap = _benchmark().neighbour_overlap
+    assert overlap([{"nearest": [1, 2, 3, 4]}, {"nearest": [4, 3, 2, 1]}]) == 1.0  # duplicates
+    assert overlap([{"nearest": [1, 2]}, {"nearest": [3, 4]}]) == 0.0
+    # pairs: {1,2,3}-{2,3,4} 2/4, {1,2,3}-{5,6} 0, {2,3,4}-{5,6} 0
+    assert overlap([{"nearest": [1, 2, 3]}, {"nearest": [2, 3, 4]}, {"nearest": [5, 6]}]) == 0.5 / 3
+    assert np.isnan(overlap([{"nearest": [1]}]))

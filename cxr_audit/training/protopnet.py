@@ -5,8 +5,9 @@ training loop (:func:`cxr_audit.training.engine.fit`) with the prototype costs a
    (cluster: each image's smallest distance to a prototype of its class; separation: to one of
    another class);
 2. **projection** ("push"): each prototype is replaced by the nearest add-on feature of a training
-   image of its class (distance 0 to that patch afterwards), recorded with the image, its source
-   and label and the patch's box in input pixels;
+   image of its class (distance 0 to that patch afterwards), the prototypes of a class onto
+   different images (a departure, :func:`project_prototypes` says why), recorded with the image,
+   its source and label and the patch's box in input pixels;
 3. **last layer**: only the last layer, on cross-entropy + ``1e-4 * |W ⊙ (1 - class identity)|_1``
    (the wrong-class connections go towards 0), solved on the training images' fixed similarity
    scores (:func:`fit_last_layer`).
@@ -22,7 +23,6 @@ import math
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -158,12 +158,21 @@ def fit_protopnet(model, train_set: Manifest, prep: Preprocessing, device: torch
 
 def project_prototypes(model, train_set: Manifest, prep: Preprocessing, device: torch.device,
                        batch_size: int = 32) -> list[dict]:
-    """Step 2: move every prototype onto its nearest add-on feature vector among the training
-    images of its class, in place; one record per prototype (image, source, label, patch)."""
+    """Step 2: move every prototype onto a training patch of its class, in place; one record per
+    prototype (image, source, label, patch).
+
+    Departure from Chen et al. (2019), who push each prototype onto its nearest patch whatever the
+    others do: here the prototypes of a class go to **different images** (:func:`distinct_images`;
+    the closest pairs first, a prototype whose nearest image is taken gets its nearest free one).
+    Why: on our phantoms 7 of a class's 10 prototypes were pushed onto one patch of one image (one
+    prototype in seven copies, ProtoPNet's known duplicates that ProtoPShare, Rymarczyk et al. 2021,
+    merges after training), so the audit had four prototypes to read; and a 1x1 prototype on a ResNet trunk sees the whole image
+    from every cell, so two patches of one image are nearly one prototype too."""
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
-    best = _nearest_patches(net, train_set, prep, device, batch_size)
+    candidates = _nearest_images(net, train_set, prep, device, batch_size)
+    best = distinct_images(candidates, net.prototype_class.cpu())
     with torch.no_grad():
         for j, found in enumerate(best):
             if found is not None:
@@ -174,25 +183,56 @@ def project_prototypes(model, train_set: Manifest, prep: Preprocessing, device: 
             for j, found in enumerate(best)]
 
 
-def _nearest_patches(net, train_set: Manifest, prep: Preprocessing, device, batch_size: int) -> list[dict | None]:
-    """Per prototype: the nearest patch of its class so far (``vector (D,)``, sample, patch, box)."""
+def distinct_images(candidates: list[list[dict]], prototype_class: torch.Tensor) -> list[dict | None]:
+    """One candidate per prototype, no image twice within a class where the candidates allow it.
+
+    ``candidates[j]``: prototype ``j``'s nearest images of its class, each ``{"sample", "distance_before",
+    ...}``. Greedy over all (prototype, image) pairs of a class by distance, closest first; a
+    prototype whose every candidate image is taken (fewer images than prototypes) gets its nearest."""
+    chosen: list[dict | None] = [None] * len(candidates)
+    for cls in prototype_class.unique().tolist():
+        members = [j for j in range(len(candidates)) if int(prototype_class[j]) == cls]
+        pairs = sorted(((c["distance_before"], j, k) for j in members for k, c in enumerate(candidates[j])))
+        taken: set = set()
+        for _, j, k in pairs:
+            sample = candidates[j][k]["sample"]
+            if chosen[j] is None and sample not in taken:
+                chosen[j] = candidates[j][k]
+                taken.add(sample)
+        for j in members:
+            if chosen[j] is None and candidates[j]:
+                chosen[j] = candidates[j][0]
+    return chosen
+
+
+def _nearest_images(net, train_set: Manifest, prep: Preprocessing, device, batch_size: int) -> list[list[dict]]:
+    """Per prototype, its ``per_class`` nearest training images of its class, nearest first: each
+    with the closest patch there (``vector (D,)``, sample, patch, box, ``distance_before``)."""
     samples = {s.index: s for s in train_set.samples}
     loader = DataLoader(CxrDataset(train_set, prep, with_masks=False), batch_size=batch_size, collate_fn=collate)
-    best: list[dict | None] = [None] * len(net.prototype_class)
-    nearest = torch.full((len(best),), math.inf)
+    num = len(net.prototype_class)
+    keep = int(torch.bincount(net.prototype_class).max())
+    dist = torch.full((num, 0), math.inf)
+    vectors, where = torch.zeros(num, 0, net.prototypes.vectors.shape[1]), torch.zeros(num, 0, 2, dtype=torch.long)
+    grid = None
     with torch.no_grad():
         for batch in loader:
             z = net.latent(batch["image"].to(device))  # (N, D, h, w)
+            grid = z.shape[2:]
             d = net.prototypes(z).flatten(2)  # (N, P, hw)
             own = net.prototype_class[None, :] == batch["label"].to(device)[:, None]  # (N, P)
-            value, position = d.masked_fill(~own[..., None], math.inf).min(2)  # (N, P)
-            value, row = value.cpu().min(0)  # (P,) the nearest image of the batch per prototype
-            for j in np.flatnonzero((value < nearest).numpy()):
-                i, cell = int(row[j]), int(position[row[j], j])
-                nearest[j] = value[j]
-                best[j] = _patch_record(z[i, :, cell // z.shape[3], cell % z.shape[3]], samples[int(batch["index"][i])],
-                                        cell, z.shape[2:], prep.size, float(value[j]), train_set.class_names)
-    return best
+            value, cell = d.masked_fill(~own[..., None], math.inf).min(2)  # (N, P) each image's closest patch
+            patch = z.flatten(2).permute(0, 2, 1)[torch.arange(len(z))[:, None], cell]  # (N, P, D)
+            ids = batch["index"].to(cell)[:, None].expand_as(cell)
+            dist = torch.cat([dist, value.T.cpu()], 1)
+            vectors = torch.cat([vectors, patch.permute(1, 0, 2).float().cpu()], 1)
+            where = torch.cat([where, torch.stack([ids, cell], -1).permute(1, 0, 2).cpu()], 1)
+            dist, order = dist.topk(min(keep, dist.shape[1]), 1, largest=False)  # (P, keep)
+            vectors, where = vectors.gather(1, order[..., None].expand(-1, -1, vectors.shape[2])), \
+                where.gather(1, order[..., None].expand(-1, -1, 2))
+    return [[_patch_record(vectors[j, k], samples[int(where[j, k, 0])], int(where[j, k, 1]), grid, prep.size,
+                           float(dist[j, k]), train_set.class_names)
+             for k in range(dist.shape[1]) if math.isfinite(dist[j, k])] for j in range(num)]
 
 
 def _patch_record(vector, sample, cell: int, grid, size: int, distance: float, class_names) -> dict:
