@@ -320,6 +320,9 @@ def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share
     assert five["source_linked"] and five["top_source_share"] == 1.0
     assert three["beyond_class"] and three["source_p_within_class"] < 1e-6
     assert not five["beyond_class"] and five["source_p_within_class"] > 0.05
+    # within each class site1's images outscore site0's on the stamp-like prototype: source-specific
+    assert three["separating_source"] == "site1" and three["source_auroc"] == 1.0 and three["source_specific"]
+    assert not any(p["source_specific"] for j, p in audits.items() if j not in (3, 5))
     for p in audits.values():
         assert len(p["nearest"]) == 16 and 0 <= p["outside_lungs"] <= 1 and p["projected"]["sample"] is not None
     # prototype similarities are ranked like channels
@@ -328,6 +331,31 @@ def test_reveal_audits_every_prototype_and_flags_one_whose_nearest_patches_share
     assert "<h2>Prototypes</h2>" in html_text and "prototypes.png" in html_text
     assert html_text.count("(beyond class)") == 1
     assert (tmp_path / "rev" / "prototypes.png").stat().st_size > 1000
+
+
+def test_within_group_auroc_compares_pairs_within_groups_only_and_its_p_is_mann_whitney():
+    from cxr_audit.reveal.prototypes import best_separating_source, within_group_auroc
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(4)
+    scores, member, group = rng.normal(size=60), rng.random(60) < 0.3, rng.integers(0, 3, 60)
+    scores[member & (group == 1)] += 1.0
+    auroc, p = within_group_auroc(scores, member, group)
+    pairs = [(a > b) + 0.5 * (a == b) for g in range(3) for a in scores[member & (group == g)]
+             for b in scores[~member & (group == g)]]
+    assert auroc == pytest.approx(np.mean(pairs))
+    one = group == 1  # a single group: the plain one-sided Mann-Whitney test (no ties)
+    _, p_one = within_group_auroc(scores[one], member[one], np.zeros(one.sum(), int))
+    expected = mannwhitneyu(scores[one][member[one]], scores[one][~member[one]], alternative="greater",
+                            method="asymptotic", use_continuity=False).pvalue
+    assert p_one == pytest.approx(expected, rel=1e-6)
+    # a source that is a class's only source is never compared: nothing to separate
+    assert within_group_auroc(scores, group == 0, group) == (None, None)
+    # a cue of one source in both classes, beside class differences, is found for that source
+    sources = np.where(member, "h1", "h2")
+    shifted = scores + 5 * (group == 2) + 2 * member
+    source, auroc, p = best_separating_source(shifted, sources, group)
+    assert source == "h1" and auroc > 0.9 and p < 1e-4
 
 
 def test_poisson_binomial_tail_is_the_enumerated_one():

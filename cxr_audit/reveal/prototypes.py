@@ -14,7 +14,15 @@ Per prototype ``j`` with similarity scores ``s_j (N,)`` from the scan:
   :mod:`cxr_audit.reveal.location` measures concepts, and ``outside_enrichment``, how much denser
   it is there than inside (1: spread evenly, as a coarse or untrained map is). **Outside** when
   the share is >= :data:`OUTSIDE` and the enrichment >= :data:`ENRICHMENT`;
-* ``flagged``: source-linked or outside.
+* ``source_auroc``: the probability that an image of ``separating_source`` scores higher than an
+  image of another source **of the same class** (pairs compared within each class only), for the
+  source that separates best, and ``source_auroc_p`` (stratified Mann-Whitney, normal
+  approximation). **Source-specific** when the AUROC is >= :data:`SOURCE_AUROC` and ``p`` passes
+  Bonferroni over prototypes x sources: the prototype responds to the hospital among images of one
+  label, as a stamp prototype does (Gautam et al., 2022: "source-specific" patches), which the
+  nearest-image test misses when a class's top images mix sources. It reads every scanned image,
+  not 16;
+* ``flagged``: source-linked, source-specific or outside.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import binom
+from scipy.stats import binom, norm, rankdata
 
 from cxr_audit.data.dataset import collate
 from cxr_audit.errors import UsageError
@@ -37,6 +45,8 @@ NEAREST = 16
 SOURCE_SHARE = 0.8
 OUTSIDE = 0.5
 ENRICHMENT = 2.0
+#: a medium effect (Cohen, 1988: d = 0.5 is an AUROC of Phi(0.5 / sqrt 2) = 0.64) on top of significance
+SOURCE_AUROC = 0.64
 ALPHA = 0.05
 
 
@@ -56,6 +66,10 @@ class PrototypeAudit:
     beyond_class: bool
     outside_lungs: float | None
     outside_enrichment: float | None
+    separating_source: str | None
+    source_auroc: float | None
+    source_auroc_p: float | None
+    source_specific: bool
     flagged: bool
 
 
@@ -80,6 +94,7 @@ def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[Prototy
     base = dict(zip(values, counts / counts.sum()))
     group = np.unique(labels.reshape(len(labels), -1), axis=0, return_inverse=True)[1].ravel()  # label (combination)
     bonferroni = ALPHA / len(records)
+    separation = [best_separating_source(scores[:, j], sources, group) for j in range(len(records))]
     audits = []
     for j, record in enumerate(records):
         src, k = np.unique(sources[nearest[j]], return_counts=True)
@@ -90,10 +105,45 @@ def audit_prototypes(scan_path: str | Path, device: str = "cpu") -> list[Prototy
         linked = len(values) > 1 and share >= SOURCE_SHARE and p < bonferroni
         out, enriched = (None, None) if outside is None else (outside[j][0], outside_enrichment(*outside[j]))
         away = out is not None and out >= OUTSIDE and enriched >= ENRICHMENT
+        separating, auroc, auroc_p = separation[j]
+        specific = auroc is not None and auroc >= SOURCE_AUROC and auroc_p < bonferroni / max(len(values), 1)
         audits.append(PrototypeAudit(j, record["class"], record, index[nearest[j]].tolist(), str(src[top]), share,
                                      p, bool(linked), within, bool(linked and within < bonferroni), out, enriched,
-                                     bool(linked or away)))
+                                     separating, auroc, auroc_p, bool(specific), bool(linked or away or specific)))
     return audits
+
+
+def best_separating_source(scores: np.ndarray, sources: np.ndarray,
+                           group: np.ndarray) -> tuple[str | None, float | None, float | None]:
+    """``(source, auroc, p)`` of the source whose images score highest against the other sources'
+    within the same groups (:func:`within_group_auroc`, one source against the rest); ``None``s
+    when no group holds two sources."""
+    best = (None, None, None)
+    for source in np.unique(sources):
+        auroc, p = within_group_auroc(scores, sources == source, group)
+        if auroc is not None and (best[1] is None or auroc > best[1]):
+            best = (str(source), auroc, p)
+    return best
+
+
+def within_group_auroc(scores: np.ndarray, member: np.ndarray, group: np.ndarray) -> tuple[float | None, float | None]:
+    """``(auroc, p)``: ``P(score of a member > score of a non-member)`` over the pairs within each
+    group (``scores (N,)``, ``member (N,)`` bool, ``group (N,)`` ints; ties count one half), and the
+    one-sided p of the stratified Mann-Whitney U (sum over groups; normal approximation, variance
+    ``sum n1 n2 (n + 1) / 12``). ``(None, None)`` when no group has members and non-members."""
+    u = pairs = variance = 0.0
+    for g in np.unique(group):
+        inside = group == g
+        n1, n = int(member[inside].sum()), int(inside.sum())
+        if n1 == 0 or n1 == n:
+            continue
+        ranks = rankdata(scores[inside])
+        u += ranks[member[inside]].sum() - n1 * (n1 + 1) / 2
+        pairs += n1 * (n - n1)
+        variance += n1 * (n - n1) * (n + 1) / 12
+    if not pairs:
+        return None, None
+    return float(u / pairs), float(norm.sf((u - pairs / 2) / np.sqrt(variance)))
 
 
 def class_shares(member: np.ndarray, group: np.ndarray) -> np.ndarray:

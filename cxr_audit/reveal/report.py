@@ -11,7 +11,7 @@ from cxr_audit.report.figures import concept_reference, heatmap_grid, prototype_
 from cxr_audit.report.html import render
 from cxr_audit.reveal.alarm import alarm_sentence
 from cxr_audit.reveal.embedding import PLACE_NEIGHBOURS
-from cxr_audit.reveal.prototypes import SOURCE_SHARE
+from cxr_audit.reveal.prototypes import SOURCE_AUROC, SOURCE_SHARE
 
 EMBEDDING_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 
@@ -26,7 +26,7 @@ def write_report(out: Path, scan_path, result: dict, index, gallery: int, refere
                   concept_figures=_concept_figures(out, scan_path, result, row_of, gallery, references, device),
                   prototypes=[{**p, "projected_file": Path(str(p["projected"].get("path", ""))).name}
                               for p in prototypes],
-                  prototype_png=_prototype_png(out, scan_path, prototypes, device), source_share=SOURCE_SHARE,
+                  prototype_png=_prototype_png(out, scan_path, prototypes, device), source_share=SOURCE_SHARE, source_auroc=SOURCE_AUROC,
                   embedding=_embedding(out, result), clusters=result["clusters"][:max(3 * gallery, 30)],
                   cluster_figures=_cluster_figures(out, scan_path, result, row_of, gallery))
     (out / "report.html").write_text(html, encoding="utf-8")
