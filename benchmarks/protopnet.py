@@ -8,9 +8,11 @@ gives the test accuracy, the share of each class's prototypes flagged (source-li
 relevance densely outside the lungs), the share projected onto a stamped patch — ``stamped_cell``:
 the projected feature cell overlaps the injected stamp's mask; ``stamped_prp``: the prototype's PRP
 map on its projected image is at least :data:`~cxr_audit.reveal.prototypes.ENRICHMENT` times denser
-on the stamp than elsewhere (:func:`stamp_enrichment` says why the cell misleads) — whether one of
+on the stamp than elsewhere (:func:`stamp_enrichment` says why the cell misleads) — ``stamped_near``: the same PRP test, mean over the prototype's
+:data:`NEAR_STAMPED` nearest stamped training images (a prototype projected onto an unstamped
+image has no stamp to look at there, whatever it encodes), whether one of
 the class's PRP-stamped prototypes is also flagged (``caught``: the issue's acceptance, 1 = in
-every seed), ``overlap`` (mean Jaccard of the prototypes' nearest-image sets within the class:
+every seed; ``caught_near`` with ``stamped_near``), ``overlap`` (mean Jaccard of the prototypes' nearest-image sets within the class:
 how far they are duplicates), ``reliance`` (`evaluate`'s
 ``artifact_inserted_drop``: test accuracy lost when the stamp is drawn on every image of the other
 class — a model that does not use the stamp *should* have no stamped prototype) and Average Drop of
@@ -39,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from cxr_audit.reveal.prototypes import ENRICHMENT
 
+#: stamped images among a prototype's nearest on which ``stamped_near`` reads its PRP maps
+NEAR_STAMPED = 4
 COVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-two-source" / "manifest.csv"
 
 
@@ -82,14 +86,14 @@ def stamped_projection(record: dict, artifact_masks: dict) -> bool:
     return bool((read_image(mask_path)[y0:y1, x0:x1] > 0.5).any())
 
 
-def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict]) -> list[float | None]:
-    """Per prototype, how much denser its PRP relevance on its projected image is inside the injected
-    stamp than elsewhere (:func:`cxr_audit.reveal.prototypes.outside_enrichment` with the stamp for
-    the outside; ``None`` when that image has no stamp); ``manifest``: the trained-on data. The
-    feature cell is not where a prototype looks: a 1x1 prototype on a ResNet trunk sees the whole
-    image from every cell, so on these
-    phantoms the disease prototypes projected onto lung cells while their PRP maps lit up the stamp
-    in the corner (Gautam et al., 2023: PRP, not the cell or the upsampled similarity, shows it)."""
+def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict], images: list[list[int]]) -> list[float | None]:
+    """Per prototype, how much denser its PRP relevance is inside the injected stamp than elsewhere
+    (:func:`cxr_audit.reveal.prototypes.outside_enrichment` with the stamp for the outside), mean
+    over ``images[j]`` (manifest ids; those without a stamp are skipped; ``None`` when none has
+    one); ``manifest``: the trained-on data. The feature cell is not where a prototype looks: a
+    1x1 prototype on a ResNet trunk sees the whole image from every cell, so on these phantoms the
+    disease prototypes projected onto lung cells while their PRP maps lit up the stamp in the
+    corner (Gautam et al., 2023: PRP, not the cell or the upsampled similarity, shows it)."""
     import torch
     from cxr_audit.data.dataset import CxrDataset, collate
     from cxr_audit.data.io import read_image
@@ -101,18 +105,25 @@ def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict]) -> list[float
 
     net, config = load_checkpoint(ckpt)
     prep = preprocessing_of(config)
-    batch = collate([CxrDataset(manifest, prep, with_masks=False)[p["projected"]["sample"]] for p in prototypes])
-    with prototype_explainer(net.eval(), config["arch"], prep, spec_of(config["arch"]).prototype_layer) as explain:
-        maps = explain(batch["image"], index=torch.tensor([[p["prototype"]] for p in prototypes])).prp[:, 0].numpy()
+    dataset = CxrDataset(manifest, prep, with_masks=False)
+    position = {smp.index: k for k, smp in enumerate(manifest.samples)}
     out = []
-    for p, heat in zip(prototypes, maps):
-        stamp = manifest[p["projected"]["sample"]].artifact_mask
-        if stamp is None:
-            out.append(None)
-            continue
-        inside = np.asarray(Image.fromarray(read_image(stamp) > 0.5).resize(heat.shape[::-1], Image.NEAREST))
-        positive = np.clip(heat, 0, None)
-        out.append(outside_enrichment(float(positive[inside].sum() / max(positive.sum(), 1e-12)), float(inside.mean())))
+    with prototype_explainer(net.eval(), config["arch"], prep, spec_of(config["arch"]).prototype_layer) as explain:
+        for p, ids in zip(prototypes, images):
+            ids = [i for i in ids if manifest.samples[position[i]].artifact_mask]
+            if not ids:
+                out.append(None)
+                continue
+            batch = collate([dataset[position[i]] for i in ids])
+            maps = explain(batch["image"], index=torch.full((len(ids), 1), p["prototype"])).prp[:, 0].numpy()
+            shares, areas = [], []
+            for i, heat in zip(ids, maps):
+                stamp = read_image(manifest.samples[position[i]].artifact_mask) > 0.5
+                inside = np.asarray(Image.fromarray(stamp).resize(heat.shape[::-1], Image.NEAREST))
+                positive = np.clip(heat, 0, None)
+                shares.append(positive[inside].sum() / max(positive.sum(), 1e-12))
+                areas.append(inside.mean())
+            out.append(outside_enrichment(float(np.mean(shares)), float(np.mean(areas))))
     return out
 
 
@@ -143,20 +154,27 @@ def run_cell(data: Path, work: Path, args, seed: int, positive: str) -> dict:
     prototypes = reveal(s, work / "reveal", references=False)["prototypes"]
     manifest = load_manifest(data)
     masks = {smp.index: smp.artifact_mask for smp in manifest.samples}
-    dense = dict(zip([p["prototype"] for p in prototypes], stamp_enrichment(ckpt, manifest, prototypes)))
+    ids = [p["prototype"] for p in prototypes]
+    dense = dict(zip(ids, stamp_enrichment(ckpt, manifest, prototypes, [[p["projected"]["sample"]] for p in prototypes])))
+    stamped = {smp.index for smp in manifest.samples if smp.artifact_mask}
+    near = [[i for i in p["nearest"] if i in stamped][:NEAR_STAMPED] for p in prototypes]
+    dense_near = dict(zip(ids, stamp_enrichment(ckpt, manifest, prototypes, near)))
     share = {}
     for cls in sorted({p["class"] for p in prototypes}):
         own = [p for p in prototypes if p["class"] == cls]
         cell = [stamped_projection(p["projected"], masks) for p in own]
         looks = [(dense[p["prototype"]] or 0.0) >= ENRICHMENT for p in own]
+        looks_near = [(dense_near[p["prototype"]] or 0.0) >= ENRICHMENT for p in own]
         share[cls] = (np.mean([p["flagged"] for p in own]), np.mean(cell), np.mean(looks),
-                      float(any(s and p["flagged"] for s, p in zip(looks, own))), neighbour_overlap(own))
+                      float(any(s and p["flagged"] for s, p in zip(looks, own))), neighbour_overlap(own),
+                      np.mean(looks_near), float(any(s and p["flagged"] for s, p in zip(looks_near, own))))
     other = next(c for c in share if c != positive)
     return {"accuracy": metrics["accuracy"], "flagged_pos": share[positive][0], "flagged_other": share[other][0],
             "stamped_cell_pos": share[positive][1], "stamped_cell_other": share[other][1],
             "stamped_prp_pos": share[positive][2], "stamped_prp_other": share[other][2],
             "caught_pos": share[positive][3], "caught_other": share[other][3],
             "overlap_pos": share[positive][4], "overlap_other": share[other][4],
+            "stamped_near_pos": share[positive][5], "caught_near_pos": share[positive][6],
             "reliance": metrics.get("artifact_inserted_drop", float("nan")), "ad_prp": metrics["prp_average_drop"],
             "ad_act": metrics["activation_average_drop"],
             "seconds": time.perf_counter() - start}
@@ -211,7 +229,7 @@ def main() -> None:
 def _print_table(results: dict, args) -> None:
     keys = ["accuracy", "reliance", "flagged_pos", "flagged_other", "stamped_cell_pos", "stamped_cell_other",
             "stamped_prp_pos", "stamped_prp_other", "caught_pos", "caught_other", "overlap_pos",
-            "overlap_other", "ad_prp", "ad_act", "seconds"]
+            "overlap_other", "stamped_near_pos", "caught_near_pos", "ad_prp", "ad_act", "seconds"]
     print(f"\nprotopnet:{args.arch}, {args.size}px, {args.epochs} epochs; mean ± sd over seeds {args.seeds}; "
           "pos = the class over-represented in H1")
     print("| data | mix H1/H2 (pos) | " + " | ".join(keys) + " |")

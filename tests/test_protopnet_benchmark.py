@@ -47,7 +47,8 @@ def test_a_stamp_that_one_source_carries_with_the_disease_gets_a_flagged_prototy
         rows[x] = bench.run_cell(data, tmp_path / f"x{x}", args, 0, "disease")
     assert rows[90]["reliance"] > 0.05 and abs(rows[50]["reliance"]) < 0.05
     assert rows[90]["caught_pos"] == 1.0 and rows[90]["stamped_prp_pos"] > 0
-    assert rows[50]["caught_pos"] == 0.0
+    assert rows[90]["caught_near_pos"] == 1.0 and rows[90]["stamped_near_pos"] > 0.5
+    assert rows[50]["caught_pos"] == 0.0 and rows[50]["caught_near_pos"] == 0.0
     assert rows[90]["ad_prp"] <= rows[90]["ad_act"]  # on the balanced mix the two tie (35.9 vs 35.8, seed 0)
 
 
