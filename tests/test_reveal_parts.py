@@ -81,12 +81,13 @@ def test_the_reveal_report_template_escapes_every_user_string():
                             alarm=True).to_json()
     prototype = {"prototype": 0, "class": evil, "projected": {"sample": 1, "source": evil, "label": evil},
                  "projected_file": evil, "top_source": evil, "top_source_share": 1.0, "source_p": 1e-5,
-                 "source_p_within_class": 1e-4, "beyond_class": True, "outside_lungs": None, "flagged": True}
+                 "source_p_within_class": 1e-4, "beyond_class": True, "outside_lungs": None, "flagged": True,
+                 "separating_source": evil, "source_auroc": 0.9, "source_auroc_p": 1e-6, "source_specific": True}
     cluster = ClusterRecord(evil, 0, 5, share_of_class=0.1, distinctness=0.3, suspicion=0.2, members=[1],
                             k_of_class=2, clustering=evil).to_json()
     page = render("reveal.html", scan=evil, prevalence={"warning": True, "max_difference": 0.5}, alarm=evil,
                   names=[evil], concepts=[concept], concept_figures=[], prototypes=[prototype], prototype_png=None,
-                  source_share=0.8, embedding={"method": "t-SNE", "sentence": evil}, clusters=[cluster],
+                  source_share=0.8, source_auroc=0.64, embedding={"method": "t-SNE", "sentence": evil}, clusters=[cluster],
                   cluster_figures=[])
     assert "<script>" not in page and page.count("&lt;script&gt;") >= 10
-    assert "(linked)" in page and "(beyond class)" in page and "50%" in page
+    assert "(linked)" in page and "(beyond class)" in page and "50%" in page and "0.90 (1.0e-06) specific" in page
