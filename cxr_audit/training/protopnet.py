@@ -166,8 +166,9 @@ def project_prototypes(model, train_set: Manifest, prep: Preprocessing, device: 
     the closest pairs first, a prototype whose nearest image is taken gets its nearest free one).
     Why: on our phantoms 7 of a class's 10 prototypes were pushed onto one patch of one image (one
     prototype in seven copies, ProtoPNet's known duplicates that ProtoPShare, Rymarczyk et al. 2021,
-    merges after training), so the audit had four prototypes to read; and a 1x1 prototype on a ResNet trunk sees the whole image
-    from every cell, so two patches of one image are nearly one prototype too."""
+    merges after training), so the audit had four prototypes to read; and a 1x1 prototype on a
+    ResNet trunk sees the whole image from every cell, so two patches of one image are nearly one
+    prototype too."""
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
