@@ -8,12 +8,13 @@ gives the test accuracy, the share of each class's prototypes flagged (source-li
 relevance densely outside the lungs), the share projected onto a stamped patch — ``stamped_cell``:
 the projected feature cell overlaps the injected stamp's mask; ``stamped_prp``: the prototype's PRP
 map on its projected image is at least :data:`~cxr_audit.reveal.prototypes.ENRICHMENT` times denser
-on the stamp than elsewhere (:func:`stamp_enrichment` says why the cell misleads) — ``stamped_near``: the same PRP test, mean over the prototype's
-:data:`NEAR_STAMPED` nearest stamped training images (a prototype projected onto an unstamped
-image has no stamp to look at there, whatever it encodes), whether one of
+on the stamp than elsewhere (:func:`stamp_enrichment` says why the cell misleads) —
+``stamped_near``: the same PRP test, mean over the prototype's :data:`NEAR_STAMPED` nearest
+stamped training images (a prototype projected onto an unstamped image has no stamp to look at
+there, whatever it encodes), whether one of
 the class's PRP-stamped prototypes is also flagged (``caught``: the issue's acceptance, 1 = in
-every seed; ``caught_near`` with ``stamped_near``), ``overlap`` (mean Jaccard of the prototypes' nearest-image sets within the class:
-how far they are duplicates), ``reliance`` (`evaluate`'s
+every seed; ``caught_near`` with ``stamped_near``), ``overlap`` (mean Jaccard of the prototypes'
+nearest-image sets within the class: how far they are duplicates), ``reliance`` (`evaluate`'s
 ``artifact_inserted_drop``: test accuracy lost when the stamp is drawn on every image of the other
 class — a model that does not use the stamp *should* have no stamped prototype) and Average Drop of
 PRP vs the upsampled similarity maps (`evaluate`); mean ± sd over seeds. ``--disease-strength``
@@ -100,6 +101,7 @@ def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict], images: list[
     from cxr_audit.explain.prp import prototype_explainer
     from cxr_audit.models.architectures import spec_of
     from cxr_audit.models.registry import load_checkpoint, preprocessing_of
+    from cxr_audit.reveal.location import outside_share
     from cxr_audit.reveal.prototypes import outside_enrichment
     from PIL import Image
 
@@ -116,14 +118,10 @@ def stamp_enrichment(ckpt: Path, manifest, prototypes: list[dict], images: list[
                 continue
             batch = collate([dataset[position[i]] for i in ids])
             maps = explain(batch["image"], index=torch.full((len(ids), 1), p["prototype"])).prp[:, 0].numpy()
-            shares, areas = [], []
-            for i, heat in zip(ids, maps):
-                stamp = read_image(manifest.samples[position[i]].artifact_mask) > 0.5
-                inside = np.asarray(Image.fromarray(stamp).resize(heat.shape[::-1], Image.NEAREST))
-                positive = np.clip(heat, 0, None)
-                shares.append(positive[inside].sum() / max(positive.sum(), 1e-12))
-                areas.append(inside.mean())
-            out.append(outside_enrichment(float(np.mean(shares)), float(np.mean(areas))))
+            stamps = np.stack([np.asarray(Image.fromarray(read_image(manifest.samples[position[i]].artifact_mask) > 0.5)
+                                          .resize(maps.shape[:0:-1], Image.NEAREST)) for i in ids]).astype(float)
+            # the share on the stamp is the share "outside" the stamp's complement, as the audit reads the lungs
+            out.append(outside_enrichment(1 - outside_share(maps, 1 - stamps), float(stamps.mean())))
     return out
 
 

@@ -26,7 +26,8 @@ def write_report(out: Path, scan_path, result: dict, index, gallery: int, refere
                   concept_figures=_concept_figures(out, scan_path, result, row_of, gallery, references, device),
                   prototypes=[{**p, "projected_file": Path(str(p["projected"].get("path", ""))).name}
                               for p in prototypes],
-                  prototype_png=_prototype_png(out, scan_path, prototypes, device), source_share=SOURCE_SHARE, source_auroc=SOURCE_AUROC,
+                  prototype_png=_prototype_png(out, scan_path, prototypes, device), source_share=SOURCE_SHARE,
+                  source_auroc=SOURCE_AUROC,
                   embedding=_embedding(out, result), clusters=result["clusters"][:max(3 * gallery, 30)],
                   cluster_figures=_cluster_figures(out, scan_path, result, row_of, gallery))
     (out / "report.html").write_text(html, encoding="utf-8")
