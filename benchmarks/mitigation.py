@@ -114,7 +114,7 @@ def parse_variant(method: str) -> tuple[str, dict]:
 
 def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     """Every method on one (data set, architecture, seed); one row per method."""
-    from cxr_audit.unlearn.pipeline import input_at_chance, is_refused, unlearn
+    from cxr_audit.unlearn.pipeline import input_at_chance, refusal, unlearn
 
     positive = "disease" if kind == "phantoms" else "lesion"
     artifact = getattr(args, "artifact", "text")
@@ -147,7 +147,7 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
         rows.append({"dataset": kind, "arch": arch, "seed": seed, "method": method, **m, "seconds": seconds,
                      "closed": 1 - gap / gap0 if gap0 > 0 else float("nan"), "clean_delta": m["clean"] - reference["clean"],
                      "worst_delta": m["worst"] - reference["worst"], "strength": r.lambda_,
-                     "refused": is_refused(r.before, r.after) or input_at_chance(r.after, 2),
+                     "refused": refusal(r.before, r.after, 2) is not None,
                      "input_at_chance": input_at_chance(r.before, 2),
                      "improved": bool(r.before) and r.after["objective"] > r.before["objective"]})
         print(json.dumps(rows[-1]), flush=True)

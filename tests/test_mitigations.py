@@ -244,6 +244,45 @@ def test_a_result_at_chance_without_the_artifact_is_refused_even_if_the_objectiv
     assert not out.exists()
 
 
+def _figures(objective: float, clean: float) -> dict:
+    return {"objective": objective, "clean_balanced_accuracy": clean}
+
+
+@pytest.mark.parametrize("after, need_gain, verdict", [
+    (_figures(0.69, 0.80), False, "made the model worse"),
+    (_figures(0.70, 0.80), True, "did not improve the model"),
+    (_figures(0.70, 0.80), False, None),
+    (_figures(0.75, 0.52), False, "at chance"),
+    # robustness bought with more clean accuracy than the objective gained (densenet121's rpclarc)
+    (_figures(0.72, 0.63), False, "lost more accuracy without the artifact than it gained"),
+    (_figures(0.80, 0.77), False, None),  # 3 points lost: within the sweep's bound
+    (_figures(0.80, 0.74), False, None),  # 6 points lost for 10 gained: a trade the objective pays for
+    (_figures(0.74, 0.74), False, "lost more accuracy"),  # 6 lost for 4 gained
+])
+def test_the_refusal_rule(after, need_gain, verdict):
+    from cxr_audit.unlearn.pipeline import refusal
+
+    before = _figures(0.70, 0.80)
+    got = refusal(before, after, num_classes=2, need_gain=need_gain)
+    assert (got is None) if verdict is None else (got is not None and verdict in got), got
+    assert refusal({}, {}, 2) is None  # no validation split: nothing to judge on
+
+
+def test_a_result_that_pays_for_its_gain_with_clean_accuracy_is_refused(shortcut_model, poisoned, tmp_path,
+                                                                       monkeypatch):
+    import cxr_audit.unlearn.pipeline as unlearning
+
+    signal = {"objective": 0.70, "clean_balanced_accuracy": 0.90, "inserted_balanced_accuracy": 0.50}
+    traded = {"objective": 0.72, "clean_balanced_accuracy": 0.70, "inserted_balanced_accuracy": 0.74}
+    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: signal)
+    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: traded)
+    out = tmp_path / "x.pt"
+    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
+                            "--method", "dfr", "--option", "C=1", "--fallback", "none", "--device", "cpu"])
+    assert r.exit_code == 3 and "lost more accuracy without the artifact" in r.output, r.output
+    assert "0.900 → 0.700" in r.output and not out.exists()
+
+
 def test_a_sweep_in_which_every_lambda_diverges_fails_loudly(shortcut_model, poisoned, tmp_path):
     out = tmp_path / "diverged.pt"
     r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
