@@ -19,7 +19,8 @@ method through the library's `unlearn` (its defaults; ``keep_worse`` so refused 
 measured too), evaluate. "closed" is the share of the trained model's clean-vs-inserted accuracy
 gap that is gone; "cost" is each method's wall time over one plain fine-tune of the same epochs
 (``none``) in the same run; "refused" counts the seeds where `unlearn` would not have written the
-result (worse than its input on its own validation objective). When ``augment`` and ``dfr`` both
+result (:func:`cxr_audit.unlearn.pipeline.refusal`: worse on its own validation objective, at
+chance without the artifact, or clean accuracy traded away). When ``augment`` and ``dfr`` both
 run, a row "default (augment, else rpclarc, else dfr)" shows what `unlearn`'s defaults give a
 user (its ``--fallback rpclarc,dfr``; a refused result leaves the trained model). The trained model's row carries
 the annotation's mask IoU against the injected masks, with the across-class mask CAV's in
@@ -27,6 +28,7 @@ brackets.
 
     .venv/bin/python benchmarks/mitigation.py --datasets real phantoms pure --archs resnet18 --seeds 0 1 2
     .venv/bin/python benchmarks/mitigation.py --methods augment rrclarc rrclarc:layer=layer4 --seeds 0
+    .venv/bin/python benchmarks/mitigation.py --datasets phantoms --archs vgg11 --epochs 25  # at 10 epochs it learns only the stamp
 
 A method may carry `unlearn` keyword arguments after a colon (``rrclarc:layer=layer4,freeze=none``).
 """
