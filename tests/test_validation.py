@@ -4,6 +4,7 @@ come from the annotation's CAV where the annotation did not cover the validation
 import numpy as np
 import pytest
 import torch
+from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.unlearn.base import Context
@@ -40,11 +41,16 @@ def test_validation_rows_are_labelled_by_the_annotations_cav(shortcut_model, poi
     manifest = load_manifest(poisoned, class_names=config["class_names"])
     val = manifest.subset("val")
     truth = {s.index: int(s.artifact) for s in val.samples}
-    labels = cav_labels(net, val, preprocessing_of(config), train_annotations, 16, known={})
+    images = load_batch(val, preprocessing_of(config), with_masks=False)["image"]
+    labels = cav_labels(net, val, images, train_annotations, 16, known={})
     assert set(labels) == set(truth)  # every validation row, none of the training rows
     agreement = np.mean([labels[i] == truth[i] for i in truth])
     assert agreement >= 0.9, agreement  # the stamp this model learned is what its CAV finds
-    assert cav_labels(net, val, preprocessing_of(config), train_annotations, 16, known=truth) == {}
+    assert cav_labels(net, val, images, train_annotations, 16, known=truth) == {}
+    # rows already known are skipped, the others keep their own image (batches of 3 cross the gaps)
+    some = {i: truth[i] for i in list(truth)[::2]}
+    assert cav_labels(net, val, images, train_annotations, 3, known=some) == {i: labels[i] for i in truth
+                                                                              if i not in some}
 
 
 def _validation(poisoned, shortcut_model, artifact: dict):

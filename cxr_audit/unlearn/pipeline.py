@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr_audit.annotate.store import read_annotations
-from cxr_audit.data.dataset import CxrDataset, collate
+from cxr_audit.data.dataset import CxrDataset, collate, load_batch
 from cxr_audit.data.manifest import Manifest, load_manifest
 from cxr_audit.errors import CxrAuditError, UsageError
 from cxr_audit.models.architectures import spec_of
@@ -228,10 +228,11 @@ def unlearn_once(model: str | Path, data: str | Path, out: str | Path, method: s
     start_state = copy.deepcopy(net.state_dict())
     net = net.to(dev)
     say(f"reading the validation split ('{opts.val_split}')" if val_set is not None else "no validation split")
+    val_batch = load_batch(val_set, prep, with_masks=False) if val_set is not None else None
     if val_set is not None and opts.annotations is not None:  # which validation images carry the artifact
-        context.artifact.update(cav_labels(net, val_set, prep, opts.annotations, opts.batch_size,
+        context.artifact.update(cav_labels(net, val_set, val_batch["image"], opts.annotations, opts.batch_size,
                                            context.artifact))
-    validation = (Validation(train_set, val_set, prep, dev, context, opts.batch_size, opts.seed)
+    validation = (Validation(train_set, val_set, prep, dev, context, opts.batch_size, opts.seed, val_batch)
                   if val_set is not None else None)
     context.data = TrainingData(train_set, prep, dev, opts.batch_size, opts.seed, validation)
     before = validation.summary(net) if validation else {}

@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from cxr_audit.annotate.store import read_annotations
 from cxr_audit.data.attack import artifact_class, paste_attack, victims
-from cxr_audit.data.dataset import CxrDataset, collate, load_batch
+from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.training.balance import group_ids
 from cxr_audit.training.pipeline import batched_logits
@@ -40,8 +39,8 @@ class Validation:
     and its clean bound (:meth:`clean`). See the module docstring for the objective."""
 
     def __init__(self, train_set: Manifest, val_set: Manifest, prep, dev, context: Context, batch_size: int,
-                 seed: int):
-        batch = load_batch(val_set, prep, with_masks=False)
+                 seed: int, batch: dict | None = None):
+        batch = batch if batch is not None else load_batch(val_set, prep, with_masks=False)  # read once: unlearn passes it
         self.finding = context.finding  # multi-label: judged on this finding as a binary task
         self.images, self.labels = batch["image"], task_labels(batch["label"], self.finding)
         self.dev, self.batch_size = dev, batch_size
@@ -113,20 +112,24 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float(np.mean([(pred[labels == c] == c).float().mean().item() for c in labels.unique()]))
 
 
-def cav_labels(model, samples: Manifest, prep, annotations, batch_size: int, known: dict[int, int]) -> dict[int, int]:
-    """Artifact labels ``{manifest row: 0/1}`` for the ``samples`` not in ``known``, by the
+def cav_labels(model, samples: Manifest, images: torch.Tensor, annotations, batch_size: int,
+               known: dict[int, int]) -> dict[int, int]:
+    """Artifact labels ``{manifest row: 0/1}`` for the ``samples`` not in ``known``, from their
+    ``images (N, C, H, W)`` (in the order of ``samples``, as :func:`load_batch` reads them), by the
     annotation's own CAV: ``v · maxpool(a_layer) > t`` — the score `annotate` ranks by — with
     ``t`` the cut that best separates the annotation's own labels by its own scores (balanced
     accuracy). ``{}`` when the model has no module of the annotation's layer."""
-    todo = [s for s in samples.samples if s.index not in known]
+    todo = [i for i, s in enumerate(samples.samples) if s.index not in known]
     ann = read_annotations(annotations) if todo else None
     if ann is None or ann.layer not in dict(model.named_modules()) or not ann.scores:
         return {}
     rows = list(ann.scores)
     cut = best_cut(np.array([ann.scores[i] for i in rows]), np.array([ann.labels[i] for i in rows]))
-    loader = DataLoader(CxrDataset(Manifest(todo, samples.class_names), prep, with_masks=False),
-                        batch_size=batch_size, collate_fn=collate)
-    scores, index = concept_scores(model, ann.layer, torch.from_numpy(ann.cav), loader)
+    index = torch.tensor([samples.samples[i].index for i in todo])
+    todo = torch.tensor(todo)
+    batches = [{"image": images[todo[i:i + batch_size]], "index": index[i:i + batch_size]}
+               for i in range(0, len(todo), batch_size)]
+    scores, index = concept_scores(model, ann.layer, torch.from_numpy(ann.cav), batches)
     return {int(i): int(v > cut) for i, v in zip(index, scores)}
 
 
