@@ -28,7 +28,7 @@ brackets.
 
     .venv/bin/python benchmarks/mitigation.py --datasets real phantoms pure --archs resnet18 --seeds 0 1 2
     .venv/bin/python benchmarks/mitigation.py --methods augment rrclarc rrclarc:layer=layer4 --seeds 0
-    .venv/bin/python benchmarks/mitigation.py --datasets phantoms --archs vgg11 --epochs 25  # at 10 epochs it learns only the stamp
+    .venv/bin/python benchmarks/mitigation.py --datasets phantoms --archs vgg11 --epochs 25  # 10: stamp only
 
 A method may carry `unlearn` keyword arguments after a colon (``rrclarc:layer=layer4,freeze=none``).
 """

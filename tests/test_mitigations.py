@@ -268,6 +268,19 @@ def test_the_refusal_rule(after, need_gain, verdict):
     assert refusal({}, {}, 2) is None  # no validation split: nothing to judge on
 
 
+def test_the_strength_is_the_best_objective_within_the_clean_bound():
+    from cxr_audit.unlearn.choice import choose
+
+    def row(lam, objective, clean):
+        return {"lambda": lam, "objective": objective, "clean_val_accuracy": clean, "start_clean_val_accuracy": 0.80}
+
+    sweep = [row(1.0, 0.60, 0.80), row(10.0, 0.70, 0.77), row(100.0, 0.90, 0.76)]
+    assert choose(sweep) == 10.0  # 100 scores best but lost 4 points
+    assert choose(sweep, bounded_only=False) == 100.0
+    assert choose([row(1.0, 0.6, 0.5), row(10.0, 0.7, 0.4)]) == 10.0  # none within the bound: all judged
+    assert choose([row(10.0, 0.7, 0.8), row(1.0, 0.7, 0.8)]) == 1.0  # a tie goes to the smaller λ
+
+
 def test_a_result_that_pays_for_its_gain_with_clean_accuracy_is_refused(shortcut_model, poisoned, tmp_path,
                                                                        monkeypatch):
     import cxr_audit.unlearn.pipeline as unlearning

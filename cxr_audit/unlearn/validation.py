@@ -40,7 +40,8 @@ class Validation:
 
     def __init__(self, train_set: Manifest, val_set: Manifest, prep, dev, context: Context, batch_size: int,
                  seed: int, batch: dict | None = None):
-        batch = batch if batch is not None else load_batch(val_set, prep, with_masks=False)  # read once: unlearn passes it
+        if batch is None:  # `unlearn` passes the batch it read for the CAV labels: images read once
+            batch = load_batch(val_set, prep, with_masks=False)
         self.finding = context.finding  # multi-label: judged on this finding as a binary task
         self.images, self.labels = batch["image"], task_labels(batch["label"], self.finding)
         self.dev, self.batch_size = dev, batch_size
