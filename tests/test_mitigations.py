@@ -217,29 +217,30 @@ def test_with_annotations_the_fallbacks_run_in_turn_until_one_is_kept(shortcut_m
     assert record["method"] == "dfr" and record["fallback_from"] == "augment" and len(calls) == 3
 
 
-def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_model, poisoned, tmp_path,
-                                                                      monkeypatch):
+def _judged_unlearn(monkeypatch, model, data, out, before: dict, after: dict, *options: str):
+    """`unlearn` from the command line with the validation figures of its input (``before``) and
+    of its result (``after``) set, so that only the verdict on them is tested."""
     import cxr_audit.unlearn.pipeline as unlearning
 
+    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: before)
+    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: after)
+    return runner.invoke(app, ["unlearn", "--model", str(model), "--data", str(data), "--out", str(out),
+                               "--device", "cpu", *options])
+
+
+def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_model, poisoned, tmp_path,
+                                                                      monkeypatch):
     at_chance = {"objective": 0.5, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.5}
-    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: at_chance)
-    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: WORSE)
-    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out",
-                            str(tmp_path / "x.pt"), "--epochs", "1", "--device", "cpu"])
+    r = _judged_unlearn(monkeypatch, shortcut_model, poisoned, tmp_path / "x.pt", at_chance, WORSE, "--epochs", "1")
     assert r.exit_code == 3 and "trying" not in r.output and "--balance resample" in r.output, r.output
 
 
 def test_a_result_at_chance_without_the_artifact_is_refused_even_if_the_objective_rose(
         shortcut_model, poisoned, tmp_path, monkeypatch):
-    import cxr_audit.unlearn.pipeline as unlearning
-
     at_chance = {"objective": 0.25, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.0}
     rose = {"objective": 0.5, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.5}
-    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: at_chance)
-    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: rose)
     out = tmp_path / "x.pt"
-    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
-                            "--epochs", "1", "--device", "cpu"])
+    r = _judged_unlearn(monkeypatch, shortcut_model, poisoned, out, at_chance, rose, "--epochs", "1")
     assert r.exit_code == 3 and "at chance" in r.output and "--balance resample" in r.output, r.output
     assert not out.exists()
 
@@ -283,15 +284,11 @@ def test_the_strength_is_the_best_objective_within_the_clean_bound():
 
 def test_a_result_that_pays_for_its_gain_with_clean_accuracy_is_refused(shortcut_model, poisoned, tmp_path,
                                                                        monkeypatch):
-    import cxr_audit.unlearn.pipeline as unlearning
-
     signal = {"objective": 0.70, "clean_balanced_accuracy": 0.90, "inserted_balanced_accuracy": 0.50}
     traded = {"objective": 0.72, "clean_balanced_accuracy": 0.70, "inserted_balanced_accuracy": 0.74}
-    monkeypatch.setattr(unlearning.Validation, "summary", lambda self, net: signal)
-    monkeypatch.setattr(unlearning, "_after", lambda net, extra, validation: traded)
     out = tmp_path / "x.pt"
-    r = runner.invoke(app, ["unlearn", "--model", str(shortcut_model), "--data", str(poisoned), "--out", str(out),
-                            "--method", "dfr", "--option", "C=1", "--fallback", "none", "--device", "cpu"])
+    r = _judged_unlearn(monkeypatch, shortcut_model, poisoned, out, signal, traded,
+                        "--method", "dfr", "--option", "C=1", "--fallback", "none")
     assert r.exit_code == 3 and "lost more accuracy without the artifact" in r.output, r.output
     assert "0.900 → 0.700" in r.output and not out.exists()
 
