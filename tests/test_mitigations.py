@@ -228,11 +228,14 @@ def _judged_unlearn(monkeypatch, model, data, out, before: dict, after: dict, *o
                                "--device", "cpu", *options])
 
 
+@pytest.mark.parametrize("clean, counts", [(0.5, None), (0.62, [38, 8])])  # 0.62 on 8 images: luck
 def test_no_fallback_when_the_input_has_no_signal_beyond_the_artifact(shortcut_model, poisoned, tmp_path,
-                                                                      monkeypatch):
-    at_chance = {"objective": 0.5, "clean_balanced_accuracy": 0.5, "inserted_balanced_accuracy": 0.5}
+                                                                      monkeypatch, clean, counts):
+    at_chance = {"objective": 0.5, "clean_balanced_accuracy": clean, "inserted_balanced_accuracy": 0.5,
+                 **({"clean_counts": counts} if counts else {})}
     r = _judged_unlearn(monkeypatch, shortcut_model, poisoned, tmp_path / "x.pt", at_chance, WORSE, "--epochs", "1")
     assert r.exit_code == 3 and "trying" not in r.output and "--balance resample" in r.output, r.output
+    assert ("on 38/8 artifact-free validation images" in " ".join(r.output.split())) == bool(counts), r.output
 
 
 def test_a_result_at_chance_without_the_artifact_is_refused_even_if_the_objective_rose(
@@ -254,6 +257,8 @@ def _figures(objective: float, clean: float) -> dict:
     (_figures(0.70, 0.80), True, "did not improve the model"),
     (_figures(0.70, 0.80), False, None),
     (_figures(0.75, 0.52), False, "at chance"),
+    ({**_figures(0.75, 0.62), "clean_counts": [38, 8]}, False, "at chance"),  # 0.62 on 8 images is luck
+    ({**_figures(0.75, 0.78), "clean_counts": [38, 8]}, False, None),
     # robustness bought with more clean accuracy than the objective gained (densenet121's rpclarc)
     (_figures(0.72, 0.63), False, "lost more accuracy without the artifact than it gained"),
     (_figures(0.80, 0.77), False, None),  # 3 points lost: within the sweep's bound

@@ -8,7 +8,14 @@ from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import load_manifest
 from cxr_audit.models.registry import load_checkpoint, preprocessing_of
 from cxr_audit.unlearn.base import Context
-from cxr_audit.unlearn.validation import MIN_CLEAN_PER_CLASS, Validation, balanced_accuracy, best_cut, cav_labels
+from cxr_audit.unlearn.validation import (
+    MIN_CLEAN_PER_CLASS,
+    Validation,
+    at_chance,
+    balanced_accuracy,
+    best_cut,
+    cav_labels,
+)
 
 
 def _naive_best(scores, labels):
@@ -83,6 +90,30 @@ def test_the_objective_is_judged_on_artifact_free_validation_images(poisoned, sh
     wrong_on_flagged[flagged] = -wrong_on_flagged[flagged]
     assert validation.score_logits(wrong_on_flagged, inserted) == pytest.approx(naive)
     assert "artifact-free" in validation.description
+    counts = validation.summary(load_checkpoint(shortcut_model)[0])["clean_counts"]  # what the chance test reads
+    assert counts == [int((labels[~flagged] == c).sum()) for c in labels[~flagged].unique()]
+
+
+@pytest.mark.parametrize("counts", [[38, 8], [60, 5], [20, 20], [10, 30, 6]])
+def test_the_chance_bound_is_the_95th_percentile_of_a_model_that_ignores_the_image(counts):
+    """Re-derived by simulation: predictions drawn independently of the label, 1/K each."""
+    rng = np.random.default_rng(0)
+    k = len(counts)
+    recalls = np.stack([rng.binomial(n, 1 / k, size=20000) / n for n in counts])  # (K, draws)
+    p95 = np.quantile(recalls.mean(0), 0.95)
+    assert at_chance(p95 - 0.02, counts, k) and (p95 + 0.03 >= 1 or not at_chance(p95 + 0.03, counts, k))
+
+
+@pytest.mark.parametrize("balanced, counts, verdict", [
+    (0.62, [38, 8], True),  # the pure-shortcut resnet18's lucky 0.62 on 8 artifact-free lesions
+    (0.80, [38, 7], False),  # the models that had learned the lesion
+    (0.62, [400, 400], False),  # the same score on many images is signal
+    (0.54, [4000, 4000], True),  # within the margin, however many images
+    (0.62, None, False),  # figures recorded without counts: the margin only
+    (0.67, [10, 10], True), (0.70, [10, 10], False),  # bound 0.5 + 1.645 * sqrt(2 * 0.25 / 10) / 2 = 0.684
+])
+def test_at_chance(balanced, counts, verdict):
+    assert at_chance(balanced, counts, 2) is verdict
 
 
 def test_without_enough_artifact_free_images_of_a_class_every_row_is_judged(poisoned, shortcut_model):

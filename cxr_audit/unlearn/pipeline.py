@@ -44,7 +44,7 @@ from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.base import TrainingData
 from cxr_audit.unlearn.choice import CLEAN_BOUND
 from cxr_audit.unlearn.sweep import choose, sweep_lambdas
-from cxr_audit.unlearn.validation import Validation, cav_labels
+from cxr_audit.unlearn.validation import Validation, at_chance, cav_labels
 
 DEFAULT_METHOD = "augment"
 #: tried in turn when the method's result is refused (measured on vgg11 with a marker, where
@@ -409,7 +409,7 @@ def refusal(before: dict, after: dict, num_classes: int, need_gain: bool = False
     if need_gain and gain == 0:
         return "did not improve the model"
     if input_at_chance(after, num_classes):
-        return "left the model at chance without the artifact"
+        return "left the model at chance without the artifact"  # or not measurably above it
     lost = before["clean_balanced_accuracy"] - after["clean_balanced_accuracy"]
     if lost > CLEAN_BOUND and lost > gain:
         return "lost more accuracy without the artifact than it gained"
@@ -418,8 +418,8 @@ def refusal(before: dict, after: dict, num_classes: int, need_gain: bool = False
 
 def input_at_chance(before: dict, num_classes: int) -> bool:
     """Whether the input model is at chance on the artifact-free validation images (no signal
-    beyond the artifact, nothing a mitigation could keep)."""
-    return bool(before) and before["clean_balanced_accuracy"] <= 1 / num_classes + 0.05
+    beyond the artifact, nothing a mitigation could keep; :func:`~cxr_audit.unlearn.validation.at_chance`)."""
+    return bool(before) and at_chance(before["clean_balanced_accuracy"], before.get("clean_counts"), num_classes)
 
 
 def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, validation, num_classes: int,
@@ -431,20 +431,23 @@ def _refuse_if_worse(method: str, before: dict, after: dict, keep_worse: bool, v
     if "inserted_balanced_accuracy" in before and "inserted_balanced_accuracy" in after:
         inserted = (f", artifact-inserted {before['inserted_balanced_accuracy']:.3f} → "
                     f"{after['inserted_balanced_accuracy']:.3f}")
-    at_chance = input_at_chance(before, num_classes)
-    if at_chance:
-        advice = ("without the artifact the input model is at chance, so it has no signal beyond the artifact: "
-                  "retrain from scratch with `cxr-audit train --balance resample` on the annotated manifest, and "
-                  "check that the label is visible in images without the artifact")
-    else:
-        advice = ("check the masks (annotate's contact_sheet.png): masks on the class evidence instead of the artifact "
-                  "teach the model to ignore that evidence; else try another --method (augment, dfr, rrclarc) or "
-                  "more --epochs")
+    no_signal = input_at_chance(before, num_classes)
+    advice = _retrain_advice(before) if no_signal else (
+        "check the masks (annotate's contact_sheet.png): masks on the class evidence instead of the artifact teach the "
+        "model to ignore that evidence; else try another --method (augment, dfr, rrclarc) or more --epochs")
     raise NotImprovedError(
         f"{method} {verdict} on its validation objective ({validation.description}: "
         f"{before['objective']:.3f} → {after['objective']:.3f}; balanced accuracy without the artifact "
         f"{before['clean_balanced_accuracy']:.3f} → {after['clean_balanced_accuracy']:.3f}{inserted})",
-        f"{advice[0].upper() + advice[1:]}; --keep-worse writes the result anyway", at_chance)
+        f"{advice[0].upper() + advice[1:]}; --keep-worse writes the result anyway", no_signal)
+
+
+def _retrain_advice(before: dict) -> str:
+    counts = before.get("clean_counts")
+    on = f" (on {'/'.join(map(str, counts))} artifact-free validation images per class)" if counts else ""
+    return (f"without the artifact the input model is not measurably above chance{on}, so it shows no signal beyond "
+            "the artifact: retrain from scratch with `cxr-audit train --balance resample` on the annotated manifest, "
+            "and check that the label is visible in images without the artifact")
 
 
 def _has_splits(manifest: Manifest) -> bool:
