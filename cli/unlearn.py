@@ -142,4 +142,7 @@ def _before_after(result) -> Table:
     for key, name in names.items():
         if key in result.before:
             table.add_row(name, f"{result.before[key]:.3f}", f"{result.after[key]:.3f}")
+    if result.before.get("clean_counts"):  # how far to trust the figures above
+        counts = "/".join(map(str, result.before["clean_counts"]))
+        table.caption = f"artifact-free validation images per class: {counts}"
     return table

@@ -143,6 +143,9 @@ def test_dfr_from_the_cli_changes_only_the_head_and_records_its_choice(shortcut_
     assert changed == {"fc.weight", "fc.bias"}
     assert record["C"] in MITIGATIONS["dfr"].C_GRID and record["counterfactual"] == "paste"
     assert set(record["before"]) >= {"objective", "clean_balanced_accuracy"} and record["after"]
+    counts = record["before"]["clean_counts"]  # what the chance test read, shown under the table
+    assert len(counts) == 2 and min(counts) > 0
+    assert f"artifact-free validation images per class: {counts[0]}/{counts[1]}" in " ".join(r.output.split())
 
 
 WORSE = {"objective": -1.0, "clean_balanced_accuracy": 0.0, "inserted_balanced_accuracy": 0.0}
