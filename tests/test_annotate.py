@@ -254,3 +254,22 @@ def test_complete_saturated_adds_the_rest_of_a_frame_but_not_large_regions():
     blob_seed = np.zeros_like(frame)
     blob_seed[30, 30] = True
     assert complete_saturated(image, blob_seed).sum() == 1
+
+
+def test_complete_saturated_adds_thin_strokes_but_not_thick_clipped_anatomy():
+    from cxr_audit.annotate.masks import complete_saturated, thin_radius
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.2, 0.6, (128, 128))
+    assert thin_radius(image.shape) == 3 and thin_radius((224, 224)) == 5
+    ring = np.zeros((128, 128), bool)  # a marker's outline, 2 px wide: within 3 px of its edge everywhere
+    ring[20:40, 20:40], ring[22:38, 22:38] = True, False
+    belly = np.zeros_like(ring)  # clipped-white abdomen: 30 x 40 px, 7 % of the image, well under max_area
+    belly[90:120, 40:80] = True
+    image[ring | belly] = 1.0
+    seen = np.zeros_like(ring)
+    seen[19:23, 19:30] = True  # the relevance touched one corner of the ring ...
+    seen[88:92, 50:55] = True  # ... and the belly's top edge
+    done = complete_saturated(image, seen)
+    assert done[ring].all()
+    assert not (done & belly & ~seen).any()
