@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--mask-thresholds", nargs="+", default=["peak", "otsu"])
     parser.add_argument("--mask-rules", nargs="+", default=["upsample", "intensity"])
     parser.add_argument("--mask-references", nargs="+", default=["clean"])
-    parser.add_argument("--mask-completions", nargs="+", default=["none"])
+    parser.add_argument("--mask-completions", nargs="+", default=["saturated"])
     parser.add_argument("--blur", type=float, default=None, help="mask blur sigma in px (default: annotate's)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)

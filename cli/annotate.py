@@ -56,8 +56,9 @@ MaskReferenceOpt = Annotated[str, typer.Option("--mask-reference",
     help="'clean': paint only the concept's presence in excess of its median over unlabelled samples at each "
          "position; 'none': raw.")]
 MaskCompleteOpt = Annotated[str, typer.Option("--mask-complete",
-    help="'saturated': add the clipped white/black structure a mask touches (a frame's other sides, a ruler's "
-         "length; check the contact sheet: saturated anatomy can be added too); 'none'.")]
+    help="'saturated' (default): add the thin clipped white/black structure a mask touches (a frame's other "
+         "sides, a ruler's length, a stamp's strokes; thick clipped regions such as an over-exposed abdomen are "
+         "left out); 'none': the masks as the concept's relevance paints them.")]
 MaskCavOpt = Annotated[str, typer.Option("--mask-cav",
     help="'within-class': the masks' CAV contrasts labelled and unlabelled samples of the same class, so it "
          "does not also point along the class's own evidence (a shortcut artifact is correlated with its "
@@ -94,7 +95,7 @@ def annotate(scan: ScanOpt,
              mask_threshold: MaskThresholdOpt = "peak",
              mask_rule: MaskRuleOpt = "upsample",
              mask_reference: MaskReferenceOpt = "clean",
-             mask_complete: MaskCompleteOpt = "none",
+             mask_complete: MaskCompleteOpt = "saturated",
              mask_cav: MaskCavOpt = "within-class",
              blur: BlurOpt = None,
              dilate: DilateOpt = 0,

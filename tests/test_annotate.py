@@ -167,6 +167,21 @@ def test_from_column_and_concept_sources(scanned, tmp_path):
     assert concept.quality["retrieval_held_out"]["auroc"] > 0.9
 
 
+def test_masks_are_completed_by_default_and_none_turns_it_off(scanned, tmp_path):
+    from cxr_audit.store.h5 import read_meta
+
+    options = dict(from_column="artifact", device="cpu", max_masks=8)
+    default = annotate(scanned, tmp_path / "default.h5", **options)
+    plain = annotate(scanned, tmp_path / "plain.h5", mask_complete="none", **options)
+    with h5py.File(default.path) as a, h5py.File(plain.path) as b:
+        assert read_meta(a)["options"]["mask_complete"] == "saturated"
+        assert read_meta(b)["options"]["mask_complete"] == "none"
+        completed, painted = a["masks"][:].astype(bool), b["masks"][:].astype(bool)
+    assert (completed | painted == completed).all()  # completion only adds
+    with pytest.raises(UsageError, match="completion"):
+        annotate(scanned, tmp_path / "bad.h5", mask_complete="everything", **options)
+
+
 def test_annotations_do_not_depend_on_the_read_block_size(scanned, tmp_path, monkeypatch):
     """Activations are read a block of rows at a time; 5-row blocks give the same file."""
     import cxr_audit.store.h5 as h5_module

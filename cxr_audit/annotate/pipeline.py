@@ -58,7 +58,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              layer: str | None = None, method: str = "signal", cav_options: dict | None = None, n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
              masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
-             mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "none",
+             mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "saturated",
              mask_cav: str = "within-class",
              blur: float | None = None, dilate: int = 0, max_masks: int = 1000,
              model: str | Path | None = None, data: str | Path | None = None, device: str = "auto",
@@ -116,7 +116,7 @@ class MaskOptions:
     threshold: str = "peak"
     rule: str = "upsample"
     reference: str = "clean"
-    complete: str = "none"
+    complete: str = "saturated"
     cav: str = "within-class"
     blur: float | None = None
     dilate: int = 0
@@ -309,7 +309,8 @@ MASK_RULES = ("upsample", "intensity", "zbox", "flat")
 #: "clean": masks start from the concept presence in excess of its per-position median over
 #: unlabelled samples (``presence_reference``); "none": from the raw presence (Pahde et al., 2025)
 MASK_REFERENCES = ("clean", "none")
-#: "saturated": add the clipped-white/black structure a mask touches (``complete_saturated``)
+#: "saturated" (default): add the thin clipped-white/black structure a mask touches
+#: (``complete_saturated``); "none": the relevance masks as painted
 MASK_COMPLETIONS = ("saturated", "none")
 N_REFERENCE = 64
 #: "within-class": the mask CAV contrasts labelled and unlabelled samples of the same class (see
