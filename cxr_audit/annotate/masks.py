@@ -117,8 +117,8 @@ def complete_saturated(image: np.ndarray, mask: np.ndarray, tolerance: float = 0
     within ``saturation`` × range of the image's maximum (minimum), the 8-connected components
     of pixels within ``tolerance`` × range of it that the mask touches are added, if they are
     *thin*: at most ``max_core`` of a component survives an erosion by
-    :func:`thin_radius` pixels (strokes, strips and rings do not; on the two-hospital set every
-    clipped-white component that did was abdomen or mediastinum, the anatomy this must not
+    :func:`thin_radius` pixels (strokes, strips and rings do not; on the two-hospital set the
+    clipped-white components that did were abdomen or mediastinum, the anatomy this must not
     add). Nothing is added when the thin components together exceed ``max_area`` of the image."""
     if not mask.any():
         return mask
