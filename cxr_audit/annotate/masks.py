@@ -127,6 +127,7 @@ def complete_saturated(image: np.ndarray, mask: np.ndarray, tolerance: float = 0
     if span <= 0:
         return mask
     inside = image[mask]
+    radius = thin_radius(image.shape)
     for value, saturated in ((inside.max(), inside.max() >= hi - saturation * span),
                              (inside.min(), inside.min() <= lo + saturation * span)):
         if not saturated:
@@ -134,7 +135,6 @@ def complete_saturated(image: np.ndarray, mask: np.ndarray, tolerance: float = 0
         similar = np.abs(image - value) <= tolerance * span
         components, _ = label(similar, structure=np.ones((3, 3), int))
         touched = np.unique(components[mask & similar])
-        radius = thin_radius(image.shape)
         structure = np.zeros_like(mask)
         for component in (components == k for k in touched[touched > 0]):
             if binary_erosion(component, iterations=radius).sum() <= max_core * component.sum():

@@ -125,7 +125,8 @@ def at_chance(balanced: float, counts: list[int] | None, num_classes: int) -> bo
     (15 % of them at 85 % prevalence: 6–8 in the benchmark's splits, 7–18 as the annotation's CAV
     labels them), and a model that learned only the artifact scored 0.62 on them by luck
     (measured: pure-shortcut resnet18, test 0.53), which a fixed margin took for signal. The
-    benchmark's models that had learned the label scored ≥ 2.6 sd above chance on their splits. ``counts`` ``None`` (figures recorded before the counts were): the margin only."""
+    benchmark's models that had learned the label scored ≥ 2.6 sd above chance on their splits.
+    ``counts`` ``None`` (figures recorded before the counts were): the margin only."""
     chance = 1 / num_classes
     if balanced <= chance + CHANCE_MARGIN:
         return True
