@@ -143,6 +143,8 @@ def test_dfr_from_the_cli_changes_only_the_head_and_records_its_choice(shortcut_
     assert changed == {"fc.weight", "fc.bias"}
     assert record["C"] in MITIGATIONS["dfr"].C_GRID and record["counterfactual"] == "paste"
     assert set(record["before"]) >= {"objective", "clean_balanced_accuracy"} and record["after"]
+    assert record["after"]["chosen_from"] == len(MITIGATIONS["dfr"].C_GRID)  # the chance test allows for the sweep
+    assert "chosen_from" not in record["before"]
     counts = record["before"]["clean_counts"]  # what the chance test read, shown under the table
     assert len(counts) == 2 and min(counts) > 0
     assert f"artifact-free validation images per class: {counts[0]}/{counts[1]}" in " ".join(r.output.split())
@@ -262,6 +264,10 @@ def _figures(objective: float, clean: float) -> dict:
     (_figures(0.75, 0.52), False, "at chance"),
     ({**_figures(0.75, 0.62), "clean_counts": [38, 8]}, False, "at chance"),  # 0.62 on 8 images is luck
     ({**_figures(0.75, 0.78), "clean_counts": [38, 8]}, False, None),
+    # the best of DFR's 7 Cs: bound 0.5 + 2.44 sd = 0.75 instead of 0.5 + 1.645 sd = 0.67 on 38/7
+    ({**_figures(0.90, 0.70), "clean_counts": [38, 7], "chosen_from": 7}, False, "at chance"),
+    ({**_figures(0.90, 0.70), "clean_counts": [38, 7]}, False, None),
+    ({**_figures(0.75, 0.78), "clean_counts": [38, 7], "chosen_from": 7}, False, None),
     # robustness bought with more clean accuracy than the objective gained (densenet121's rpclarc)
     (_figures(0.72, 0.63), False, "lost more accuracy without the artifact than it gained"),
     (_figures(0.80, 0.77), False, None),  # 3 points lost: within the sweep's bound

@@ -11,7 +11,9 @@ from cxr_audit.unlearn.base import Context
 from cxr_audit.unlearn.validation import (
     MIN_CLEAN_PER_CLASS,
     Validation,
+    artifact_free_share,
     at_chance,
+    at_most_expected_clean,
     balanced_accuracy,
     best_cut,
     cav_labels,
@@ -60,6 +62,58 @@ def test_validation_rows_are_labelled_by_the_annotations_cav(shortcut_model, poi
                                                                               if i not in some}
 
 
+def test_validation_rows_are_capped_at_the_artifact_free_share_of_their_class(shortcut_model, poisoned,
+                                                                             train_annotations):
+    """With the training split's shares, a class labels no more of its validation rows artifact-free
+    than its share allows, and keeps the lowest-scoring ones; a class without a share is as before."""
+    net, config = load_checkpoint(shortcut_model)
+    manifest = load_manifest(poisoned, class_names=config["class_names"])
+    val = manifest.subset("val")
+    batch = load_batch(val, preprocessing_of(config), with_masks=False)
+    classes = batch["label"].tolist()
+    disease = manifest.class_names.index("disease")
+    plain = cav_labels(net, val, batch["image"], train_annotations, 16, known={})
+    clean_disease = [s.index for s in val.samples if s.label == disease and plain[s.index] == 0]
+    assert len(clean_disease) >= 2  # else the cap below has nothing to cut
+    share = {disease: (len(clean_disease) - 1) / classes.count(disease)}  # one fewer than the CAV labels clean
+    capped = cav_labels(net, val, batch["image"], train_annotations, 16, {}, classes, share)
+    dropped = [i for i in plain if plain[i] != capped[i]]
+    assert len(dropped) == 1 and capped[dropped[0]] == 1 and dropped[0] in clean_disease
+    others = [s.index for s in val.samples if s.label != disease]
+    assert all(capped[i] == plain[i] for i in others)
+    none_clean = cav_labels(net, val, batch["image"], train_annotations, 16, {}, classes, {disease: 0.0})
+    assert all(none_clean[s.index] == 1 for s in val.samples if s.label == disease)
+
+
+def test_at_most_expected_clean_keeps_the_lowest_scores_of_each_capped_class():
+    rng = np.random.default_rng(0)
+    scores, classes = rng.normal(size=40), np.repeat([0, 1], 20)
+    labels = (scores > 0.5).astype(int)
+    capped = at_most_expected_clean(labels, scores, classes, {1: 0.15})
+    assert (capped[classes == 0] == labels[classes == 0]).all()  # no share given: untouched
+    clean = np.flatnonzero((capped == 0) & (classes == 1))
+    assert len(clean) == min(3, int(((labels == 0) & (classes == 1)).sum()))  # floor(0.15 * 20)
+    ones = np.flatnonzero(classes == 1)
+    assert set(clean) == set(ones[np.argsort(scores[ones])][:3])  # the three lowest of the class
+    assert (capped >= labels).all()  # only ever adds the artifact label
+    assert (at_most_expected_clean(labels, scores, classes, {0: 1.0, 1: 1.0}) == labels).all()
+
+
+def test_artifact_free_share_counts_the_labelled_samples_of_each_class(poisoned):
+    manifest = load_manifest(poisoned)
+    train = manifest.subset("train")
+    disease = manifest.class_names.index("disease")
+    labelled = {s.index: int(s.artifact) for s in train.samples}
+    share = artifact_free_share(train, labelled)
+    rows = [s for s in train.samples if s.label == disease]
+    assert share[disease] == pytest.approx(np.mean([not s.artifact for s in rows]))
+    assert share[disease] < 0.5 < share[1 - disease]  # the stamp is on the disease class
+    first = train.samples[0]
+    assert artifact_free_share(train, {first.index: 1}) == {first.label: 0.0}  # unlabelled samples do not count
+    binary = artifact_free_share(train, labelled, finding=disease)  # multi-label: has the finding or not
+    assert binary[1] == pytest.approx(share[disease])
+
+
 def _validation(poisoned, shortcut_model, artifact: dict):
     net, config = load_checkpoint(shortcut_model)
     manifest = load_manifest(poisoned, class_names=config["class_names"])
@@ -102,6 +156,18 @@ def test_the_chance_bound_is_the_95th_percentile_of_a_model_that_ignores_the_ima
     recalls = np.stack([rng.binomial(n, 1 / k, size=20000) / n for n in counts])  # (K, draws)
     p95 = np.quantile(recalls.mean(0), 0.95)
     assert at_chance(p95 - 0.02, counts, k) and (p95 + 0.03 >= 1 or not at_chance(p95 + 0.03, counts, k))
+
+
+@pytest.mark.parametrize("tries", [2, 7])
+def test_the_bound_for_the_best_of_several_tries_is_the_95th_percentile_of_their_maximum(tries):
+    """A sweep keeps its luckiest run: the bound (Šidák) is re-derived from the maximum of
+    ``tries`` independent chance-level scores."""
+    rng = np.random.default_rng(1)
+    counts = [38, 7]
+    recalls = np.stack([rng.binomial(n, 0.5, size=(20000, tries)) / n for n in counts])  # (K, draws, tries)
+    p95 = np.quantile(recalls.mean(0).max(1), 0.95)
+    assert at_chance(p95 - 0.02, counts, 2, tries) and not at_chance(p95 + 0.03, counts, 2, tries)
+    assert not at_chance(p95 - 0.02, counts, 2)  # the one-measurement bound would take the luck for signal
 
 
 @pytest.mark.parametrize("balanced, counts, verdict", [

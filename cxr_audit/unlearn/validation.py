@@ -113,27 +113,39 @@ class Validation:
         return out
 
 
-def at_chance(balanced: float, counts: list[int] | None, num_classes: int) -> bool:
+def at_chance(balanced: float, counts: list[int] | None, num_classes: int, tries: int = 1) -> bool:
     """Whether a balanced accuracy measured on ``counts`` images per class shows no signal: within
-    :data:`CHANCE_MARGIN` of chance (``1/K``), or fewer than :data:`SIGNAL_Z` standard errors above
-    it, the error of a model whose predictions ignore the image (each class predicted with
-    probability ``1/K``, so recall_c ~ Binomial(n_c, 1/K) / n_c):
+    :data:`CHANCE_MARGIN` of chance (``1/K``), or fewer than ``z`` standard errors above it, the
+    error of a model whose predictions ignore the image (each class predicted with probability
+    ``1/K``, so recall_c ~ Binomial(n_c, 1/K) / n_c):
 
         sd = sqrt(sum_c (1/K)(1 - 1/K) / n_c) / K_present
 
+    ``z`` is :data:`SIGNAL_Z` (one-sided p < 0.05) for one measurement, and Šidák's
+    ``Φ⁻¹((1 − 0.05)^(1/tries))`` for the best of ``tries`` candidates (a λ or C sweep picks the
+    luckiest of its runs: measured, DFR's C sweep on a model at chance picked 0.619 of seven
+    chance-level scores, just above the one-measurement bound 0.615).
+
     Why the test: artifact-free validation images of the artifact's class are few by construction
-    (15 % of them at 85 % prevalence: 6–8 in the benchmark's splits, 7–18 as the annotation's CAV
-    labels them), and a model that learned only the artifact scored 0.62 on them by luck
-    (measured: pure-shortcut resnet18, test 0.53), which a fixed margin took for signal. The
-    benchmark's models that had learned the label scored ≥ 2.6 sd above chance on their splits.
-    ``counts`` ``None`` (figures recorded before the counts were): the margin only."""
+    (15 % of them at 85 % prevalence: 6–8 in the benchmark's splits), and a model that learned
+    only the artifact scored 0.62 on them by luck (measured: pure-shortcut resnet18, test 0.53),
+    which a fixed margin took for signal. The benchmark's models that had learned the label scored
+    ≥ 2.6 sd above chance on their splits. ``counts`` ``None`` (figures recorded before the counts
+    were): the margin only."""
     chance = 1 / num_classes
     if balanced <= chance + CHANCE_MARGIN:
         return True
     if not counts:
         return False
     sd = np.sqrt(sum(chance * (1 - chance) / max(n, 1) for n in counts)) / len(counts)
-    return bool(balanced < chance + SIGNAL_Z * sd)
+    return bool(balanced < chance + signal_z(tries) * sd)
+
+
+def signal_z(tries: int = 1) -> float:
+    """The one-sided z of p < 0.05 for the best of ``tries`` independent measurements (Šidák)."""
+    from statistics import NormalDist
+
+    return SIGNAL_Z if tries <= 1 else NormalDist().inv_cdf(0.95 ** (1 / tries))
 
 
 def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
@@ -142,12 +154,16 @@ def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def cav_labels(model, samples: Manifest, images: torch.Tensor, annotations, batch_size: int,
-               known: dict[int, int]) -> dict[int, int]:
+               known: dict[int, int], classes: list[int] | None = None,
+               clean_share: dict[int, float] | None = None) -> dict[int, int]:
     """Artifact labels ``{manifest row: 0/1}`` for the ``samples`` not in ``known``, from their
     ``images (N, C, H, W)`` (in the order of ``samples``, as :func:`load_batch` reads them), by the
     annotation's own CAV: ``v · maxpool(a_layer) > t`` — the score `annotate` ranks by — with
     ``t`` the cut that best separates the annotation's own labels by its own scores (balanced
-    accuracy). ``{}`` when the model has no module of the annotation's layer."""
+    accuracy); then, with ``classes`` (each sample's task class, in the same order) and
+    ``clean_share`` (:func:`artifact_free_share` of the training split), no class keeps more
+    artifact-free rows than its share allows (:func:`at_most_expected_clean`). ``{}`` when the
+    model has no module of the annotation's layer."""
     todo = [i for i, s in enumerate(samples.samples) if s.index not in known]
     ann = read_annotations(annotations) if todo else None
     if ann is None or ann.layer not in dict(model.named_modules()) or not ann.scores:
@@ -158,8 +174,46 @@ def cav_labels(model, samples: Manifest, images: torch.Tensor, annotations, batc
     todo = torch.tensor(todo)
     batches = [{"image": images[todo[i:i + batch_size]], "index": index[i:i + batch_size]}
                for i in range(0, len(todo), batch_size)]
-    scores, index = concept_scores(model, ann.layer, torch.from_numpy(ann.cav), batches)
-    return {int(i): int(v > cut) for i, v in zip(index, scores)}
+    scores, rows = concept_scores(model, ann.layer, torch.from_numpy(ann.cav), batches)  # in the order of todo
+    labels = (scores > cut).astype(int)
+    if classes is not None and clean_share:
+        labels = at_most_expected_clean(labels, scores, np.array(classes)[todo.numpy()], clean_share)
+    return {int(i): int(v) for i, v in zip(rows, labels)}
+
+
+def at_most_expected_clean(labels: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                           clean_share: dict[int, float]) -> np.ndarray:
+    """``labels (N,)`` 0/1 with, in each class ``c``, at most ``floor(clean_share[c] · n_c)`` rows
+    left 0 (artifact-free): those with the lowest ``scores``; the others become 1. Why: a CAV
+    whose scores overlap between images with and without the artifact (measured: the text stamp
+    at resnet18's ranking layer, real data, 85 % of the lesion class stamped) labels stamped
+    images artifact-free — 4–11 of the 12–18 "artifact-free" lesion images of each seed's
+    validation split carried the stamp — and on those the shortcut gives the right answer, so a
+    model that learned only the artifact looked above chance (pure-shortcut vgg11: 0.675 on
+    validation, 0.45 on the test) and its "fix" was kept. The training split's share says how many
+    artifact-free images a class can hold; taking the lowest-scoring ones keeps the most certain.
+    Classes not in ``clean_share`` are left as they are."""
+    labels = labels.copy()
+    for c, share in clean_share.items():
+        rows = np.flatnonzero(classes == c)
+        clean = rows[labels[rows] == 0]
+        allowed = int(np.floor(share * len(rows) + 1e-9))
+        if len(clean) > allowed:
+            surplus = clean[np.argsort(scores[clean], kind="stable")[allowed:]]
+            labels[surplus] = 1
+    return labels
+
+
+def artifact_free_share(samples: Manifest, artifact: dict[int, int], finding: int | None = None) -> dict[int, float]:
+    """``{task class: share of its samples labelled without the artifact}`` over the ``samples``
+    that ``artifact`` labels (the annotation's labels of the training split); the task class is
+    the label (single-label) or 1/0 for having ``finding`` (multi-label)."""
+    counts: dict[int, list[int]] = {}
+    for s in samples.samples:
+        if s.index in artifact:
+            c = s.label if finding is None else int(finding in s.labels)
+            counts.setdefault(c, []).append(artifact[s.index])
+    return {c: 1 - float(np.mean(flags)) for c, flags in counts.items()}
 
 
 def best_cut(scores: np.ndarray, labels: np.ndarray) -> float:
