@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from cxr_audit.annotate.pipeline import annotate
+    from cxr_audit.annotate.pipeline import MaskOptions, annotate
     from cxr_audit.data.inject import inject
     from cxr_audit.data.phantom import generate_phantoms
     from cxr_audit.explain.methods import default_layers
@@ -60,9 +60,10 @@ def main() -> None:
                     for thr, rule, ref, comp in product(args.mask_thresholds, args.mask_rules,
                                                         args.mask_references, args.mask_completions):
                         start = time.perf_counter()
-                        r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, mask_layer=layer, method=cav,
-                                     mask_threshold=thr, mask_rule=rule, mask_reference=ref, mask_complete=comp,
-                                     blur=args.blur, device=args.device)
+                        masking = MaskOptions(layer=layer, threshold=thr, rule=rule, reference=ref, complete=comp,
+                                              blur=args.blur)
+                        r = annotate(s, work / "a.h5", seeds=seeds, layer=layer, method=cav, masking=masking,
+                                     device=args.device)
                         q = r.quality
                         rows.append((arch, artifact, cav, layer, f"{thr}/{rule}/{ref}/{comp}",
                                      q["retrieval_held_out"]["auroc"], q["retrieval_held_out"]["ap"],

@@ -68,7 +68,7 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     """``(checkpoint, annotations.h5, annotated manifest, annotation quality)``: trained, scanned,
     annotated; the quality (mask IoU against the injected masks) says whether a method failed on
     the model or on its annotation."""
-    from cxr_audit.annotate.pipeline import annotate
+    from cxr_audit.annotate.pipeline import MaskOptions, annotate
     from cxr_audit.models.architectures import build_model, spec_of
     from cxr_audit.scan.pipeline import scan
     from cxr_audit.training.pipeline import train
@@ -79,7 +79,8 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     scan_file = scan(base, data, work / "scan.h5", split="train", overwrite=True, device=device, layers=layers).path
     ann = annotate(scan_file, work / "annotations.h5", from_column="artifact", masks_dir=work / "masks", device=device)
     # the masks the methods use (annotate's default, within-class CAV) beside the across-class CAV
-    across = annotate(scan_file, work / "annotations-across.h5", from_column="artifact", mask_cav="across", device=device)
+    across = annotate(scan_file, work / "annotations-across.h5", from_column="artifact", masking=MaskOptions(cav="across"),
+                      device=device)
     quality = {**ann.quality, "mask_iou_across": across.quality.get("mask_iou", float("nan"))}
     return base, work / "annotations.h5", ann.files["manifest"], quality
 

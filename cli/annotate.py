@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from cxr_audit.annotate.pipeline import MaskOptions
 from cxr_audit.annotate.pipeline import annotate as annotate_lib
 from cxr_audit.cli._common import console, friendly_errors, options_help, progress_bar, split_csv
 from cxr_audit.errors import UsageError
@@ -85,20 +86,20 @@ def annotate(scan: ScanOpt,
              reveal_json: RevealJsonOpt = None,
              from_column: FromColumnOpt = None,
              layer: LayerOpt = None,
-             mask_layer: MaskLayerOpt = None,
+             mask_layer: MaskLayerOpt = MaskOptions.layer,
              method: MethodOpt = "signal",
              option: OptionOpt = None,
              threshold: ThresholdOpt = "auto",
              refine: RefineOpt = 0,
              masks_dir: MasksDirOpt = None,
              no_masks: NoMasksOpt = False,
-             mask_threshold: MaskThresholdOpt = "peak",
-             mask_rule: MaskRuleOpt = "upsample",
-             mask_reference: MaskReferenceOpt = "clean",
-             mask_complete: MaskCompleteOpt = "saturated",
-             mask_cav: MaskCavOpt = "within-class",
-             blur: BlurOpt = None,
-             dilate: DilateOpt = 0,
+             mask_threshold: MaskThresholdOpt = MaskOptions.threshold,
+             mask_rule: MaskRuleOpt = MaskOptions.rule,
+             mask_reference: MaskReferenceOpt = MaskOptions.reference,
+             mask_complete: MaskCompleteOpt = MaskOptions.complete,
+             mask_cav: MaskCavOpt = MaskOptions.cav,
+             blur: BlurOpt = MaskOptions.blur,
+             dilate: DilateOpt = MaskOptions.dilate,
              model: ModelOpt = None,
              data: DataOpt = None,
              device: DeviceOpt = "auto",
@@ -106,15 +107,14 @@ def annotate(scan: ScanOpt,
              target: TargetOpt = None) -> None:
     """Label artifact samples with a concept direction (CAV) and paint pixel masks with its LRP heatmap."""
     thr = threshold if threshold == "auto" else _float(threshold)
+    masking = MaskOptions(layer=mask_layer, threshold=mask_threshold, rule=mask_rule, reference=mask_reference,
+                          complete=mask_complete, cav=mask_cav, blur=blur, dilate=dilate)
     with progress_bar("annotate") as update:
         result = annotate_lib(scan, out, seeds=_ids(seeds), negatives=_ids(negatives), concept=concept,
                               cluster=cluster, reveal_json=reveal_json,
-                              from_column=from_column, layer=layer, mask_layer=mask_layer, method=method,
-                              cav_options=parse_pairs(option),
-                              threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir,
-                              mask_threshold=mask_threshold, mask_rule=mask_rule, mask_reference=mask_reference,
-                              mask_complete=mask_complete, mask_cav=mask_cav, blur=blur, dilate=dilate, model=model, data=data,
-                              device=device, seed=seed, target=target, on_progress=update)
+                              from_column=from_column, layer=layer, method=method, cav_options=parse_pairs(option),
+                              threshold=thr, refine=refine, masks=not no_masks, masks_dir=masks_dir, masking=masking,
+                              model=model, data=data, device=device, seed=seed, target=target, on_progress=update)
     console.print(f"labelled {result.n_labelled} samples as the concept (layer {result.layer}, threshold "
                   f"{result.threshold:.3f})")
     if result.quality:

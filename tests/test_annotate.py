@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from cxr_audit.annotate.masks import binarise
-from cxr_audit.annotate.pipeline import annotate
+from cxr_audit.annotate.pipeline import MaskOptions, annotate
 from cxr_audit.cli.main import app
 from cxr_audit.errors import UsageError
 from cxr_audit.numerics.cav import SignalCAV, make_cav
@@ -170,23 +170,23 @@ def test_from_column_and_concept_sources(scanned, tmp_path):
 def test_masks_are_completed_by_default_and_none_turns_it_off(scanned, tmp_path):
     from cxr_audit.store.h5 import read_meta
 
-    options = dict(from_column="artifact", device="cpu", max_masks=8)
-    default = annotate(scanned, tmp_path / "default.h5", **options)
-    plain = annotate(scanned, tmp_path / "plain.h5", mask_complete="none", **options)
+    options = dict(from_column="artifact", device="cpu")
+    default = annotate(scanned, tmp_path / "default.h5", masking=MaskOptions(max_masks=8), **options)
+    plain = annotate(scanned, tmp_path / "plain.h5", masking=MaskOptions(complete="none", max_masks=8), **options)
     with h5py.File(default.path) as a, h5py.File(plain.path) as b:
         assert read_meta(a)["options"]["mask_complete"] == "saturated"
         assert read_meta(b)["options"]["mask_complete"] == "none"
         completed, painted = a["masks"][:].astype(bool), b["masks"][:].astype(bool)
     assert (completed | painted == completed).all()  # completion only adds
     with pytest.raises(UsageError, match="completion"):
-        annotate(scanned, tmp_path / "bad.h5", mask_complete="everything", **options)
+        annotate(scanned, tmp_path / "bad.h5", masking=MaskOptions(complete="everything"), **options)
 
 
 def test_annotations_do_not_depend_on_the_read_block_size(scanned, tmp_path, monkeypatch):
     """Activations are read a block of rows at a time; 5-row blocks give the same file."""
     import cxr_audit.store.h5 as h5_module
 
-    options = dict(from_column="artifact", refine=1, device="cpu", max_masks=8)
+    options = dict(from_column="artifact", refine=1, device="cpu", masking=MaskOptions(max_masks=8))
     whole = annotate(scanned, tmp_path / "whole.h5", **options)
     monkeypatch.setattr(h5_module, "READ_CHUNK", 5)
     blocked = annotate(scanned, tmp_path / "blocked.h5", **options)

@@ -57,10 +57,7 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
              cluster: int | None = None, reveal_json: str | Path | None = None,
              layer: str | None = None, method: str = "signal", cav_options: dict | None = None, n_negatives: int = 50,
              threshold: str | float = "auto", refine: int = 0, masks: bool = True,
-             masks_dir: str | Path | None = None, mask_layer: str | None = None, mask_threshold: str = "peak",
-             mask_rule: str = "upsample", mask_reference: str = "clean", mask_complete: str = "saturated",
-             mask_cav: str = "within-class",
-             blur: float | None = None, dilate: int = 0, max_masks: int = 1000,
+             masks_dir: str | Path | None = None, masking: MaskOptions | None = None,
              model: str | Path | None = None, data: str | Path | None = None, device: str = "auto",
              batch_size: int = 16, seed: int = 0, target: str | None = None,
              on_progress: Callable[..., None] | None = None) -> AnnotationResult:
@@ -72,10 +69,10 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
     cluster id from ``reveal_json``: its members are the seeds) or ``from_column`` (``artifact``)
     selects the positives. ``target`` (``finding:NAME``, multi-label scans): the classes the
     masks' CAV is fitted within are that finding's positives and negatives (default: every
-    combination of findings).
+    combination of findings). ``masking``: how the masks are painted (default
+    :class:`MaskOptions()`).
     """
-    masking = MaskOptions(mask_layer, mask_threshold, mask_rule, mask_reference, mask_complete, mask_cav, blur,
-                          dilate, max_masks)
+    masking = masking or MaskOptions()
     masking.check()  # fail before any work
     new_cav = cav_factory(method, cav_options)
     seeds = _selected_seeds(seeds, negatives, concept, from_column, cluster, reveal_json)
@@ -109,8 +106,15 @@ def annotate(scan_path: str | Path, out: str | Path, *, seeds: list[int] | None 
 
 @dataclass(frozen=True)
 class MaskOptions:
-    """How masks are painted (the ``mask_*``, ``blur``, ``dilate`` and ``max_masks`` arguments
-    of :func:`annotate`); :meth:`check` names the valid choices."""
+    """How :func:`annotate` paints masks; every default is declared here once (the CLI reads
+    them). :meth:`check` names the valid choices.
+
+    ``layer``: whose CAV paints (default: the earliest scanned layer); ``threshold``: ``peak``
+    (``peak:F``), ``otsu`` or ``quantile`` (:mod:`cxr_audit.annotate.masks`); ``rule``: how
+    first-layer relevance reaches pixels; ``reference``: ``clean`` paints the concept's presence in
+    excess of its median over unlabelled samples; ``complete``: ``saturated`` adds the thin clipped
+    structure a mask touches; ``cav``: ``within-class`` or ``across``; ``blur``: Gaussian sigma in
+    pixels (default 1.5 per 64 px); ``dilate``: iterations; ``max_masks``: at most this many masks."""
 
     layer: str | None = None
     threshold: str = "peak"
