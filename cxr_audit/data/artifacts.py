@@ -119,6 +119,42 @@ class Frame(Artifact):
         return out, mask
 
 
+class Pacemaker(Artifact):
+    """A cardiac device: a solid bright can below a clavicle and a thin lead curving from it to
+    the heart. Thick and thin at once — relevance may paint the can and miss the lead, and the
+    can is too thick for `annotate`'s completion of thin saturated structure."""
+
+    name = "pacemaker"
+
+    def __init__(self, rel_size: float = 0.12, rel_lead: float = 0.012):
+        self.rel_size, self.rel_lead = rel_size, rel_lead
+
+    def apply(self, image, rng):
+        from scipy.ndimage import binary_dilation
+
+        h, w = image.shape
+        side = min(h, w)
+        half_h, half_w = max(2.0, 0.375 * self.rel_size * side), max(3.0, 0.5 * self.rel_size * side)
+        left = rng.random() < 0.5
+        cy = rng.uniform(0.12, 0.28) * h
+        cx = rng.uniform(0.15, 0.30) * w if left else rng.uniform(0.70, 0.85) * w
+        yy, xx = np.mgrid[0:h, 0:w]
+        shape = np.abs((yy - cy) / half_h) ** 4 + np.abs((xx - cx) / half_w) ** 4  # a rounded rectangle
+        can, battery = shape <= 1, shape <= 0.35
+        end = np.array([rng.uniform(0.55, 0.68) * h, rng.uniform(0.45, 0.60) * w])  # the right ventricle
+        bend = np.array([rng.uniform(0.30, 0.45) * h, (cx + end[1]) / 2 + rng.uniform(-0.1, 0.1) * w])
+        t = np.linspace(0, 1, 4 * max(h, w))[:, None]
+        points = (1 - t) ** 2 * np.array([cy, cx]) + 2 * (1 - t) * t * bend + t ** 2 * end  # quadratic Bézier
+        lead = np.zeros((h, w), bool)
+        lead[np.clip(points[:, 0].round().astype(int), 0, h - 1), np.clip(points[:, 1].round().astype(int), 0, w - 1)] = True
+        thickness = int(round(self.rel_lead * side / 2))
+        lead = binary_dilation(lead, iterations=thickness) if thickness else lead
+        out = image.copy()
+        out[can | lead] = 1.0
+        out[battery] = 0.85  # the can's inner outline, as metal of another thickness shows
+        return out, can | lead
+
+
 class Brightness(Artifact):
     """A global exposure/contrast shift (scanner or processing difference); mask = whole image."""
 
@@ -133,7 +169,7 @@ class Brightness(Artifact):
 
 
 ARTIFACTS: dict[str, type[Artifact]] = {
-    cls.name: cls for cls in (TextStamp, RoundMarker, Ruler, Frame, Brightness)
+    cls.name: cls for cls in (TextStamp, RoundMarker, Ruler, Frame, Pacemaker, Brightness)
 }
 
 
