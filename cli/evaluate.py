@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from cxr_audit.cli._common import console, err_console, friendly_errors, progress_bar, split_csv
+from cxr_audit.data.artifacts import ARTIFACTS
 from cxr_audit.errors import UsageError
 from cxr_audit.evaluate.pipeline import evaluate as evaluate_lib
 
@@ -18,7 +19,7 @@ def evaluate(model: Path = typer.Option(..., "--model", "-m", help="Checkpoint t
              compare: Optional[Path] = typer.Option(None, "--compare", help="A second checkpoint (e.g. after unlearn)."),
              split: str = typer.Option("test", "--split", help="Split to evaluate ('' = all rows)."),
              artifact: Optional[str] = typer.Option(None, "--artifact",
-                                                    help="Insert this injector's artifact (text, marker, ruler, frame, brightness)."),
+                                                    help=f"Insert this injector's artifact ({', '.join(ARTIFACTS)})."),
              paste_from: Optional[Path] = typer.Option(None, "--paste-from",
                                                        help="Manifest whose artifact samples (with artifact_mask) are cut "
                                                             "out and pasted, for real artifacts."),
