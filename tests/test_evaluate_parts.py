@@ -95,3 +95,14 @@ def test_evaluate_reports_progress_per_block(shortcut_model, poisoned, monkeypat
     n = len(load_manifest(poisoned).subset("test"))
     assert [done for done, _, _ in seen] == list(range(10, n, 10)) + [n]
     assert all(total == n and status == shortcut_model.name for _, total, status in seen)
+
+
+def test_the_artifact_share_is_the_mean_of_the_defined_shares_and_nan_without_a_warning():
+    import warnings
+
+    from cxr_audit.evaluate.pipeline import _mean_share
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would fail here
+        assert np.isnan(_mean_share([np.array([np.nan]), np.array([np.nan, np.nan])]))
+        assert _mean_share([np.array([0.2, np.nan]), np.array([0.4])]) == pytest.approx(0.3)

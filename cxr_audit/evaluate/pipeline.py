@@ -262,11 +262,19 @@ def _inserted_metrics(o: _Outputs, pred, y, artifact_class_name: str, attributio
     out["artifact_inserted_drop"] = M.accuracy(pred, y) - out["artifact_inserted_accuracy"]
     out["victims_clean_accuracy"] = M.accuracy(pred[rows], y[rows])
     out["victims_inserted_accuracy"] = M.accuracy(attacked_pred, y[rows])
-    out["artifact_relevance_share"] = float(np.nanmean(np.concatenate(o.shares[attribution])))
+    out["artifact_relevance_share"] = _mean_share(o.shares[attribution])
     if "gxi" in o.shares and attribution != "gxi":
-        out["artifact_gradient_share"] = float(np.nanmean(np.concatenate(o.shares["gxi"])))
+        out["artifact_gradient_share"] = _mean_share(o.shares["gxi"])
     out["artifact_mask_area"] = float(o.cat("mask_area").mean())
     return out
+
+
+def _mean_share(parts: list[np.ndarray]) -> float:
+    """Mean of the per-image shares that are defined; NaN (without numpy's warning) when none is:
+    an image whose relevance sums to zero, e.g. a model that outputs a constant, has no share."""
+    values = np.concatenate(parts)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _two_source_metrics(pred: np.ndarray, y: np.ndarray, src: np.ndarray, pair, seed: int) -> dict:
