@@ -49,7 +49,8 @@ MasksDirOpt = Annotated[Optional[Path], typer.Option("--masks",
     help="Folder for mask PNGs, annotated.csv, contact sheet.")]
 NoMasksOpt = Annotated[bool, typer.Option("--no-masks", help="Only label samples; skip pixel masks.")]
 MaskThresholdOpt = Annotated[str, typer.Option("--mask-threshold",
-    help="'peak' (half the blurred maximum; 'peak:0.3' for another fraction), 'otsu' or 'quantile' (top 5 %).")]
+    help="'peak:F': pixels above F of the blurred maximum (default peak:0.7; 'peak' is peak:0.5), 'otsu' or "
+         "'quantile' (top 5 %).")]
 MaskRuleOpt = Annotated[str, typer.Option("--mask-rule",
     help="How first-layer relevance reaches pixels: 'upsample' (bilinear), 'intensity' (z+ on pixel "
          "intensities: bright artifacts), 'zbox' or 'flat'.")]

@@ -139,7 +139,9 @@ def test_five_seeds_retrieve_artifacts_and_masks_overlap_truth(scanned, tmp_path
     result = annotate(scanned, tmp_path / "ann.h5", seeds=seeds, masks_dir=tmp_path / "masks", device="cpu")
     q = result.quality
     assert q["retrieval_held_out"]["auroc"] >= 0.95, q
-    assert q["mask_iou"] >= 0.5 and q["pointing_game"] >= 0.8, q
+    # the default peak:0.7 masks hug the glyphs, so against the glyphs' bounding box they score
+    # below the 0.5 of half-peak masks (0.46 here; docs/annotate.md "Mask threshold")
+    assert q["mask_iou"] >= 0.4 and q["pointing_game"] >= 0.8, q
     with h5py.File(result.path) as f:
         fit_rows = set(f["fit_rows"][:].tolist())
         seed_rows = {int(np.flatnonzero(f["samples/index"][:] == s)[0]) for s in seeds}

@@ -3,8 +3,9 @@ Interpretability-Driven Detection and Mitigation of Spurious Model Behavior and 
 arXiv:2501.13818): LRP from a layer down to the input with initial relevance ``ReLU(a) ⊙ v``
 (``v`` broadcast over space), positive part, Gaussian blur, then a threshold per image.
 
-Thresholds (``benchmarks/annotate_quality.py`` compares them): ``peak`` (default) keeps pixels
-above half the blurred map's maximum (``peak:F``: above the fraction F); ``otsu`` (Pahde et al.'s choice) maximises between-class
+Thresholds (``benchmarks/annotate_quality.py`` compares them): ``peak`` keeps pixels above half
+the blurred map's maximum (``peak:F``: above the fraction F; `annotate`'s default is
+``peak:0.7``, docs/annotate.md); ``otsu`` (Pahde et al.'s choice) maximises between-class
 variance; ``quantile`` keeps the top 5 %. On our phantoms Otsu over-segments small artifacts
 (text, markers: concept relevance is diffuse and the artifact is a few dozen pixels, mask IoU
 0.17-0.38) where ``peak`` reaches 0.48-0.67; Otsu is better for large thin ones (frames).

@@ -8,7 +8,7 @@ arXiv:2501.13818) with signal CAVs (Pahde et al., 2023).
    optionally refine: refit on the labelled set and rescore.
 3. Masks: fit a CAV at the (earlier) ``mask_layer`` on those labels and back-propagate
    ``ReLU(a) ⊙ v`` with LRP to the pixels — by default only the concept presence in excess of
-   its per-position median over unlabelled samples; blur, threshold (half the peak), dilate.
+   its per-position median over unlabelled samples; blur, threshold (70 % of the peak), dilate.
 4. Quality, where ground truth exists: retrieval AUROC/AP on rows never used to fit the first
    CAV; mask IoU and pointing game against the manifest's ``artifact_mask``.
 """
@@ -109,15 +109,16 @@ class MaskOptions:
     """How :func:`annotate` paints masks; every default is declared here once (the CLI reads
     them). :meth:`check` names the valid choices.
 
-    ``layer``: whose CAV paints (default: the earliest scanned layer); ``threshold``: ``peak``
-    (``peak:F``), ``otsu`` or ``quantile`` (:mod:`cxr_audit.annotate.masks`); ``rule``: how
+    ``layer``: whose CAV paints (default: the earliest scanned layer); ``threshold``: ``peak:F``
+    (above F of the blurred maximum; ``peak`` = ``peak:0.5``), ``otsu`` or ``quantile``
+    (:mod:`cxr_audit.annotate.masks`); ``rule``: how
     first-layer relevance reaches pixels; ``reference``: ``clean`` paints the concept's presence in
     excess of its median over unlabelled samples; ``complete``: ``saturated`` adds the thin clipped
     structure a mask touches; ``cav``: ``within-class`` or ``across``; ``blur``: Gaussian sigma in
     pixels (default 1.5 per 64 px); ``dilate``: iterations; ``max_masks``: at most this many masks."""
 
     layer: str | None = None
-    threshold: str = "peak"
+    threshold: str = "peak:0.7"  # docs/annotate.md "Mask threshold": tighter masks, fewer tissue margins
     rule: str = "upsample"
     reference: str = "clean"
     complete: str = "saturated"
