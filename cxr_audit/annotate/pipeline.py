@@ -111,11 +111,11 @@ class MaskOptions:
 
     ``layer``: whose CAV paints (default: the earliest scanned layer); ``threshold``: ``peak:F``
     (above F of the blurred maximum; ``peak`` = ``peak:0.5``), ``otsu`` or ``quantile``
-    (:mod:`cxr_audit.annotate.masks`); ``rule``: how
-    first-layer relevance reaches pixels; ``reference``: ``clean`` paints the concept's presence in
-    excess of its median over unlabelled samples; ``complete``: ``saturated`` adds the thin clipped
-    structure a mask touches; ``cav``: ``within-class`` or ``across``; ``blur``: Gaussian sigma in
-    pixels (default 1.5 per 64 px); ``dilate``: iterations; ``max_masks``: at most this many masks."""
+    (:mod:`cxr_audit.annotate.masks`); ``rule``: how first-layer relevance reaches pixels;
+    ``reference``: ``clean`` paints the concept's presence in excess of its median over unlabelled
+    samples; ``complete``: ``saturated`` adds the thin clipped structure a mask touches; ``cav``:
+    ``within-class`` or ``across``; ``blur``: Gaussian sigma in pixels (default 1.5 per 64 px);
+    ``dilate``: iterations; ``max_masks``: at most this many masks."""
 
     layer: str | None = None
     threshold: str = "peak:0.7"  # docs/annotate.md "Mask threshold": tighter masks, fewer tissue margins

@@ -120,9 +120,9 @@ class Frame(Artifact):
 
 
 class Pacemaker(Artifact):
-    """A cardiac device: a solid bright can below a clavicle and a thin lead curving from it to
-    the heart. Thick and thin at once — relevance may paint the can and miss the lead, and the
-    can is too thick for `annotate`'s completion of thin saturated structure."""
+    """A cardiac device: a solid bright can below a clavicle and a thin lead curving from it
+    across the lung to the heart — thick and thin at once, and lying on the class evidence (the
+    lung) where text, frames and rulers lie at the edges."""
 
     name = "pacemaker"
 

@@ -11,11 +11,14 @@ Artifact-free, because on validation images that carry the artifact the shortcut
 answer: judged on them, a method that removes the shortcut looks worse than the input
 (measured: reactive P-ClArC on a vgg11 with a marker closed 67–100 % of the test gap at no clean
 cost and was refused). Validation rows the annotation did not label (its scan covered only the
-training split) are labelled by the annotation's own CAV (:func:`cav_labels`). When fewer than
+training split) are labelled by the annotation's own CAV (:func:`cav_labels`), no class keeping
+more artifact-free rows than its share in the annotated training split. When fewer than
 :data:`MIN_CLEAN_PER_CLASS` artifact-free images of some class remain, every row is judged.
 """
 
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -143,8 +146,6 @@ def at_chance(balanced: float, counts: list[int] | None, num_classes: int, tries
 
 def signal_z(tries: int = 1) -> float:
     """The one-sided z of p < 0.05 for the best of ``tries`` independent measurements (Šidák)."""
-    from statistics import NormalDist
-
     return SIGNAL_Z if tries <= 1 else NormalDist().inv_cdf(0.95 ** (1 / tries))
 
 
