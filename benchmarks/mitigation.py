@@ -65,10 +65,7 @@ def build_data(kind: str, work: Path, seed: int, size: int, prevalence: float, a
 
 
 def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epochs: int, device: str):
-    """``(checkpoint, annotations.h5, annotated manifest, annotation quality)``: trained, scanned,
-    annotated; the quality (mask IoU against the injected masks) says whether a method failed on
-    the model or on its annotation."""
-    from cxr_audit.annotate.pipeline import MaskOptions, annotate
+    """``(checkpoint, scan file)``: the model trained on ``data`` and scanned on its training split."""
     from cxr_audit.models.architectures import build_model, spec_of
     from cxr_audit.scan.pipeline import scan
     from cxr_audit.training.pipeline import train
@@ -76,13 +73,31 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     spec = spec_of(arch)
     base = train(data, work / "base.pt", arch, size=size, epochs=epochs, seed=seed, device=device).checkpoint
     layers = list(spec.early_layers) + spec.scan_layers(build_model(arch, 2, 1, size))
-    scan_file = scan(base, data, work / "scan.h5", split="train", overwrite=True, device=device, layers=layers).path
+    return base, scan(base, data, work / "scan.h5", split="train", overwrite=True, device=device, layers=layers).path
+
+
+def annotate_cell(scan_file: Path, work: Path, device: str):
+    """``(annotations.h5, annotated manifest, annotation quality)`` with `annotate`'s default masks;
+    the quality (mask IoU against the injected masks) says whether a method failed on the model or
+    on its annotation."""
+    from cxr_audit.annotate.pipeline import MaskOptions, annotate
+
     ann = annotate(scan_file, work / "annotations.h5", from_column="artifact", masks_dir=work / "masks", device=device)
     # the masks the methods use (annotate's default, within-class CAV) beside the across-class CAV
     across = annotate(scan_file, work / "annotations-across.h5", from_column="artifact", masking=MaskOptions(cav="across"),
                       device=device)
     quality = {**ann.quality, "mask_iou_across": across.quality.get("mask_iou", float("nan"))}
-    return base, work / "annotations.h5", ann.files["manifest"], quality
+    return work / "annotations.h5", ann.files["manifest"], quality
+
+
+def default_masking() -> dict:
+    """`annotate`'s mask defaults, recorded with a cached cell: a cell annotated under other
+    defaults is annotated again (its trained model and scan are reused)."""
+    from dataclasses import asdict
+
+    from cxr_audit.annotate.pipeline import MaskOptions
+
+    return asdict(MaskOptions())
 
 
 def measure(checkpoint, data: Path, positive: str, device: str, seed: int, artifact: str = "text") -> dict:
@@ -122,15 +137,19 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
     positive = "disease" if kind == "phantoms" else "lesion"
     artifact = getattr(args, "artifact", "text")
     work, cached = cell_folder(kind, arch, seed, artifact, args)
-    if cached.is_file():  # --work of an earlier run with the same cell and options: its shortcut model is reused
-        data, base, annotations, annotated, quality = _read_cell(json.loads(cached.read_text()))
-    else:
-        print(f"[{kind} {arch} seed {seed}] building the data, training, scanning and annotating the shortcut model "
-              f"in {work}", file=sys.stderr, flush=True)
+    cell = json.loads(cached.read_text()) if cached.is_file() else None  # --work: an earlier run's shortcut model
+    if cell is None:
+        print(f"[{kind} {arch} seed {seed}] building the data, training and scanning the shortcut model in {work}",
+              file=sys.stderr, flush=True)
         data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
-        base, annotations, annotated, quality = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
-        cached.write_text(json.dumps({"data": str(data), "base": str(base), "annotations": str(annotations),
-                                      "annotated": str(annotated), "quality": quality}))
+        base, _ = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
+        cell = {"data": str(data), "base": str(base)}
+    if cell.get("masking") != default_masking():  # new, or annotated under other defaults
+        print(f"[{kind} {arch} seed {seed}] annotating", file=sys.stderr, flush=True)
+        annotations, annotated, quality = annotate_cell(work / "scan.h5", work, args.device)
+        cell.update(annotations=str(annotations), annotated=str(annotated), quality=quality, masking=default_masking())
+        cached.write_text(json.dumps(cell))
+    data, base, annotations, annotated, quality = _read_cell(cell)
     reference = measure(base, data, positive, args.device, seed, artifact)
     rows = [{"dataset": kind, "arch": arch, "seed": seed, "method": "(trained)", **reference,
              "mask_iou": quality.get("mask_iou", float("nan")), "mask_iou_across": quality["mask_iou_across"]}]
