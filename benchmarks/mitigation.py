@@ -64,8 +64,9 @@ def build_data(kind: str, work: Path, seed: int, size: int, prevalence: float, a
     return inject(clean, work / "poisoned", artifact, {positive: prevalence}, splits=["train", "val"], seed=seed + 1)
 
 
-def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epochs: int, device: str):
-    """``(checkpoint, scan file)``: the model trained on ``data`` and scanned on its training split."""
+def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epochs: int, device: str) -> Path:
+    """The checkpoint trained on ``data``, scanned on its training split into ``work/scan.h5``
+    (what :func:`annotate_cell` reads)."""
     from cxr_audit.models.architectures import build_model, spec_of
     from cxr_audit.scan.pipeline import scan
     from cxr_audit.training.pipeline import train
@@ -73,15 +74,17 @@ def shortcut_model(data: Path, work: Path, arch: str, size: int, seed: int, epoc
     spec = spec_of(arch)
     base = train(data, work / "base.pt", arch, size=size, epochs=epochs, seed=seed, device=device).checkpoint
     layers = list(spec.early_layers) + spec.scan_layers(build_model(arch, 2, 1, size))
-    return base, scan(base, data, work / "scan.h5", split="train", overwrite=True, device=device, layers=layers).path
+    scan(base, data, work / "scan.h5", split="train", overwrite=True, device=device, layers=layers)
+    return base
 
 
-def annotate_cell(scan_file: Path, work: Path, device: str):
-    """``(annotations.h5, annotated manifest, annotation quality)`` with `annotate`'s default masks;
-    the quality (mask IoU against the injected masks) says whether a method failed on the model or
-    on its annotation."""
+def annotate_cell(work: Path, device: str):
+    """``(annotations.h5, annotated manifest, annotation quality)`` of ``work/scan.h5`` with
+    `annotate`'s default masks; the quality (mask IoU against the injected masks) says whether a
+    method failed on the model or on its annotation."""
     from cxr_audit.annotate.pipeline import MaskOptions, annotate
 
+    scan_file = work / "scan.h5"
     ann = annotate(scan_file, work / "annotations.h5", from_column="artifact", masks_dir=work / "masks", device=device)
     # the masks the methods use (annotate's default, within-class CAV) beside the across-class CAV
     across = annotate(scan_file, work / "annotations-across.h5", from_column="artifact", masking=MaskOptions(cav="across"),
@@ -142,12 +145,13 @@ def run_cell(kind: str, arch: str, seed: int, args) -> list[dict]:
         print(f"[{kind} {arch} seed {seed}] building the data, training and scanning the shortcut model in {work}",
               file=sys.stderr, flush=True)
         data = build_data(kind, work, seed, args.size, args.prevalence, artifact)
-        base, _ = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
+        base = shortcut_model(data, work, arch, args.size, seed, args.epochs, args.device)
         cell = {"data": str(data), "base": str(base)}
-    if cell.get("masking") != default_masking():  # new, or annotated under other defaults
+    masking = default_masking()
+    if cell.get("masking") != masking:  # new, or annotated under other defaults
         print(f"[{kind} {arch} seed {seed}] annotating", file=sys.stderr, flush=True)
-        annotations, annotated, quality = annotate_cell(work / "scan.h5", work, args.device)
-        cell.update(annotations=str(annotations), annotated=str(annotated), quality=quality, masking=default_masking())
+        annotations, annotated, quality = annotate_cell(work, args.device)
+        cell.update(annotations=str(annotations), annotated=str(annotated), quality=quality, masking=masking)
         cached.write_text(json.dumps(cell))
     data, base, annotations, annotated, quality = _read_cell(cell)
     reference = measure(base, data, positive, args.device, seed, artifact)
