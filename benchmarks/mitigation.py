@@ -125,10 +125,12 @@ def parse_variant(method: str) -> tuple[str, dict]:
     known = {f.name for f in fields(UnlearnOptions)}
     for pair in filter(None, rest.split(",")):
         key, _, value = pair.partition("=")
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+        for number in (int, float):
+            try:
+                value = number(value)
+                break
+            except ValueError:
+                pass
         (settings if key in known else own)[key] = value
     return name, {**settings, "options": own} if own else settings
 

@@ -52,6 +52,9 @@ KeepWorseOpt = Annotated[bool, typer.Option("--keep-worse",
 EpochsOpt = Annotated[int, typer.Option("--epochs")]
 SweepEpochsOpt = Annotated[Optional[int], typer.Option("--sweep-epochs",
     help="Epochs per λ candidate (default: --epochs; the best candidate is kept without retraining).")]
+RestartsOpt = Annotated[Optional[int], typer.Option("--restarts", min=1,
+    help="Runs from the input with seeds --seed, --seed+1, ...; the best on the validation objective is kept "
+         "(default: the method's, 3 for augment, whose single run is a noisy draw; 1 for the others).")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr",
     help="Learning rate (default: the architecture's recommended rate, 1e-3; 1e-4 for VGG).")]
@@ -83,6 +86,7 @@ def unlearn(model: ModelOpt,
             keep_worse: KeepWorseOpt = False,
             epochs: EpochsOpt = 5,
             sweep_epochs: SweepEpochsOpt = None,
+            restarts: RestartsOpt = None,
             batch_size: BatchSizeOpt = 32,
             lr: LrOpt = None,
             patience: PatienceOpt = None,
@@ -104,7 +108,7 @@ def unlearn(model: ModelOpt,
                              annotations=annotations, layer=layer, cav_method=cav_method,
                              cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
                              output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
-                             batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
+                             restarts=restarts, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
                              num_workers=workers, options=parse_pairs(option), keep_worse=keep_worse, target=target,
                              on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
@@ -114,13 +118,7 @@ def unlearn(model: ModelOpt,
 def _print_result(result) -> None:
     """The λ sweep, the training history, the before/after validation figures, the checkpoint."""
     if result.sweep:
-        table = Table(result.strength_name, "objective", "clean val bal. accuracy",
-                      title=f"{result.strength_name} sweep")
-        for row in result.sweep:
-            mark = " ←" if row["lambda"] == result.lambda_ else ""
-            table.add_row(f"{row['lambda']:g}{mark}", f"{row['objective']:.3f}",
-                          f"{row['clean_val_accuracy']:.3f} (start {row['start_clean_val_accuracy']:.3f})")
-        console.print(table)
+        console.print(_sweep_table(result))
     if result.history:
         table = Table("epoch", "train loss", "penalty", "val objective")
         for rec in result.history:
@@ -132,6 +130,20 @@ def _print_result(result) -> None:
     chosen = f", λ={result.lambda_:g}" if result.lambda_ else ""
     used = f"{result.method}, after {result.fallback_from} was refused" if result.fallback_from else result.method
     console.print(f"checkpoint: [bold]{result.checkpoint}[/] ({used}{chosen})")
+
+
+def _sweep_table(result) -> Table:
+    """One row per run of the sweep (λ, restart seed), the kept one marked."""
+    seeds = len({row.get("seed") for row in result.sweep}) > 1
+    marked = any(row.get("chosen") for row in result.sweep)
+    table = Table(result.strength_name, *(["seed"] if seeds else []), "objective", "clean val bal. accuracy",
+                  title=f"{result.strength_name} sweep" + (" and restarts" if seeds else ""))
+    for row in result.sweep:
+        kept = row.get("chosen") if marked else row["lambda"] == result.lambda_
+        table.add_row(f"{row['lambda']:g}{' ←' if kept else ''}", *([str(row["seed"])] if seeds else []),
+                      f"{row['objective']:.3f}",
+                      f"{row['clean_val_accuracy']:.3f} (start {row['start_clean_val_accuracy']:.3f})")
+    return table
 
 
 def _before_after(result) -> Table:

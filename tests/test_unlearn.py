@@ -3,6 +3,7 @@ the checkpoint records how it was made, and bad requests are one-line errors."""
 
 import json
 
+import pytest
 import torch
 from cxr_audit.cli.main import app
 from cxr_audit.evaluate.pipeline import evaluate
@@ -79,3 +80,34 @@ def test_missing_inputs_are_one_line_errors(shortcut_model, poisoned, tmp_path):
     r = run("evaluate", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path, "--artifact", "text",
             "--artifact-class", "pneumonia")
     assert r.exit_code == 2 and "not a class" in r.output
+
+
+def test_restarts_keep_the_chosen_run_which_its_own_seed_reproduces(shortcut_model, poisoned, tmp_path):
+    from cxr_audit.unlearn.choice import choose_run
+
+    # keep_worse: this tests which run is kept, not the refusal
+    result = unlearn(shortcut_model, poisoned, tmp_path / "r.pt", "augment", restarts=2, epochs=1, device="cpu",
+                     keep_worse=True, fallback=None)
+    assert [row["seed"] for row in result.sweep] == [0, 1]
+    chosen = [row for row in result.sweep if row.get("chosen")]
+    assert len(chosen) == 1 and chosen[0] is choose_run(result.sweep)
+    assert result.after["objective"] == pytest.approx(chosen[0]["objective"])  # the kept weights are that run's
+    assert result.after["chosen_from"] == 2  # the chance test allows for the best of two
+    # the restart's seed reaches the data order and augment's pastes: one run with that seed is the same model
+    single = unlearn(shortcut_model, poisoned, tmp_path / "s.pt", "augment", restarts=1, seed=chosen[0]["seed"],
+                     epochs=1, device="cpu", keep_worse=True, fallback=None)
+    assert not single.sweep
+    kept, alone = (torch.load(tmp_path / name, weights_only=True)["state_dict"] for name in ("r.pt", "s.pt"))
+    assert all(torch.allclose(kept[k].float(), alone[k].float()) for k in kept)
+    other = unlearn(shortcut_model, poisoned, tmp_path / "o.pt", "augment", restarts=1, seed=1 - chosen[0]["seed"],
+                    epochs=1, device="cpu", keep_worse=True, fallback=None)
+    assert other.after["objective"] == pytest.approx(result.sweep[1 - result.sweep.index(chosen[0])]["objective"])
+
+
+def test_the_cli_shows_every_restart_and_marks_the_kept_one(shortcut_model, poisoned, tmp_path):
+    r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "m.pt", "--method", "none",
+            "--restarts", "2", "--epochs", "1", "--device", "cpu", "--keep-worse", "--fallback", "none")
+    assert r.exit_code == 0, r.output
+    assert "2 restarts (seeds 0–1)" in r.output and "restarts" in r.output and r.output.count("←") == 1
+    r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "n.pt", "--restarts", "0")
+    assert r.exit_code == 2 and "Traceback" not in r.output

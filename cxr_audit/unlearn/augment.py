@@ -60,14 +60,15 @@ class Augment(Mitigation):
         self.q = torch.from_numpy(paste_probabilities(labels, flags, len(classes))).float()
         donors = [s for s in train.samples if context.artifact.get(s.index, s.artifact or 0) == 1
                   and s.artifact_mask is not None]
-        rng = np.random.default_rng(data.seed)
+        seed = int(self.options.get("seed", data.seed))  # a restart draws other pastes
+        rng = np.random.default_rng(seed)
         chosen = [donors[i] for i in rng.permutation(len(donors))[:int(self.options.get("donors", 64))]]
         if not chosen:
             raise UsageError("--method augment: no training sample labelled with the artifact has an artifact "
                              "mask to cut it from (artifact_mask column, or `cxr-audit annotate --masks DIR`)")
         batch = load_batch(Manifest(chosen, train.class_names), data.prep)
         self.donor_images, self.donor_masks = batch["image"], batch["artifact_mask"]
-        self.generator = torch.Generator().manual_seed(data.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.record = {"paste_probability": {classes[c]: float(p) for c, p in enumerate(self.q)},
                        "donors": len(chosen)}
 

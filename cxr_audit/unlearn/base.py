@@ -88,6 +88,9 @@ class Mitigation(LossTerm):
     name = "none"
     needs: tuple[str, ...] = ()
     default_lambdas: tuple[float, ...] = ()
+    #: runs from the same start with other seeds, the best on the validation objective kept
+    #: (``--restarts`` overrides): for methods whose one run is a noisy draw
+    default_restarts = 1
     trains: bool = True  # False: the method edits the model without training (P-ClArC)
     freeze_by_default: bool = False  # freeze up to the CAV layer unless told otherwise
     #: options every method accepts (set from the CLI's own flags) and this method's own ones

@@ -42,8 +42,8 @@ from cxr_audit.training.balance import group_ids
 from cxr_audit.training.engine import fit
 from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.base import TrainingData, task_labels
-from cxr_audit.unlearn.choice import CLEAN_BOUND
-from cxr_audit.unlearn.sweep import choose, sweep_lambdas
+from cxr_audit.unlearn.choice import CLEAN_BOUND, choose, choose_run
+from cxr_audit.unlearn.sweep import sweep_runs
 from cxr_audit.unlearn.validation import Validation, artifact_free_share, at_chance, cav_labels
 
 DEFAULT_METHOD = "augment"
@@ -140,6 +140,7 @@ class UnlearnOptions:
     lr: float | None = None
     weight_decay: float = 1e-4
     patience: int | None = None
+    restarts: int | None = None
     train_split: str = "train"
     val_split: str = "val"
     seed: int = 0
@@ -359,34 +360,53 @@ def _finding(target: str | None, manifest: Manifest, method: str) -> int | None:
 
 def _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, run, say, opts: UnlearnOptions,
                on_progress) -> _Outcome:
-    """Train with ``mitigation``; λ from the sweep when ``opts.lambda_`` is None and the method has a grid."""
+    """Train with ``mitigation``: λ from the sweep when ``opts.lambda_`` is None and the method has
+    a grid, then the best of the method's restarts (seeds) on the validation objective."""
     method, outcome = mitigation.name, _Outcome(lambda_=opts.lambda_)
-    epochs, sweep_epochs, patience = opts.epochs, opts.sweep_epochs, opts.patience
     grid = opts.lambdas or list(mitigation.default_lambdas)
-    if opts.lambda_ is None and grid:
-        if validation is None:
-            raise UsageError(f"choosing λ for {method} needs a validation split ('{opts.val_split}'); add one or "
-                             "pass --lambda")
-        short = sweep_epochs is not None and sweep_epochs < epochs
-        say(f"sweeping λ over {', '.join(f'{g:g}' for g in grid)} ({sweep_epochs if short else epochs} epoch(s) each)")
-        outcome.sweep, models = sweep_lambdas(net, start_state, train_set, prep, dev, method, opts.method_options(), grid,
-                                              sweep_epochs if short else epochs, validation, run, patience,
-                                              prefixed(on_progress, "sweep:"))
-        outcome.lambda_ = choose(outcome.sweep)
-        if not short:  # every candidate was a full run: keep the chosen one instead of retraining
-            best = models[outcome.lambda_]
-            net.load_state_dict(best["state"])
-            outcome.history, outcome.seconds_per_step, outcome.extra = (best["history"], best["seconds_per_step"],
-                                                                        best["extra"])
-            return outcome
+    lambdas = grid if opts.lambda_ is None and grid else [opts.lambda_ or 0.0]
+    seeds = [opts.seed + i for i in range(opts.restarts if opts.restarts is not None else mitigation.default_restarts)]
+    if len(lambdas) * len(seeds) > 1 and validation is None:
+        raise UsageError(f"choosing λ or a restart for {method} needs a validation split ('{opts.val_split}'); add one "
+                         "or pass --lambda and --restarts 1")
+    short = opts.sweep_epochs is not None and opts.sweep_epochs < opts.epochs
+    if len(lambdas) > 1 and short:  # short runs pick λ; the full runs below pick the restart
+        say(f"sweeping λ over {', '.join(f'{g:g}' for g in lambdas)} ({opts.sweep_epochs} epoch(s) each)")
+        rows, _ = sweep_runs(net, start_state, train_set, prep, dev, method, opts.method_options(),
+                             [(lam, seeds[0]) for lam in lambdas], opts.sweep_epochs, validation, run, opts.patience,
+                             prefixed(on_progress, "sweep:"))
+        outcome.sweep, lambdas = rows, [choose(rows)]
         net.load_state_dict(start_state)
+        if len(seeds) == 1:
+            choose_run(rows)["chosen"] = True
+    candidates = [(lam, seed) for lam in lambdas for seed in seeds]
+    if len(candidates) > 1:
+        say(_sweep_description(lambdas, seeds, opts.epochs))
+        rows, models = sweep_runs(net, start_state, train_set, prep, dev, method, opts.method_options(), candidates,
+                                  opts.epochs, validation, run, opts.patience, prefixed(on_progress, "sweep:"))
+        chosen = choose_run(rows)
+        chosen["chosen"] = True
+        best = models[chosen["lambda"], chosen["seed"]]
+        net.load_state_dict(best["state"])
+        outcome.sweep += rows
+        outcome.lambda_ = chosen["lambda"] if grid and opts.lambda_ is None else opts.lambda_
+        outcome.history, outcome.seconds_per_step, outcome.extra = (best["history"], best["seconds_per_step"],
+                                                                    best["extra"])
+        return outcome
+    outcome.lambda_ = lambdas[0] if grid and opts.lambda_ is None else opts.lambda_
     say(f"fine-tuning with {method}" + (f", λ={outcome.lambda_:g}" if outcome.lambda_ else "")
         + (f", frozen up to {run['freeze']}" if run["freeze"] else ""))
-    result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=outcome.lambda_ or 0.0, epochs=epochs,
-                 val_score=validation.score if validation else None, patience=patience, on_progress=on_progress,
+    result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=outcome.lambda_ or 0.0, epochs=opts.epochs,
+                 val_score=validation.score if validation else None, patience=opts.patience, on_progress=on_progress,
                  **run)
     outcome.history, outcome.seconds_per_step = result.history, result.seconds_per_step
     return outcome
+
+
+def _sweep_description(lambdas: list[float], seeds: list[int], epochs: int) -> str:
+    parts = [f"λ over {', '.join(f'{g:g}' for g in lambdas)}"] if len(lambdas) > 1 else []
+    parts += [f"{len(seeds)} restarts (seeds {seeds[0]}–{seeds[-1]})"] if len(seeds) > 1 else []
+    return f"sweeping {' × '.join(parts)} ({epochs} epoch(s) each); the best on the validation objective is kept"
 
 
 def _after(net, extra: dict, validation: Validation | None) -> dict:
