@@ -25,7 +25,7 @@ import torch
 from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.errors import UsageError
-from cxr_audit.unlearn.base import Context, Mitigation, task_labels
+from cxr_audit.unlearn.base import Context, Mitigation, task_class, task_labels
 
 
 def paste_probabilities(labels: np.ndarray, flags: np.ndarray, num_classes: int) -> np.ndarray:
@@ -52,11 +52,10 @@ class Augment(Mitigation):
         data = context.data
         train = data.train_set
         flags = np.array([context.artifact.get(s.index, s.artifact or 0) for s in train.samples])
-        if context.finding is None:
-            labels, classes = np.array([s.label for s in train.samples]), list(train.class_names)
-        else:  # multi-label: equalise the artifact between the finding's positives and negatives
-            name = train.class_names[context.finding]
-            labels, classes = np.array([int(context.finding in s.labels) for s in train.samples]), [f"not {name}", name]
+        labels = np.array([task_class(s, context.finding) for s in train.samples])
+        classes = list(train.class_names)
+        if context.finding is not None:  # multi-label: equalise the artifact between the finding's positives and negatives
+            classes = [f"not {classes[context.finding]}", classes[context.finding]]
         self.q = torch.from_numpy(paste_probabilities(labels, flags, len(classes))).float()
         donors = [s for s in train.samples if context.artifact.get(s.index, s.artifact or 0) == 1
                   and s.artifact_mask is not None]

@@ -53,6 +53,11 @@ def task_labels(labels: torch.Tensor, finding: int | None) -> torch.Tensor:
     return (labels[:, finding] > 0.5).long()
 
 
+def task_class(sample, finding: int | None) -> int:
+    """The class id of one manifest ``sample`` in that task (see :func:`task_labels`)."""
+    return sample.label if finding is None else int(finding in sample.labels)
+
+
 def task_logits(logits: torch.Tensor, finding: int | None) -> torch.Tensor:
     """``(N, K)`` as is, or ``(N, 2)`` = ``[0, logit_finding]`` so that argmax is "logit > 0"."""
     if finding is None:

@@ -30,7 +30,7 @@ from cxr_audit.data.dataset import load_batch
 from cxr_audit.data.manifest import Manifest
 from cxr_audit.training.balance import group_ids
 from cxr_audit.training.pipeline import batched_logits
-from cxr_audit.unlearn.base import Context, task_labels, task_logits
+from cxr_audit.unlearn.base import Context, task_class, task_labels, task_logits
 from cxr_audit.unlearn.clarc import concept_scores
 
 #: fewest artifact-free validation images per class for the objective to be judged on them alone
@@ -212,8 +212,7 @@ def artifact_free_share(samples: Manifest, artifact: dict[int, int], finding: in
     counts: dict[int, list[int]] = {}
     for s in samples.samples:
         if s.index in artifact:
-            c = s.label if finding is None else int(finding in s.labels)
-            counts.setdefault(c, []).append(artifact[s.index])
+            counts.setdefault(task_class(s, finding), []).append(artifact[s.index])
     return {c: 1 - float(np.mean(flags)) for c, flags in counts.items()}
 
 
