@@ -350,7 +350,6 @@ def test_augment_pastes_only_into_artifact_free_images_at_their_class_rate():
     aug = Augment()
     aug.context = Context(num_classes=2, artifact={0: 0, 1: 1, 2: 0, 3: 0})
     aug.q = torch.tensor([1.0, 0.0])  # paste into every clean image of class 0, never into class 1
-    aug.r = torch.zeros(2)  # remove nothing
     aug.donor_images, aug.donor_masks = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     aug.donor_masks[..., :2, :2] = 1
     aug.generator = torch.Generator().manual_seed(0)
@@ -366,46 +365,6 @@ def test_augment_pastes_only_into_artifact_free_images_at_their_class_rate():
     assert pasted.tolist() == [1.0, 0.0, 0.0, 1.0]  # row 1 already has it, row 2 is class 1
     assert float(seen["x"][:, :, 2:, 2:].abs().sum()) == 0  # outside the mask nothing changes
     assert float(x.abs().sum()) == 0  # the batch itself is not modified in place
-
-
-def test_paste_and_removal_probabilities_bring_every_class_to_the_target_prevalence():
-    from cxr_audit.unlearn.augment import paste_probabilities, removal_probabilities
-
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 2, 4000)
-    flags = (rng.random(4000) < np.array([0.05, 0.85])[labels]).astype(int)
-    q, r = paste_probabilities(labels, flags, 2, 0.5), removal_probabilities(labels, flags, 2, 0.5)
-    pasted = (rng.random(4000) < q[labels]) & (flags == 0)  # naive simulation of both edits
-    removed = (rng.random(4000) < r[labels]) & (flags == 1)
-    after = (flags | pasted) & ~removed
-    assert [round(after[labels == c].mean(), 1) for c in (0, 1)] == [0.5, 0.5]
-    assert r[0] == 0 and q[1] == 0  # each class is only moved towards the target
-    assert (removal_probabilities(labels, flags, 2, 0.9) == 0).all()  # above every prevalence: paste only
-
-
-def test_augment_covers_a_removed_artifact_with_clean_pixels_inside_its_own_mask_only():
-    from cxr_audit.unlearn.augment import Augment
-    from cxr_audit.unlearn.base import Context
-
-    aug = Augment(prevalence=0.5)
-    aug.context = Context(num_classes=2, artifact={0: 1, 1: 1, 2: 0})
-    aug.q, aug.r = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0])  # remove every artifact of class 1
-    aug.donor_images, aug.donor_masks = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
-    aug.fill_images = torch.full((1, 1, 4, 4), 7.0)
-    aug.generator = torch.Generator().manual_seed(0)
-    own = torch.zeros(3, 1, 4, 4)
-    own[:, :, 3, 3] = 1  # each image's own artifact mask: one pixel
-    seen = {}
-
-    def model(images):
-        seen["x"] = images
-        return images.flatten(1)[:, :2]
-
-    x = torch.ones(3, 1, 4, 4)
-    batch = {"index": torch.tensor([0, 1, 2]), "label": torch.tensor([0, 1, 1]), "artifact_mask": own}
-    aug.forward(model, batch, x)
-    assert seen["x"][:, 0, 3, 3].tolist() == [1.0, 7.0, 1.0]  # class 0 keeps it; row 2 carries none
-    assert float((seen["x"][:, :, :3] - 1).abs().sum()) == 0  # outside the mask nothing changes
 
 
 def test_augment_from_the_cli_removes_the_reliance_on_the_stamp(shortcut_model, poisoned, tmp_path):

@@ -15,11 +15,6 @@ artifact at ``p*``, so the artifact tells nothing about the class, while the ima
 artifact's own class — and the share of clean images in every class — stay as they were.
 Every layer is fine-tuned (no strength to tune, no second derivative: the cost of plain
 fine-tuning).
-
-Option ``prevalence`` (a share in [0, 1]): the artifact prevalence every class ends with instead
-of ``p*``. Below a class's prevalence, SPIRE's other half: the artifact of an image that carries
-it is covered, with probability ``(p_c − target) / p_c``, by the same region of a random
-artifact-free training image (its own mask, so rows labelled with the artifact need one).
 """
 
 from __future__ import annotations
@@ -33,37 +28,24 @@ from cxr_audit.errors import UsageError
 from cxr_audit.unlearn.base import Context, Mitigation, task_class, task_labels
 
 
-def paste_probabilities(labels: np.ndarray, flags: np.ndarray, num_classes: int,
-                        target: float | None = None) -> np.ndarray:
+def paste_probabilities(labels: np.ndarray, flags: np.ndarray, num_classes: int) -> np.ndarray:
     """``(K,)``: probability of pasting into an artifact-free image of each class so that every
-    class ends with the artifact prevalence ``target`` (default the largest class's)."""
-    prevalence = _prevalence(labels, flags, num_classes)
-    target = prevalence.max() if target is None else target
-    return np.where(prevalence < target, (target - prevalence) / np.maximum(1 - prevalence, 1e-12), 0.0)
-
-
-def removal_probabilities(labels: np.ndarray, flags: np.ndarray, num_classes: int, target: float) -> np.ndarray:
-    """``(K,)``: probability of covering the artifact of an image that carries it, per class, so
-    that every class ends with the artifact prevalence ``target``."""
-    prevalence = _prevalence(labels, flags, num_classes)
-    return np.where(prevalence > target, (prevalence - target) / np.maximum(prevalence, 1e-12), 0.0)
-
-
-def _prevalence(labels: np.ndarray, flags: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.array([flags[labels == c].mean() if (labels == c).any() else 0.0 for c in range(num_classes)])
+    class ends with the largest class's artifact prevalence."""
+    prevalence = np.array([flags[labels == c].mean() if (labels == c).any() else 0.0 for c in range(num_classes)])
+    target = prevalence.max()
+    return np.where(prevalence < 1, (target - prevalence) / np.maximum(1 - prevalence, 1e-12), 0.0)
 
 
 class Augment(Mitigation):
     """Fine-tune with the annotated artifact pasted into artifact-free images at the rate that
     equalises its prevalence across classes (see the module docstring). Option ``donors``: how
-    many annotated artifact samples to cut artifacts from (default 64; as many artifact-free
-    images cover removed artifacts). Option ``prevalence``: the module docstring. Multi-label models
+    many annotated artifact samples to cut artifacts from (default 64). Multi-label models
     (``--target finding:NAME``): the finding's positives and negatives are the two classes."""
 
     name = "augment"
     needs = ("artifact_mask", "artifact_labels")
     multilabel = True
-    option_types = {"donors": int, "prevalence": float}
+    option_types = {"donors": int}
 
     def prepare(self, model, context: Context, loader):
         super().prepare(model, context, loader)
@@ -74,10 +56,7 @@ class Augment(Mitigation):
         classes = list(train.class_names)
         if context.finding is not None:  # multi-label: equalise the artifact between the finding's positives and negatives
             classes = [f"not {classes[context.finding]}", classes[context.finding]]
-        target = self.options.get("prevalence")
-        self.q = torch.from_numpy(paste_probabilities(labels, flags, len(classes), target)).float()
-        self.r = torch.zeros_like(self.q) if target is None else torch.from_numpy(
-            removal_probabilities(labels, flags, len(classes), target)).float()
+        self.q = torch.from_numpy(paste_probabilities(labels, flags, len(classes))).float()
         donors = [s for s in train.samples if context.artifact.get(s.index, s.artifact or 0) == 1
                   and s.artifact_mask is not None]
         seed = int(self.options.get("seed", data.seed))  # a restart draws other pastes
@@ -88,31 +67,17 @@ class Augment(Mitigation):
                              "mask to cut it from (artifact_mask column, or `cxr-audit annotate --masks DIR`)")
         batch = load_batch(Manifest(chosen, train.class_names), data.prep)
         self.donor_images, self.donor_masks = batch["image"], batch["artifact_mask"]
-        if self.r.any():  # artifact-free images whose pixels cover an artifact that is removed
-            clean = [s for s in train.samples if context.artifact.get(s.index, s.artifact or 0) == 0]
-            fill = [clean[i] for i in rng.permutation(len(clean))[:int(self.options.get("donors", 64))]]
-            self.fill_images = load_batch(Manifest(fill, train.class_names), data.prep, with_masks=False)["image"]
         self.generator = torch.Generator().manual_seed(seed)
         self.record = {"paste_probability": {classes[c]: float(p) for c, p in enumerate(self.q)},
-                       "removal_probability": {classes[c]: float(p) for c, p in enumerate(self.r)},
                        "donors": len(chosen)}
 
     def forward(self, model, batch, x):
         flags = torch.tensor([self.context.artifact.get(int(i), 0) for i in batch["index"]])
-        classes = task_labels(batch["label"].cpu(), self.context.finding)
-        paste = torch.rand(len(x), generator=self.generator) < self.q[classes] * (flags == 0)
-        remove = torch.zeros(len(x), dtype=torch.bool)
-        if self.r.any() and "artifact_mask" in batch:  # (no key: a row labelled with the artifact has no mask)
-            remove = torch.rand(len(x), generator=self.generator) < self.r[classes] * (flags == 1)
-        if paste.any() or remove.any():
-            x = x.clone()
+        chance = self.q[task_labels(batch["label"].cpu(), self.context.finding)] * (flags == 0)
+        paste = torch.rand(len(x), generator=self.generator) < chance
         if paste.any():
             pick = torch.randint(0, len(self.donor_images), (int(paste.sum()),), generator=self.generator)
-            mask, rows = self.donor_masks[pick].to(x), paste.to(x.device)
-            x[rows] = x[rows] * (1 - mask) + self.donor_images[pick].to(x) * mask
-        if remove.any():
-            pick = torch.randint(0, len(self.fill_images), (int(remove.sum()),), generator=self.generator)
-            rows = remove.to(x.device)
-            mask = batch["artifact_mask"][remove].to(x)
-            x[rows] = x[rows] * (1 - mask) + self.fill_images[pick].to(x) * mask
+            mask = self.donor_masks[pick].to(x)
+            x = x.clone()
+            x[paste.to(x.device)] = x[paste.to(x.device)] * (1 - mask) + self.donor_images[pick].to(x) * mask
         return model(x), None
