@@ -106,8 +106,10 @@ def test_restarts_keep_the_chosen_run_which_its_own_seed_reproduces(shortcut_mod
 
 def test_the_cli_shows_every_restart_and_marks_the_kept_one(shortcut_model, poisoned, tmp_path):
     r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "m.pt", "--method", "none",
-            "--restarts", "2", "--epochs", "1", "--device", "cpu", "--keep-worse", "--fallback", "none")
+            "--restarts", "2", "--epochs", "2", "--device", "cpu", "--keep-worse", "--fallback", "none")
     assert r.exit_code == 0, r.output
     assert "2 restarts (seeds 0–1)" in r.output and "restarts" in r.output and r.output.count("←") == 1
+    rows = torch.load(tmp_path / "m.pt", weights_only=True)["extra"]["unlearn"]["lambda_sweep"]
+    assert [row["best_epoch"] for row in rows] == [2, 2]  # restarts are judged by their final weights
     r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "n.pt", "--restarts", "0")
     assert r.exit_code == 2 and "Traceback" not in r.output

@@ -383,7 +383,8 @@ def _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, r
     if len(candidates) > 1:
         say(_sweep_description(lambdas, seeds, opts.epochs))
         rows, models = sweep_runs(net, start_state, train_set, prep, dev, method, opts.method_options(), candidates,
-                                  opts.epochs, validation, run, opts.patience, prefixed(on_progress, "sweep:"))
+                                  opts.epochs, validation, run, opts.patience, prefixed(on_progress, "sweep:"),
+                                  per_epoch=len(lambdas) > 1)
         chosen = choose_run(rows)
         chosen["chosen"] = True
         best = models[chosen["lambda"], chosen["seed"]]
