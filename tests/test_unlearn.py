@@ -93,6 +93,8 @@ def test_restarts_keep_the_chosen_run_which_its_own_seed_reproduces(shortcut_mod
     assert len(chosen) == 1 and chosen[0] is choose_run(result.sweep)
     assert result.after["objective"] == pytest.approx(chosen[0]["objective"])  # the kept weights are that run's
     assert result.after["chosen_from"] == 2  # the chance test allows for the best of two
+    record = torch.load(tmp_path / "r.pt", weights_only=True)["extra"]["unlearn"]
+    assert record["paste_probability"]["healthy"] > 0.5  # the kept run's own record, not an empty one
     # the restart's seed reaches the data order and augment's pastes: one run with that seed is the same model
     single = unlearn(shortcut_model, poisoned, tmp_path / "s.pt", "augment", restarts=1, seed=chosen[0]["seed"],
                      epochs=1, device="cpu", keep_worse=True, fallback=None)

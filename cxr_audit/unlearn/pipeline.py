@@ -90,6 +90,7 @@ class _Outcome:
     history: list[dict] = field(default_factory=list)
     seconds_per_step: float = 0.0
     extra: dict | None = None
+    summary: dict | None = None  # the kept run's mitigation.summary() when a sweep made it
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,8 @@ def _record(method, opts: UnlearnOptions, model, data, outcome: _Outcome, valida
             "source_sha256": file_sha256(model), "data": str(Path(data).resolve()), "epochs": opts.epochs,
             "sweep_epochs": opts.sweep_epochs, "batch_size": opts.batch_size, "lr": run["lr"],
             "weight_decay": opts.weight_decay, "seed": opts.seed, "amp": opts.amp, "target": opts.target,
-            "fallback_from": opts.fallback_from, **opts.method_options(), **mitigation.summary()}
+            "fallback_from": opts.fallback_from, **opts.method_options(),
+            **(outcome.summary if outcome.summary is not None else mitigation.summary())}
 
 
 def _splits_of(data, config: dict, train_split: str, val_split: str) -> tuple[Manifest, Manifest, Manifest | None]:
@@ -391,8 +393,8 @@ def _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, r
         net.load_state_dict(best["state"])
         outcome.sweep += rows
         outcome.lambda_ = chosen["lambda"] if grid and opts.lambda_ is None else opts.lambda_
-        outcome.history, outcome.seconds_per_step, outcome.extra = (best["history"], best["seconds_per_step"],
-                                                                    best["extra"])
+        outcome.history, outcome.seconds_per_step, outcome.extra, outcome.summary = (
+            best["history"], best["seconds_per_step"], best["extra"], best["summary"])
         return outcome
     outcome.lambda_ = lambdas[0] if grid and opts.lambda_ is None else opts.lambda_
     say(f"fine-tuning with {method}" + (f", λ={outcome.lambda_:g}" if outcome.lambda_ else "")

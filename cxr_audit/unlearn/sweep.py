@@ -52,12 +52,14 @@ def sweep_runs(net, start_state, train_set, prep, dev, method, options, candidat
             rows.append({**row, "objective": validation.score_logits(logits, inserted), "clean_val_accuracy": acc,
                          "clean_val_loss": loss, "best_epoch": result.best_epoch})
             models[lam, seed] = {"state": copy.deepcopy(net.state_dict()), "history": result.history,
-                                 "seconds_per_step": result.seconds_per_step, "extra": extra}
+                                 "seconds_per_step": result.seconds_per_step, "extra": extra,
+                                 "summary": mitigation.summary()}
         except DivergedError as exc:  # a λ that diverges is a result of the sweep, not a failure of it
             _remove_hooks(mitigation, net)
             rows.append({**row, "objective": float("-inf"), "clean_val_accuracy": 0.0, "clean_val_loss": float("inf"),
                          "error": str(exc).splitlines()[0]})
-            models[lam, seed] = {"state": start_state, "history": [], "seconds_per_step": 0.0, "extra": {}}
+            models[lam, seed] = {"state": start_state, "history": [], "seconds_per_step": 0.0, "extra": {},
+                                 "summary": {}}
         keep = {_key(choose_run(rows)), _key(choose_run(rows, bounded_only=False))}
         models = {key: m for key, m in models.items() if key in keep}
     if all("error" in r for r in rows):
