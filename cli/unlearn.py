@@ -54,7 +54,8 @@ SweepEpochsOpt = Annotated[Optional[int], typer.Option("--sweep-epochs",
     help="Epochs per λ candidate (default: --epochs; the best candidate is kept without retraining).")]
 RestartsOpt = Annotated[Optional[int], typer.Option("--restarts", min=1,
     help="Runs from the input with seeds --seed, --seed+1, ...; the best on the validation objective is kept "
-         "(default: the method's, 3 for augment, whose single run is a noisy draw; 1 for the others).")]
+         "(default: the method's, 3 for augment, whose single run is a noisy draw; 1 for the others). Methods "
+         "that do not train (dfr, rpclarc, pclarc) run once.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr",
     help="Learning rate (default: the architecture's recommended rate, 1e-3; 1e-4 for VGG).")]
