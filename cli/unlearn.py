@@ -109,9 +109,9 @@ def unlearn(model: ModelOpt,
                              annotations=annotations, layer=layer, cav_method=cav_method,
                              cav_scope=cav_scope, lambda_=lambda_, lambdas=grid, balance=balance, freeze=freeze,
                              output=output, cam_layer=cam_layer, epochs=epochs, sweep_epochs=sweep_epochs,
-                             restarts=restarts, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device, amp=amp,
-                             num_workers=workers, options=parse_pairs(option), keep_worse=keep_worse, target=target,
-                             on_progress=update,
+                             restarts=restarts, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                             device=device, amp=amp, num_workers=workers, options=parse_pairs(option),
+                             keep_worse=keep_worse, target=target, on_progress=update,
                              on_stage=lambda s: err_console.print(f"[dim]·[/] {s}"))
     _print_result(result)
 
@@ -134,15 +134,20 @@ def _print_result(result) -> None:
 
 
 def _sweep_table(result) -> Table:
-    """One row per run of the sweep (λ, restart seed), the kept one marked."""
-    seeds = len({row.get("seed") for row in result.sweep}) > 1
-    marked = any(row.get("chosen") for row in result.sweep)
-    table = Table(result.strength_name, *(["seed"] if seeds else []), "objective", "clean val bal. accuracy",
-                  title=f"{result.strength_name} sweep" + (" and restarts" if seeds else ""))
-    for row in result.sweep:
-        kept = row.get("chosen") if marked else row["lambda"] == result.lambda_
-        table.add_row(f"{row['lambda']:g}{' ←' if kept else ''}", *([str(row["seed"])] if seeds else []),
-                      f"{row['objective']:.3f}",
+    """One row per run of the sweep (λ, restart seed), the kept one marked; a column only for
+    what varied."""
+    rows = result.sweep
+    seeds = len({r.get("seed") for r in rows}) > 1
+    lambdas = len({r["lambda"] for r in rows}) > 1 or not seeds
+    marked = any(r.get("chosen") for r in rows)
+    names = [result.strength_name] * lambdas + ["seed"] * seeds
+    table = Table(*names, "objective", "clean val bal. accuracy",
+                  title=" and ".join([f"{result.strength_name} sweep"] * lambdas + ["restarts"] * seeds))
+    for row in rows:
+        kept = " ←" if (row.get("chosen") if marked else row["lambda"] == result.lambda_) else ""
+        cells = [f"{row['lambda']:g}"] * lambdas + [str(row.get("seed"))] * seeds
+        cells[0] += kept
+        table.add_row(*cells, f"{row['objective']:.3f}",
                       f"{row['clean_val_accuracy']:.3f} (start {row['start_clean_val_accuracy']:.3f})")
     return table
 

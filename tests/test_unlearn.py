@@ -110,7 +110,8 @@ def test_the_cli_shows_every_restart_and_marks_the_kept_one(shortcut_model, pois
     r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "m.pt", "--method", "none",
             "--restarts", "2", "--epochs", "2", "--device", "cpu", "--keep-worse", "--fallback", "none")
     assert r.exit_code == 0, r.output
-    assert "2 restarts (seeds 0–1)" in r.output and "restarts" in r.output and r.output.count("←") == 1
+    assert "2 restarts (seeds 0–1)" in r.output and r.output.count("←") == 1
+    assert "restarts" in r.output and "λ sweep" not in r.output  # no λ column for a method without one
     rows = torch.load(tmp_path / "m.pt", weights_only=True)["extra"]["unlearn"]["lambda_sweep"]
     assert [row["best_epoch"] for row in rows] == [2, 2]  # restarts are judged by their final weights
     r = run("unlearn", "--model", shortcut_model, "--data", poisoned, "--out", tmp_path / "n.pt", "--restarts", "0")
