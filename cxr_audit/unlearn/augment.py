@@ -44,9 +44,9 @@ class Augment(Mitigation):
 
     name = "augment"
     #: one 3-epoch fine-tune is a noisy draw (measured: three runs of one pacemaker model, clean test
-    #: 0.867 / 0.942 / 0.917); the best of three on the validation objective, at 3× the cost of one
-    #: (the issue's bound), changed the benchmark's clean Δ on 15 cells (5 data sets × 3 seeds) for
-    #: the better on 5, for the worse on 2, and kept a pacemaker seed that one run lost to a
+    #: 0.867 / 0.942 / 0.917); the best of three final models on the validation objective (2.4–2.7×
+    #: the cost of one run) changed the benchmark's clean Δ on 15 cells (5 data sets × 3 seeds) for
+    #: the better on 7, for the worse on none, and kept a pacemaker seed that one run lost to a
     #: refusal: docs/unlearn.md, "Restarts"
     default_restarts = 3
     needs = ("artifact_mask", "artifact_labels")
