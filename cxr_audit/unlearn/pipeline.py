@@ -42,7 +42,7 @@ from cxr_audit.training.balance import group_ids
 from cxr_audit.training.engine import fit
 from cxr_audit.unlearn import MITIGATIONS, Context, GroupBalance, get_mitigation
 from cxr_audit.unlearn.base import TrainingData, task_labels
-from cxr_audit.unlearn.choice import CLEAN_BOUND, choose, choose_run
+from cxr_audit.unlearn.choice import CLEAN_BOUND, choose_run
 from cxr_audit.unlearn.sweep import sweep_runs
 from cxr_audit.unlearn.validation import Validation, artifact_free_share, at_chance, cav_labels
 
@@ -366,21 +366,23 @@ def _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, r
     a grid, then the best of the method's restarts (seeds) on the validation objective."""
     method, outcome = mitigation.name, _Outcome(lambda_=opts.lambda_)
     grid = opts.lambdas or list(mitigation.default_lambdas)
-    lambdas = grid if opts.lambda_ is None and grid else [opts.lambda_ or 0.0]
+    swept = opts.lambda_ is None and bool(grid)  # λ comes from the sweep
+    lambdas = grid if swept else [opts.lambda_ or 0.0]
     seeds = [opts.seed + i for i in range(opts.restarts if opts.restarts is not None else mitigation.default_restarts)]
     if len(lambdas) * len(seeds) > 1 and validation is None:
         raise UsageError(f"choosing λ or a restart for {method} needs a validation split ('{opts.val_split}'); add one "
                          "or pass --lambda and --restarts 1")
     short = opts.sweep_epochs is not None and opts.sweep_epochs < opts.epochs
     if len(lambdas) > 1 and short:  # short runs pick λ; the full runs below pick the restart
-        say(f"sweeping λ over {', '.join(f'{g:g}' for g in lambdas)} ({opts.sweep_epochs} epoch(s) each)")
+        say(_sweep_description(lambdas, seeds[:1], opts.sweep_epochs))
         rows, _ = sweep_runs(net, start_state, train_set, prep, dev, method, opts.method_options(),
                              [(lam, seeds[0]) for lam in lambdas], opts.sweep_epochs, validation, run, opts.patience,
                              prefixed(on_progress, "sweep:"))
-        outcome.sweep, lambdas = rows, [choose(rows)]
+        chosen = choose_run(rows)
+        if len(seeds) == 1:  # else the restarts below hold the kept run
+            chosen["chosen"] = True
+        outcome.sweep, lambdas = rows, [chosen["lambda"]]
         net.load_state_dict(start_state)
-        if len(seeds) == 1:
-            choose_run(rows)["chosen"] = True
     candidates = [(lam, seed) for lam in lambdas for seed in seeds]
     if len(candidates) > 1:
         say(_sweep_description(lambdas, seeds, opts.epochs))
@@ -392,11 +394,11 @@ def _fine_tune(net, start_state, train_set, prep, dev, mitigation, validation, r
         best = models[chosen["lambda"], chosen["seed"]]
         net.load_state_dict(best["state"])
         outcome.sweep += rows
-        outcome.lambda_ = chosen["lambda"] if grid and opts.lambda_ is None else opts.lambda_
+        outcome.lambda_ = chosen["lambda"] if swept else opts.lambda_
         outcome.history, outcome.seconds_per_step, outcome.extra, outcome.summary = (
             best["history"], best["seconds_per_step"], best["extra"], best["summary"])
         return outcome
-    outcome.lambda_ = lambdas[0] if grid and opts.lambda_ is None else opts.lambda_
+    outcome.lambda_ = lambdas[0] if swept else opts.lambda_
     say(f"fine-tuning with {method}" + (f", λ={outcome.lambda_:g}" if outcome.lambda_ else "")
         + (f", frozen up to {run['freeze']}" if run["freeze"] else ""))
     result = fit(net, train_set, prep, dev, mitigation=mitigation, lambda_=outcome.lambda_ or 0.0, epochs=opts.epochs,
